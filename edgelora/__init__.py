@@ -1,0 +1,7 @@
+"""edgelora: one quantized GGUF base model, LoRA adapters attached and detached while it runs."""
+
+from .engine import Completion, Engine
+from .errors import AdapterError, EdgeloraError, ModelError
+
+__version__ = "0.1.0"
+__all__ = ["Engine", "Completion", "EdgeloraError", "AdapterError", "ModelError", "__version__"]

@@ -1,0 +1,437 @@
+"""The llama.cpp backend: one base model, LoRA adapters switched at runtime, KV-safe generation.
+
+The base is loaded once through llama-cpp-python's ``Llama`` (memory-mapped). Adapters go through
+llama.cpp's own adapter API (``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` /
+``llama_adapter_lora_free``) so any number can be attached, re-weighted and detached without a
+reload. Setting adapters does not touch the KV cache, and ``Llama.generate`` reuses the longest
+matching token prefix, so the engine remembers which adapter set computed the cached tokens and
+drops them whenever a generation runs under a different set.
+
+This module knows nothing of roles, the CLI or the TUI.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
+from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, validate_adapter
+from .models import resolve_model
+
+# Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
+SAMPLING_DEFAULTS = {
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.05,
+    "repeat_penalty": 1.0,
+    "seed": 0,
+    "max_tokens": 256,
+    "stop": None,
+}
+
+
+@dataclass
+class Adapter:
+    """A resident adapter: loaded into llama.cpp, attached or not."""
+
+    name: str
+    path: Path
+    info: AdapterInfo
+    handle: object  # llama_adapter_lora pointer
+    load_s: float
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapters: list[dict] = field(default_factory=list)
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        gen_s = self.total_s - self.ttft_s
+        # The first token's time is prefill; the rate counts the tokens after it.
+        if self.completion_tokens > 1 and gen_s > 0:
+            return (self.completion_tokens - 1) / gen_s
+        return 0.0
+
+    @property
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class Engine:
+    """One loaded base model plus any number of LoRA adapters switched at runtime.
+
+    >>> eng = Engine()                       # embedded SmolLM2 default
+    >>> eng.attach("adapters/x.gguf", name="x", scale=1.0)
+    >>> eng.chat([{"role": "user", "content": "hi"}], max_tokens=32).text
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        n_gpu_layers: int = 0,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        seed: int = 0,
+        verbose: bool = False,
+    ):
+        self.model_path = resolve_model(model)
+        self.base: GGUFInfo = read_gguf(self.model_path)
+        if self.base.metadata.get("general.type") == "adapter":
+            raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
+        self.n_gpu_layers = n_gpu_layers
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._resident: dict[str, Adapter] = {}
+        self._active: dict[str, float] = {}  # name -> scale, in attach order
+        self._kv_key: tuple = ()  # the adapter set that computed the tokens now in the KV cache
+        self.last: Completion | None = None
+        t0 = time.perf_counter()
+        try:
+            self.llama = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_gpu_layers=n_gpu_layers,
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_batch=n_batch,
+                seed=seed,
+                use_mmap=True,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.model_path}: llama.cpp could not load it ({exc})") from None
+        self.load_s = time.perf_counter() - t0
+        self._formatter = self._chat_formatter()
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Attached adapters and their scales, in attach order."""
+        return dict(self._active)
+
+    @property
+    def resident(self) -> dict[str, Adapter]:
+        """Adapters loaded in memory (attached or not)."""
+        return dict(self._resident)
+
+    def load(self, path: str | os.PathLike, name: str | None = None) -> Adapter:
+        """Validate and load an adapter without attaching it. Loading the same name twice is a no-op."""
+        path = Path(path)
+        name = name or path.stem
+        with self._lock:
+            have = self._resident.get(name)
+            if have is not None:
+                if have.path.resolve() != path.resolve():
+                    raise AdapterError(f"adapter name {name!r} is already used by {have.path}")
+                return have
+            t0 = time.perf_counter()
+            info = validate_adapter(path, self.base)
+            handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
+            if not handle:
+                raise AdapterError(f"{path}: llama.cpp refused the adapter (run with -v for its log)")
+            adapter = Adapter(name, path, info, handle, time.perf_counter() - t0)
+            self._resident[name] = adapter
+            return adapter
+
+    def attach(self, path: str | os.PathLike, name: str | None = None, scale: float = 1.0) -> str:
+        """Load (if needed) and activate an adapter alongside the others. Returns its name."""
+        _check_scale(scale)
+        with self._lock:
+            adapter = self.load(path, name)
+            self._active[adapter.name] = float(scale)
+            self._apply()
+            return adapter.name
+
+    def activate(self, name: str, scale: float = 1.0) -> None:
+        """Attach an already resident adapter by name (reads no file)."""
+        _check_scale(scale)
+        with self._lock:
+            self._require(name)
+            self._active[name] = float(scale)
+            self._apply()
+
+    def set_adapters(self, scales: dict[str, float]) -> None:
+        """Replace the whole active set at once with resident adapters (one switch, one KV decision)."""
+        for s in scales.values():
+            _check_scale(s)
+        with self._lock:
+            for name in scales:
+                self._require(name)
+            self._active = {n: float(s) for n, s in scales.items()}
+            self._apply()
+
+    def set_scale(self, name: str, scale: float) -> None:
+        _check_scale(scale)
+        with self._lock:
+            if name not in self._active:
+                raise UnknownAdapterError(f"adapter {name!r} is not attached (attached: {_names(self._active)})")
+            self._active[name] = float(scale)
+            self._apply()
+
+    def detach(self, name: str, *, free: bool = False) -> None:
+        """Deactivate an adapter; it stays resident (re-attaching reads no file) unless ``free``."""
+        with self._lock:
+            if name not in self._active and name not in self._resident:
+                raise UnknownAdapterError(f"adapter {name!r} is not attached (attached: {_names(self._active)})")
+            self._active.pop(name, None)
+            self._apply()
+            if free:
+                self.free(name)
+
+    def detach_all(self) -> None:
+        with self._lock:
+            self._active.clear()
+            self._apply()
+
+    def free(self, name: str) -> None:
+        """Release a resident adapter's memory. It is detached first (llama.cpp requires that)."""
+        with self._lock:
+            adapter = self._require(name)
+            if name in self._active:
+                self._active.pop(name)
+                self._apply()
+            llama_cpp.llama_adapter_lora_free(adapter.handle)
+            del self._resident[name]
+
+    def _require(self, name: str) -> Adapter:
+        try:
+            return self._resident[name]
+        except KeyError:
+            raise UnknownAdapterError(
+                f"adapter {name!r} is not loaded (loaded: {_names(self._resident)})"
+            ) from None
+
+    def _set_key(self) -> tuple:
+        return tuple((name, id(self._resident[name].handle), s) for name, s in self._active.items())
+
+    def _apply(self) -> None:
+        """Push the active set to llama.cpp. KV invalidation happens lazily in ``_prepare``."""
+        items = [(self._resident[n].handle, s) for n, s in self._active.items()]
+        n = len(items)
+        if n:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*[h for h, _ in items])
+            scales = (ctypes.c_float * n)(*[s for _, s in items])
+        else:
+            handles, scales = None, None
+        if llama_cpp.llama_set_adapters_lora(self.llama._ctx.ctx, handles, n, scales) != 0:
+            raise AdapterError(f"llama.cpp could not set adapters {_names(self._active)}")
+
+    def _prepare(self) -> None:
+        """Before any decode: forget KV entries computed under a different adapter set."""
+        key = self._set_key()
+        if key != self._kv_key:
+            self.llama.reset()
+            mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
+            if mem is not None:
+                llama_cpp.llama_memory_clear(mem, True)
+            self._kv_key = key
+
+    def adapter_report(self) -> list[dict]:
+        return [
+            {"name": n, "path": str(self._resident[n].path), "scale": s} for n, s in self._active.items()
+        ]
+
+    # ------------------------------------------------------------------ generation
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
+        """Prompt tokens and stop strings from the model's own chat template."""
+        if self._formatter is None:
+            raise ModelError(f"{self.model_path.name} has no chat template; use complete() instead")
+        try:
+            result = self._formatter(messages=list(messages))
+        except Exception as exc:  # the template may raise_exception() on bad roles/order
+            raise EdgeloraError(f"chat template error: {exc}") from None
+        tokens = self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return tokens, [s for s in stop if s]
+
+    def complete(self, prompt: str, **sampling) -> Completion:
+        for _ in self.stream_complete(prompt, **sampling):
+            pass
+        return self.last  # type: ignore[return-value]
+
+    def chat(self, messages: Sequence[dict], **sampling) -> Completion:
+        for _ in self.stream_chat(messages, **sampling):
+            pass
+        return self.last  # type: ignore[return-value]
+
+    def stream_complete(self, prompt: str, **sampling) -> Iterator[str]:
+        return self._stream(self.tokenize(prompt), [], sampling)
+
+    def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
+        tokens, stop = self.render_chat(messages)
+        return self._stream(tokens, stop, sampling)
+
+    def cancel(self) -> None:
+        """Stop the generation in progress (from another thread); it ends with finish_reason 'cancelled'."""
+        self._cancel.set()
+
+    def _stream(self, tokens: list[int], template_stop: list[str], sampling: dict) -> Iterator[str]:
+        opts = _sampling_options(sampling)
+        stop = [s for s in template_stop + opts.pop("stop") if s]
+        n_ctx = self.llama.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise EdgeloraError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx} (raise --ctx)")
+        max_tokens = opts.pop("max_tokens")
+        if max_tokens <= 0 or len(tokens) + max_tokens > n_ctx:
+            max_tokens = n_ctx - len(tokens)
+        seed = opts.pop("seed")
+        return self._generate(tokens, stop, max_tokens, seed, opts)
+
+    def _generate(self, tokens, stop, max_tokens, seed, opts) -> Iterator[str]:
+        """Token loop over ``Llama.generate``: exact token counts, stop strings, cancellation."""
+        with self._lock:
+            self._cancel.clear()
+            self._prepare()
+            self.llama.set_seed(seed)
+            report = self.adapter_report()
+            vocab = self.llama._model.vocab
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            hold = max((len(s) for s in stop), default=1) - 1  # chars that might start a stop string
+            text, emitted, n_out, finish = "", 0, 0, "length"
+            t0 = time.perf_counter()
+            ttft = 0.0
+            try:
+                for token in self.llama.generate(tokens, **opts):
+                    if n_out == 0:
+                        ttft = time.perf_counter() - t0
+                    if llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    n_out += 1
+                    text += decoder.decode(self.llama.detokenize([token]))
+                    cut = _find_stop(text, stop)
+                    if cut is not None:
+                        text, finish = text[:cut], "stop"
+                        break
+                    safe = len(text) - hold
+                    if safe > emitted:
+                        yield text[emitted:safe]
+                        emitted = safe
+                    if n_out >= max_tokens:
+                        break
+                    if self._cancel.is_set():
+                        finish = "cancelled"
+                        break
+                if len(text) > emitted:
+                    yield text[emitted:]
+            finally:
+                self.last = Completion(
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=len(tokens),
+                    completion_tokens=n_out,
+                    adapters=report,
+                    ttft_s=ttft,
+                    total_s=time.perf_counter() - t0,
+                )
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Last-position logits for ``tokens`` under the active adapters (a fresh evaluation)."""
+        with self._lock:
+            self._prepare()
+            self.llama.reset()
+            self.llama.eval(list(tokens))
+            ptr = llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).copy()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _chat_formatter(self):
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = self.llama._model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+
+    def close(self) -> None:
+        """Free adapters, then the model (adapters must go first: the model owns their list)."""
+        llama = getattr(self, "llama", None)
+        if llama is None:
+            return
+        with self._lock:
+            self._active.clear()
+            if self._resident:
+                self._apply()
+                for adapter in self._resident.values():
+                    llama_cpp.llama_adapter_lora_free(adapter.handle)
+                self._resident.clear()
+            llama.close()
+            self.llama = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _check_scale(scale: float) -> None:
+    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise EdgeloraError(f"adapter scale must be a finite number, got {scale!r}")
+
+
+def _names(d: dict) -> str:
+    return ", ".join(d) or "none"
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _sampling_options(sampling: dict) -> dict:
+    """Our sampling names -> Llama.generate's, with edgelora's defaults."""
+    unknown = set(sampling) - SAMPLING_DEFAULTS.keys()
+    if unknown:
+        raise EdgeloraError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    opts = {**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
+    stop = opts.pop("stop")
+    opts["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+    opts["temp"] = float(opts.pop("temperature"))
+    opts["max_tokens"] = int(opts["max_tokens"])
+    opts["seed"] = int(opts["seed"])
+    return opts

