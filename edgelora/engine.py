@@ -24,8 +24,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
-from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, validate_adapter
+from .gguf_info import AdapterInfo, GGUFInfo, read_gguf_cached, validate_adapter
 from .models import resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
@@ -103,9 +104,7 @@ class Engine:
         verbose: bool = False,
     ):
         self.model_path = resolve_model(model)
-        self.base: GGUFInfo = read_gguf(self.model_path)
-        if self.base.metadata.get("general.type") == "adapter":
-            raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
+        self._base: GGUFInfo | None = None
         self.n_gpu_layers = n_gpu_layers
         self._lock = threading.RLock()
         self._cancel = threading.Event()
@@ -128,7 +127,40 @@ class Engine:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{self.model_path}: llama.cpp could not load it ({exc})") from None
         self.load_s = time.perf_counter() - t0
+        if self.llama.metadata.get("general.type") == "adapter":
+            self.llama.close()
+            raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
         self._formatter = self._chat_formatter()
+
+    @property
+    def base(self) -> GGUFInfo:
+        """The base's metadata and tensor shapes (read on first use: only adapter checks need them)."""
+        if self._base is None:
+            self._base = read_gguf_cached(self.model_path)
+        return self._base
+
+    @property
+    def architecture(self) -> str:
+        return self.llama.metadata.get("general.architecture", "")
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.llama.metadata.get(f"{self.architecture}.block_count", 0))
+
+    @property
+    def gpu_layers(self) -> int:
+        """Layers actually offloaded: 0 when the llama.cpp build cannot offload."""
+        if self.n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+            return 0
+        n = self.n_layers
+        return n if self.n_gpu_layers < 0 else min(self.n_gpu_layers, n)
+
+    @property
+    def device(self) -> str:
+        """'CPU', or e.g. 'CUDA (30/30 layers)'."""
+        if not self.gpu_layers:
+            return "CPU"
+        return f"{backend_info().build} ({self.gpu_layers}/{self.n_layers} layers)"
 
     # ------------------------------------------------------------------ adapters
 

@@ -8,10 +8,14 @@ things but only says NULL; we check first so the user reads the reason.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import platformdirs
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
@@ -87,6 +91,48 @@ def _info(path: Path, reader: GGUFReader) -> GGUFInfo:
         meta[key] = _field_value(f)
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
     return GGUFInfo(path=path, metadata=meta, tensors=tensors, size=path.stat().st_size)
+
+
+def read_gguf_cached(path: str | Path) -> GGUFInfo:
+    """read_gguf for big base models: parsing a 50k-token vocabulary takes seconds, so the
+    result is kept as JSON in the user cache folder, keyed by path, size and mtime."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cache = Path(platformdirs.user_cache_dir("edgelora")) / "gguf-info" / f"{key}.json"
+    try:
+        data = json.loads(cache.read_text("utf-8"))
+        return GGUFInfo(path, data["metadata"], {k: tuple(v) for k, v in data["tensors"].items()}, data["size"])
+    except (OSError, ValueError, KeyError):
+        pass
+    info = read_gguf(path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = {"metadata": info.metadata, "tensors": info.tensors, "size": info.size}
+        atomic_write_text(cache, json.dumps(data, default=_jsonable))
+    except OSError:
+        pass  # a read-only cache folder only costs time
+    return info
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -45,12 +45,12 @@ def test_a_b_a_matches_fresh_engines(clean_engine, smol_adapters, fresh):
     assert again_a == fresh(a=1.0)
 
 
-def test_scale_change_invalidates_kv(clean_engine, smol_adapters, fresh):
-    eng = clean_engine
-    eng.attach(smol_adapters["a"], name="a", scale=0.4)
-    _tokens(eng)
-    eng.set_scale("a", 1.0)
-    assert _tokens(eng) == fresh(a=1.0)
+def test_scale_change_invalidates_kv(smol_path, smol_adapters, fresh):
+    with Engine(smol_path, n_ctx=1024) as eng:
+        eng.attach(smol_adapters["a"], name="a", scale=0.4)
+        assert _tokens(eng) == fresh(a=0.4)
+        eng.set_scale("a", 1.0)
+        assert _tokens(eng) == fresh(a=1.0)
 
 
 def test_detach_returns_exact_base_behaviour(clean_engine, smol_adapters, fresh):
