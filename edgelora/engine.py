@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
-from .gguf_info import AdapterInfo, GGUFInfo, read_gguf_cached, validate_adapter
+from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, read_gguf_cached, validate_adapter
 from .models import resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
@@ -125,11 +125,8 @@ class Engine:
                 verbose=verbose,
             )
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{self.model_path}: llama.cpp could not load it ({exc})") from None
+            raise ModelError(_why_not_a_model(self.model_path, exc)) from None
         self.load_s = time.perf_counter() - t0
-        if self.llama.metadata.get("general.type") == "adapter":
-            self.llama.close()
-            raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
         self._formatter = self._chat_formatter()
 
     @property
@@ -439,6 +436,17 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _why_not_a_model(path: Path, exc: Exception) -> str:
+    """llama.cpp only says it failed; look at the file to say why."""
+    try:
+        meta = read_gguf(path).metadata
+    except AdapterError as err:  # not a GGUF at all
+        return str(err)
+    if meta.get("general.type") == "adapter":
+        return f"{path} is a LoRA adapter, not a base model; pass it with --adapter"
+    return f"{path}: llama.cpp could not load it ({exc}; run with -v for its log)"
 
 
 def _check_scale(scale: float) -> None:
