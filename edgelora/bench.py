@@ -20,7 +20,7 @@ import llama_cpp
 import numpy as np
 
 from .engine import Engine
-from .gguf_info import read_gguf_cached
+from .gguf_info import read_gguf
 from .models import resolve_model
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -30,7 +30,7 @@ CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}
 
 def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: int = 0, std: float = 0.02) -> Path:
     """A random LoRA on every projection of every layer of the base (numpy shapes: a (r, n_in), b (n_out, r))."""
-    info = read_gguf_cached(base_path)
+    info = read_gguf(base_path)
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), info.architecture)
     writer.add_type("adapter")

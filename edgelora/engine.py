@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
-from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, read_gguf_cached, validate_adapter
+from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, validate_adapter
 from .models import resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
@@ -133,7 +133,7 @@ class Engine:
     def base(self) -> GGUFInfo:
         """The base's metadata and tensor shapes (read on first use: only adapter checks need them)."""
         if self._base is None:
-            self._base = read_gguf_cached(self.model_path)
+            self._base = read_gguf(self.model_path)
         return self._base
 
     @property

@@ -8,17 +8,14 @@ things but only says NULL; we check first so the user reads the reason.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import platformdirs
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from .convert.gguf_header import GGUFHeaderError, read_header
 from .errors import (
     ArchitectureMismatchError,
     NonFiniteError,
@@ -70,69 +67,17 @@ def _open(path: Path) -> GGUFReader:
         raise NotGGUFError(f"{path} is not a readable GGUF file ({exc})") from None
 
 
-def _field_value(f) -> object:
-    try:
-        return f.contents()
-    except Exception:
-        return None
-
-
 def read_gguf(path: str | Path) -> GGUFInfo:
-    """Metadata (arrays longer than 64 items skipped, e.g. vocabularies) and tensor shapes."""
+    """Metadata (arrays longer than 64 items skipped, e.g. vocabularies) and tensor shapes; milliseconds."""
     path = Path(path)
-    return _info(path, _open(path))
-
-
-def _info(path: Path, reader: GGUFReader) -> GGUFInfo:
-    meta: dict[str, object] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or len(f.data) > 64:
-            continue
-        meta[key] = _field_value(f)
-    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
-    return GGUFInfo(path=path, metadata=meta, tensors=tensors, size=path.stat().st_size)
-
-
-def read_gguf_cached(path: str | Path) -> GGUFInfo:
-    """read_gguf for big base models: parsing a 50k-token vocabulary takes seconds, so the
-    result is kept as JSON in the user cache folder, keyed by path, size and mtime."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    cache = Path(platformdirs.user_cache_dir("edgelora")) / "gguf-info" / f"{key}.json"
+    if not path.is_file():
+        raise NotGGUFError(f"{path}: no such file")
     try:
-        data = json.loads(cache.read_text("utf-8"))
-        return GGUFInfo(path, data["metadata"], {k: tuple(v) for k, v in data["tensors"].items()}, data["size"])
-    except (OSError, ValueError, KeyError):
-        pass
-    info = read_gguf(path)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        data = {"metadata": info.metadata, "tensors": info.tensors, "size": info.size}
-        atomic_write_text(cache, json.dumps(data, default=_jsonable))
-    except OSError:
-        pass  # a read-only cache folder only costs time
-    return info
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        header = read_header(path)
+    except GGUFHeaderError as exc:
+        raise NotGGUFError(str(exc)) from None
+    tensors = {name: t.ne for name, t in header.tensors.items()}
+    return GGUFInfo(path=path, metadata=header.metadata, tensors=tensors, size=path.stat().st_size)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -146,8 +91,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = True) -> AdapterInfo:
     """Check that ``path`` is a LoRA adapter llama.cpp can apply to ``base``; raise a typed error if not."""
     path = Path(path)
-    reader = _open(path)
-    info = _info(path, reader)
+    info = read_gguf(path)
     meta = info.metadata
     gtype = meta.get("general.type")
     if gtype != "adapter":
@@ -190,7 +134,7 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
             raise ShapeMismatchError(f"{path}: {target}.lora_b has {b[1]} rows, the base tensor has {w[1]}")
 
     if check_values:
-        for t in reader.tensors:
+        for t in _open(path).tensors:
             try:
                 values = dequantize(t.data, t.tensor_type)
             except Exception as exc:

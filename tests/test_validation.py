@@ -89,7 +89,7 @@ def _missing(d, shapes):
 
 
 CASES = [
-    (_not_gguf, errors.NotGGUFError, "is not a readable GGUF"),
+    (_not_gguf, errors.NotGGUFError, "is not a GGUF file"),
     (_truncated, errors.NotGGUFError, "truncated.gguf"),
     (_base_model, errors.NotLoraAdapterError, "general.type is 'model'"),
     (_control_vector, errors.NotLoraAdapterError, "adapter.type is 'control_vector'"),

@@ -1,0 +1,1 @@
+"""PEFT LoRA -> GGUF adapter converter. Imports only numpy, safetensors and gguf."""
