@@ -122,6 +122,21 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
         w = base.tensors[target]
         if len(a) != 2 or len(b) != 2:
             raise ShapeMismatchError(f"{path}: {target} lora tensors must be 2-D, got {list(a)} and {list(b)}")
+        if target == "token_embd.weight":
+            if "output.weight" not in base.tensors:
+                # the base's output IS token_embd: llama.cpp would apply this LoRA there too and abort
+                raise TensorMismatchError(
+                    f"{path} adapts token_embd.weight, but {base.path.name} ties its output to token_embd; "
+                    "llama.cpp cannot apply an embedding LoRA to a tied base"
+                )
+            # llama.cpp picks lora_a rows by token id: lora_a ne [r, n_vocab], lora_b ne [r, n_embd]
+            if a[0] != b[0]:
+                raise ShapeMismatchError(f"{path}: {target}.lora_a has rank {a[0]} but {target}.lora_b has rank {b[0]}")
+            if a[1] != w[1] or b[1] != w[0]:
+                raise ShapeMismatchError(
+                    f"{path}: {target} LoRA is for vocab {a[1]} x dim {b[1]}; the base has vocab {w[1]} x dim {w[0]}"
+                )
+            continue
         if a[1] != b[0]:
             raise ShapeMismatchError(
                 f"{path}: {target}.lora_a has rank {a[1]} but {target}.lora_b has rank {b[0]}"

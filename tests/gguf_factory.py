@@ -145,3 +145,27 @@ def _finish(writer: gguf.GGUFWriter) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def dequantize_model(src: Path, dst: Path, dtype=np.float32, untie: bool = False) -> Path:
+    """Copy a GGUF model with every tensor de-quantized to f32 (or f16): the same weights that
+    transformers de-quantizes, without llama.cpp's quantized matmul noise."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
+    names = {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        keep_f32 = values.ndim == 1  # norms stay f32, as llama.cpp's converters write them
+        writer.add_tensor(t.name, values.astype(np.float32 if keep_f32 else dtype))
+        if untie and t.name == "token_embd.weight" and "output.weight" not in names:
+            writer.add_tensor("output.weight", values.astype(dtype))  # same values, separate tensor
+    _finish(writer)
+    return dst
