@@ -6,12 +6,15 @@ temp folder), so the figures do not depend on what is installed.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +49,55 @@ def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: in
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+HF_PROJECTIONS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def write_synthetic_peft(folder: Path, base_path: Path, rank: int = 8, seed: int = 0) -> Path:
+    """A PEFT LoRA folder (f32 safetensors) on every projection of every layer of a llama-family base."""
+    from safetensors.numpy import save_file
+
+    info = read_gguf(base_path)
+    n_layers = int(info.metadata[f"{info.architecture}.block_count"])
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(n_layers):
+        for hf, gg in HF_PROJECTIONS.items():
+            n_in, n_out = info.tensors[f"blk.{i}.{gg}.weight"]
+            key = f"base_model.model.model.layers.{i}.{hf}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) * 0.02).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+              "target_modules": [k.split(".")[-1] for k in HF_PROJECTIONS]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def bench_convert(base_path: Path, tmp: Path, repeat: int) -> dict:
+    """Wall time and peak traced memory (numpy buffers included) of one PEFT -> GGUF conversion."""
+    from .convert import convert_peft
+
+    folder = write_synthetic_peft(tmp / "peft", base_path)
+    size = (folder / "adapter_model.safetensors").stat().st_size
+    out = tmp / "converted.gguf"
+    times = [_timed(lambda: convert_peft(folder, base_path, out)) for _ in range(repeat)]
+    tracemalloc.start()
+    convert_peft(folder, base_path, out)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "adapter_bytes": size,
+        "seconds": statistics.median(times),
+        "peak_bytes": peak,
+        "peak_vs_adapter": peak / size,
+        "output_bytes": out.stat().st_size,
+    }
 
 
 def _median(fn: Callable[[], float], n: int) -> float:
@@ -128,11 +180,12 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
     result["tokens_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
     result["one_adapter_vs_raw_ratio"] = result["tokens_per_s"]["one_adapter"] / result["tokens_per_s"]["raw_llama_cpp_one_adapter"]
 
+    say("PEFT -> GGUF conversion...")
+    result["convert"] = bench_convert(model_path, tmp, repeat)
+
     say("edgelora ask time to first token...")
     result["ask_first_token_s"] = _median(lambda: _ask_first_output(model_path), repeat)
-    for f in (a, b):
-        f.unlink()
-    tmp.rmdir()
+    shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
@@ -163,6 +216,8 @@ def print_table(r: dict) -> str:
         ("tokens/s raw llama-cpp-python, one adapter", f"{tps['raw_llama_cpp_one_adapter']:.1f}"),
         ("ours / raw (one adapter)", f"{r['one_adapter_vs_raw_ratio']:.3f}"),
         ("edgelora ask: first output byte", f"{r['ask_first_token_s']:.2f} s"),
+        (f"convert PEFT -> GGUF ({r['convert']['adapter_bytes'] / 1e6:.1f} MB, rank 8)", f"{r['convert']['seconds']:.3f} s"),
+        ("  peak memory / adapter size", f"{r['convert']['peak_vs_adapter']:.2f}x ({r['convert']['peak_bytes'] / 1e6:.1f} MB)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -186,7 +186,7 @@ def inspect(file, as_json):
             "alpha": info.metadata.get("adapter.lora.alpha"),
             "ranks": ranks,
             "targets": len([n for n in info.tensors if n.endswith(".lora_a")]),
-            "base": {k: v for k, v in info.metadata.items() if k.startswith("edgelora.base")},
+            "converted_for": {k.split(".", 1)[1]: v for k, v in info.metadata.items() if k.startswith(("edgelora.base", "edgelora.source"))},
         }
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
@@ -200,6 +200,31 @@ def inspect(file, as_json):
     click.echo("tensors:")
     for k, v in report["tensors"].items():
         click.echo(f"  {k:<40} {v}")
+
+
+@cli.command()
+@click.argument("peft_dir", type=click.Path())
+@click.option("--base", metavar="BASE.gguf", help="Base GGUF to convert against (default: the embedded default base).")
+@click.option("-o", "--output", "out", metavar="OUT.gguf", help="Output file (default: <PEFT_DIR name>.gguf here).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--name", help="general.name of the adapter (default: the folder's name).")
+@click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
+def convert(peft_dir, base, out, outtype, name, dry_run):
+    """Convert a Hugging Face PEFT LoRA folder into a GGUF LoRA adapter (no torch)."""
+    from .convert import ConvertError, plan_conversion, write_plan
+    from .models import resolve_model
+
+    base_path = resolve_model(base)
+    try:
+        plan = plan_conversion(peft_dir, base_path, outtype=outtype, name=name)
+        if dry_run:
+            click.echo(plan.describe())
+            return
+        target = Path(out) if out else Path(f"{Path(peft_dir).resolve().name}.gguf")
+        write_plan(plan, target, progress=sys.stderr.isatty())
+    except ConvertError as exc:
+        raise EdgeloraError(str(exc)) from None
+    click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, {len(plan.tensors)} LoRA pairs, alpha {plan.alpha:g})")
 
 
 @cli.command()

@@ -84,6 +84,13 @@ def _inf_f16(d, shapes):
     return gf.write_lora(d / "inf16.gguf", lora, alpha=8.0, dtype=np.float16)
 
 
+def _embedding_on_tied_base(d, shapes):
+    # SmolLM2 has no output.weight: llama.cpp would apply this to the output projection and abort
+    rng = np.random.default_rng(0)
+    lora = {"token_embd.weight": (rng.standard_normal((49152, 4)).astype(np.float32), np.ones((576, 4), np.float32))}
+    return gf.write_lora(d / "embd.gguf", lora, alpha=4.0)
+
+
 def _missing(d, shapes):
     return d / "does-not-exist.gguf"
 
@@ -100,6 +107,7 @@ CASES = [
     (_rank, errors.ShapeMismatchError, "lora_a has rank 4 but blk.3.attn_q.weight.lora_b has rank 2"),
     (_nan, errors.NonFiniteError, "blk.3.attn_q.weight.lora_b holds NaN or Inf"),
     (_inf_f16, errors.NonFiniteError, "blk.3.attn_q.weight.lora_a holds NaN or Inf"),
+    (_embedding_on_tied_base, errors.TensorMismatchError, "ties its output to token_embd"),
     (_missing, errors.NotGGUFError, "no such file"),
 ]
 
