@@ -112,10 +112,9 @@ def test_converted_adapter_matches_peft(reference, variant, capsys):
         assert corr >= MIN_CORR and rel <= MAX_REL_ERR
 
 
+@pytest.mark.parametrize("reference", ["smollm2"], indirect=True)  # only llama-family bases are permuted
 def test_skipping_the_rope_permutation_breaks_fidelity(reference, monkeypatch):
     """The check above can fail: without the llama q/k permutation a q/k LoRA computes something else."""
-    if reference.arch != "smollm2":
-        pytest.skip("only llama-family bases are permuted")
     folder, with_peft = reference.peft_adapter("qk-unpermuted", dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]))
     monkeypatch.setattr(converter, "ROPE_PERMUTED", set())
     convert_peft(folder, reference.f32, reference.workdir / "qk-unpermuted.gguf", outtype="f32")
@@ -123,9 +122,8 @@ def test_skipping_the_rope_permutation_breaks_fidelity(reference, monkeypatch):
     assert any(corr < MIN_CORR or rel > MAX_REL_ERR for corr, rel in figures)
 
 
-def test_f16_and_q8_0_outputs_stay_faithful(reference):
-    if reference.arch != "smollm2":
-        pytest.skip("one architecture is enough for the storage types")
+@pytest.mark.parametrize("reference", ["smollm2"], indirect=True)  # one architecture is enough here
+def test_f16_bf16_q8_0_outputs_stay_faithful(reference):
     folder, with_peft = reference.peft_adapter("outtypes", VARIANTS["plain"], seed=3)
     for outtype in ("f16", "bf16", "q8_0"):
         path = reference.workdir / f"outtypes-{outtype}.gguf"
