@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,54 @@ SAMPLING_DEFAULTS = {
 }
 
 
+_SERIALS = itertools.count(1)
+
+
+@dataclass
+class KVState:
+    """The KV cells of sequence 0 and the tokens they hold, saved under one adapter set."""
+
+    tokens: np.ndarray
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.tokens.nbytes
+
+
+class KVStateCache:
+    """Saved KV states per adapter set, least recently used dropped first, within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._states: OrderedDict[tuple, KVState] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._states.values())
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def put(self, key: tuple, state: KVState) -> None:
+        self._states.pop(key, None)
+        if state.nbytes > self.budget:
+            return
+        self._states[key] = state
+        while self.nbytes > self.budget:
+            self._states.popitem(last=False)
+
+    def take(self, key: tuple) -> KVState | None:
+        return self._states.pop(key, None)
+
+    def drop_serial(self, serial: int) -> None:
+        for key in [k for k in self._states if any(item[1] == serial for item in k)]:
+            del self._states[key]
+
+    def clear(self) -> None:
+        self._states.clear()
+
+
 @dataclass
 class Adapter:
     """A resident adapter: loaded into llama.cpp, attached or not."""
@@ -51,6 +101,7 @@ class Adapter:
     info: AdapterInfo
     handle: object  # llama_adapter_lora pointer
     load_s: float
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # identity for KV keys (addresses get reused)
 
     @property
     def size(self) -> int:
@@ -66,6 +117,7 @@ class Completion:
     adapters: list[dict] = field(default_factory=list)
     ttft_s: float = 0.0
     total_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (same adapter set), not re-evaluated
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,6 +133,7 @@ class Completion:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
         }
 
 
@@ -101,6 +154,7 @@ class Engine:
         n_threads: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
+        kv_cache_bytes: int = 256 << 20,
         verbose: bool = False,
     ):
         self.model_path = resolve_model(model)
@@ -111,6 +165,9 @@ class Engine:
         self._resident: dict[str, Adapter] = {}
         self._active: dict[str, float] = {}  # name -> scale, in attach order
         self._kv_key: tuple = ()  # the adapter set that computed the tokens now in the KV cache
+        # KV states of the current conversation under other adapter sets: switching back to one
+        # evaluates only the new tokens. 0 disables.
+        self.kv_states = KVStateCache(kv_cache_bytes)
         self.last: Completion | None = None
         t0 = time.perf_counter()
         try:
@@ -249,6 +306,7 @@ class Engine:
                 self._apply()
             llama_cpp.llama_adapter_lora_free(adapter.handle)
             del self._resident[name]
+            self.kv_states.drop_serial(adapter.serial)
 
     def _require(self, name: str) -> Adapter:
         try:
@@ -259,7 +317,7 @@ class Engine:
             ) from None
 
     def _set_key(self) -> tuple:
-        return tuple((name, id(self._resident[name].handle), s) for name, s in self._active.items())
+        return tuple((name, self._resident[name].serial, s) for name, s in self._active.items())
 
     def _apply(self) -> None:
         """Push the active set to llama.cpp. KV invalidation happens lazily in ``_prepare``."""
@@ -276,12 +334,38 @@ class Engine:
     def _prepare(self) -> None:
         """Before any decode: forget KV entries computed under a different adapter set."""
         key = self._set_key()
-        if key != self._kv_key:
-            self.llama.reset()
-            mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
-            if mem is not None:
-                llama_cpp.llama_memory_clear(mem, True)
-            self._kv_key = key
+        if key == self._kv_key:
+            return
+        if self.kv_states.budget and self.llama.n_tokens:
+            self.kv_states.put(self._kv_key, self._save_kv())
+        self._clear_kv()
+        saved = self.kv_states.take(key)
+        if saved is not None:
+            self._load_kv(saved)
+        self._kv_key = key
+
+    def _clear_kv(self) -> None:
+        self.llama.reset()
+        mem = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+
+    def _save_kv(self) -> KVState:
+        ctx = self.llama._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return KVState(tokens=self.llama.input_ids[: self.llama.n_tokens].copy(), data=bytes(buf)[:n])
+
+    def _load_kv(self, state: KVState) -> None:
+        buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_seq_set_data(self.llama._ctx.ctx, buf, len(state.data), 0) != len(state.data):
+            self._clear_kv()  # a state that does not fit: evaluate from scratch instead
+            return
+        n = len(state.tokens)
+        self.llama.input_ids[:n] = state.tokens
+        self.llama.n_tokens = n
+        self.llama._requires_eval = True  # logits are not restored: generate() re-decodes the last token
 
     def adapter_report(self) -> list[dict]:
         return [
@@ -322,6 +406,11 @@ class Engine:
         tokens, stop = self.render_chat(messages)
         return self._stream(tokens, stop, sampling)
 
+    def new_conversation(self) -> None:
+        """Forget KV states saved for the previous conversation (they would never match again)."""
+        with self._lock:
+            self.kv_states.clear()
+
     def cancel(self) -> None:
         """Stop the generation in progress (from another thread); it ends with finish_reason 'cancelled'."""
         self._cancel.set()
@@ -343,6 +432,7 @@ class Engine:
         with self._lock:
             self._cancel.clear()
             self._prepare()
+            cached = self._reusable_prefix(tokens)
             self.llama.set_seed(seed)
             report = self.adapter_report()
             vocab = self.llama._model.vocab
@@ -384,7 +474,17 @@ class Engine:
                     adapters=report,
                     ttft_s=ttft,
                     total_s=time.perf_counter() - t0,
+                    cached_tokens=cached,
                 )
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """How many prompt tokens Llama.generate will take from the KV cache (its own rule)."""
+        n = min(self.llama.n_tokens, len(tokens))
+        if n == 0:
+            return 0
+        diff = np.flatnonzero(self.llama.input_ids[:n] != np.asarray(tokens[:n]))
+        common = int(diff[0]) if diff.size else n
+        return common - 1 if common == len(tokens) else common
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Last-position logits for ``tokens`` under the active adapters (a fresh evaluation)."""
@@ -416,6 +516,7 @@ class Engine:
         if llama is None:
             return
         with self._lock:
+            self.kv_states.clear()
             self._active.clear()
             if self._resident:
                 self._apply()

@@ -1,0 +1,69 @@
+"""Switching back to an adapter set mid-conversation restores its KV state: only new tokens are
+evaluated, and the answer is exactly what a fresh evaluation gives."""
+
+from edgelora import Engine
+
+from .conftest import GREEDY
+
+TURNS = [
+    "Tell me about the sea in two sentences.",
+    "Now tell me about mountains.",
+    "Which of the two would you rather visit?",
+]
+
+
+def _converse(eng, history, switch):
+    """One turn per TURNS entry; `switch(i)` sets the adapters before turn i."""
+    outs = []
+    for i, question in enumerate(TURNS):
+        switch(i)
+        history.append({"role": "user", "content": question})
+        out = eng.chat(history, max_tokens=24, **GREEDY)
+        history.append({"role": "assistant", "content": out.text})
+        outs.append(out)
+    return outs
+
+
+def test_switch_back_reuses_state_and_matches_fresh(smol_path, smol_adapters):
+    with Engine(smol_path, n_ctx=1024) as eng:
+        eng.load(smol_adapters["a"], name="a")
+        eng.load(smol_adapters["b"], name="b")
+        plan = [{"a": 1.0}, {"b": 1.0}, {"a": 1.0}]
+        history: list = []
+        outs = _converse(eng, history, lambda i: eng.set_adapters(plan[i]))
+        assert len(eng.kv_states) == 1  # B's state is kept while A runs
+
+    # turn 3 under A: the state saved after turn 1 is reused, so only the turns since are evaluated
+    first_turn_tokens = outs[0].prompt_tokens + outs[0].completion_tokens
+    assert outs[2].cached_tokens >= first_turn_tokens - 1
+    assert outs[2].cached_tokens < outs[2].prompt_tokens
+
+    # and it is exactly what a fresh engine with A computes for the same conversation
+    with Engine(smol_path, n_ctx=1024, kv_cache_bytes=0) as fresh:
+        fresh.attach(smol_adapters["a"], name="a")
+        again = fresh.chat(history[:-1], max_tokens=24, **GREEDY)
+        assert again.cached_tokens == 0
+    assert again.text == outs[2].text
+
+
+def test_without_state_cache_switch_back_re_evaluates(smol_path, smol_adapters):
+    with Engine(smol_path, n_ctx=1024, kv_cache_bytes=0) as eng:
+        eng.load(smol_adapters["a"], name="a")
+        eng.load(smol_adapters["b"], name="b")
+        plan = [{"a": 1.0}, {"b": 1.0}, {"a": 1.0}]
+        outs = _converse(eng, [], lambda i: eng.set_adapters(plan[i]))
+    assert outs[2].cached_tokens == 0
+
+
+def test_state_cache_respects_its_budget_and_free(smol_path, smol_adapters):
+    with Engine(smol_path, n_ctx=1024, kv_cache_bytes=4 << 20) as eng:
+        eng.load(smol_adapters["a"], name="a")
+        eng.load(smol_adapters["b"], name="b")
+        eng.load(smol_adapters["c"], name="c")
+        plan = [{"a": 1.0}, {"b": 1.0}, {"c": 1.0}]
+        _converse(eng, [], lambda i: eng.set_adapters(plan[i]))
+        assert 0 < eng.kv_states.nbytes <= 4 << 20
+        keys = list(eng.kv_states._states)
+        eng.free("b")
+        assert all(item[0] != "b" for key in eng.kv_states._states for item in key)
+        assert len(eng.kv_states) <= len(keys)
