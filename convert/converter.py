@@ -194,6 +194,9 @@ def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False)
     qtype = OUTTYPES[plan.outtype]
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the adapter is an ordinary file
     try:
         writer = gguf.GGUFWriter(tmp, plan.base.architecture)
         writer.add_type(gguf.GGUFType.ADAPTER)

@@ -50,8 +50,12 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option("-s", "--system", help="System prompt.")
+@click.option("-s", "--system", help="System prompt (replaces the role's).")
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]",
+              help="Role to answer as (repeatable, stacked with weights); 'auto' picks one per prompt; a .toml path loads that manifest.")
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH[:SCALE]", help="Attach a GGUF LoRA adapter (repeatable).")
+@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start (resident, not active).")
+@click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @_engine_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1), default=None)
@@ -62,24 +66,38 @@ def cli(ctx: click.Context) -> None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate [default: 256].")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, model, adapters, usage, timings.")
-def ask(prompt, system, adapters, model, n_gpu_layers, n_ctx, verbose, as_json, no_stream, **sampling):
+def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, verbose, as_json, no_stream, **sampling):
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
+    from .config import load_config
     from .engine import Engine
+    from .session import AUTO, Roles
 
     piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     text = "\n\n".join(p for p in (piped.strip(), prompt or "") if p)
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
-    specs = [parse_spec(s, "--adapter") for s in adapters]
+    raw = [parse_spec(s, "--adapter") for s in adapters]
+    manifests = [Path(s.rpartition(":")[0] if s.rpartition(":")[2].replace(".", "", 1).isdigit() else s)
+                 for s in role_specs if s.split(":")[0].endswith(".toml")]
 
+    config = load_config()
     t0 = time.perf_counter()
-    eng = Engine(model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verbose=verbose)
-    for path, scale in specs:
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+    roles = Roles(eng, config, extra=manifests, force=force)
+    specs = [_role_name(s, roles) for s in role_specs] or ["base"]
+    roles.preload(preload)
+    chosen = None
+    if specs == [AUTO]:
+        chosen = roles.route(text)
+        specs = [chosen.role]
+    roles.use(specs)
+    for path, scale in raw:
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale)
     load_s = time.perf_counter() - t0
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    stream = eng.stream_chat(messages, **sampling)
+    stream = roles.stream_chat(messages, **sampling)
     if as_json or no_stream:
         for _ in stream:
             pass
@@ -92,6 +110,8 @@ def ask(prompt, system, adapters, model, n_gpu_layers, n_ctx, verbose, as_json, 
         click.echo(json.dumps({
             "text": out.text,
             "model": str(eng.model_path),
+            "role": roles.current.label,
+            "route": {"role": chosen.role, "reason": chosen.reason} if chosen else None,
             "adapters": out.adapters,
             "finish_reason": out.finish_reason,
             "device": eng.device,
@@ -108,6 +128,17 @@ def ask(prompt, system, adapters, model, n_gpu_layers, n_ctx, verbose, as_json, 
     else:
         click.echo()
     eng.close()
+
+
+def _role_name(spec: str, roles) -> str:
+    """A manifest path in --role becomes the name of the role it defines."""
+    head, sep, tail = spec.rpartition(":")
+    path, weight = (head, sep + tail) if sep and tail.replace(".", "", 1).isdigit() else (spec, "")
+    if path.endswith(".toml"):
+        from .roles import load_manifest
+
+        return load_manifest(path).name + weight
+    return spec
 
 
 def _unique_name(eng, stem: str) -> str:
@@ -238,6 +269,207 @@ def bench(as_json, model, tokens, repeat):
 
     result = run_bench(model=model, n_tokens=tokens, repeat=repeat, progress=None if as_json else click.echo)
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
+
+
+# ---------------------------------------------------------------------------- roles
+
+
+def _catalog(extra=()):
+    from .config import load_config
+    from .roles import RoleCatalog
+    from .session import default_folders
+
+    config = load_config()
+    return config, RoleCatalog(default_folders(config), manifests=list(extra))
+
+
+@cli.group()
+def roles():
+    """List, show, add and remove roles (adapter sets with a system prompt and sampling)."""
+
+
+@roles.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def roles_list(as_json):
+    """Every role, where it comes from, and problems found."""
+    _, catalog = _catalog()
+    rows = [{"name": "base", "description": "the base model with no adapter", "manifest": None, "adapters": []}]
+    for role in catalog.roles():
+        rows.append({"name": role.name, "description": role.description, "manifest": str(role.path),
+                     "adapters": [{"file": str(a.file), "scale": a.scale} for a in role.adapters],
+                     "include": [f"{n}:{w:g}" for n, w in role.include]})
+    problems = [f"role '{n}' is defined more than once: {', '.join(map(str, p))}" for n, p in catalog.collisions().items()]
+    problems += catalog.errors
+    if as_json:
+        click.echo(json.dumps({"roles": rows, "problems": problems}, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['description']}")
+    for p in problems:
+        click.echo(f"warning: {p}", err=True)
+
+
+@roles.command("show")
+@click.argument("name")
+def roles_show(name):
+    """One role's manifest, resolved."""
+    _, catalog = _catalog()
+    role = catalog.get(name)
+    click.echo(f"name:        {role.name}")
+    click.echo(f"manifest:    {role.path}")
+    click.echo(f"description: {role.description}")
+    if role.system:
+        click.echo(f"system:      {role.system}")
+    for a in role.adapters:
+        click.echo(f"adapter:     {a.file} (scale {a.scale:g}, sha256 {a.sha256[:16]}…)")
+    for n, w in role.include:
+        click.echo(f"include:     {n}:{w:g}")
+    if role.base_architecture or role.base_sha256:
+        click.echo(f"base:        {role.base_architecture or '?'} sha256 {(role.base_sha256 or '?')[:16]}…")
+    if role.sampling:
+        click.echo(f"sampling:    {', '.join(f'{k}={v}' for k, v in role.sampling.items())}")
+    if role.keywords or role.regex or role.examples:
+        click.echo(f"routing:     keywords {role.keywords}, regex {role.regex}, {len(role.examples)} examples")
+
+
+@roles.command("add")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+def roles_add(manifest):
+    """Copy a role (manifest and adapter files) into your roles folder, after checking it."""
+    from .roles import load_manifest
+    from .registry import verify_adapter_file
+    from .session import user_roles_dir
+    from .storage import install_role
+
+    config, catalog = _catalog()
+    role = load_manifest(manifest)
+    if role.name in catalog.found or role.name == "base":
+        where = ", ".join(map(str, catalog.found.get(role.name, []))) or "built in"
+        raise EdgeloraError(f"role '{role.name}' already exists ({where}); rename it in {manifest}")
+    for adapter in role.adapters:
+        verify_adapter_file(adapter, config)
+    for inner, _ in role.include:
+        catalog.get(inner)
+    dest = install_role(role, user_roles_dir())
+    click.echo(f"added role '{role.name}' -> {dest}")
+
+
+@roles.command("remove")
+@click.argument("name")
+def roles_remove(name):
+    """Remove a role you added (bundled roles cannot be removed)."""
+    from .session import user_roles_dir
+    from .storage import remove_role
+
+    _, catalog = _catalog()
+    role = catalog.get(name)
+    if role.path is None or role.path.parent != user_roles_dir().resolve():
+        raise EdgeloraError(f"role '{name}' is not in your roles folder ({user_roles_dir()}); it comes from {role.path}")
+    remove_role(role)
+    click.echo(f"removed role '{name}'")
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+@cli.group()
+def adapters():
+    """Verify, sign and pull adapters."""
+
+
+@adapters.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+def adapters_verify(as_json):
+    """Check every known adapter against its manifest's sha256 (and signature)."""
+    from .registry import verify_catalog
+
+    config, catalog = _catalog()
+    report = verify_catalog(config, catalog.roles())
+    bad = [r for r in report if r[2] != "ok"]
+    if as_json:
+        click.echo(json.dumps([{"role": r, "file": str(f), "status": st} for r, f, st in report], indent=2))
+    else:
+        for role, file, status in report:
+            click.echo(f"{'ok ' if status == 'ok' else 'BAD'}  {role:<12} {file}" + ("" if status == "ok" else f"  {status}"))
+    if bad:
+        raise EdgeloraError(f"{len(bad)} of {len(report)} adapters failed verification")
+
+
+@adapters.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False))
+def adapters_keygen(private_key):
+    """Make an ed25519 signing key; prints the public key to add to trusted_keys."""
+    from .signing import keygen
+
+    click.echo(keygen(Path(private_key)))
+
+
+@adapters.command("sign")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "private_key", required=True, type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+def adapters_sign(file, private_key):
+    """Write FILE.sig, an ed25519 signature of FILE."""
+    from .signing import sign
+
+    click.echo(f"wrote {sign(Path(file), Path(private_key))}")
+
+
+@adapters.command("pull")
+@click.argument("repo")
+@click.option("--name", help="Role name for it (default: the repository's name).")
+@click.option("--revision", help="Branch, tag or commit.")
+@click.option("-m", "--model", help="Base to convert against (default: the configured or embedded default).")
+def adapters_pull(repo, name, revision, model):
+    """Fetch a PEFT or GGUF LoRA from the Hugging Face Hub and make it a role."""
+    from .hub import pull_adapter
+
+    config, catalog = _catalog()
+    role_path = pull_adapter(repo, name=name, revision=revision, model=model or config.default_model, catalog=catalog)
+    click.echo(f"added role from {repo}: {role_path}")
+
+
+@cli.group()
+def models():
+    """Base models: the catalog, and pulling GGUFs from the Hugging Face Hub."""
+
+
+@models.command("list")
+def models_list():
+    from .models import catalog
+
+    for entry in catalog().values():
+        click.echo(f"{entry.name:<24} {entry.architecture:<8} {entry.source:<32} {entry.description}")
+
+
+@models.command("pull")
+@click.argument("repo")
+@click.argument("file", required=False)
+@click.option("--revision", help="Branch, tag or commit.")
+def models_pull(repo, file, revision):
+    """Download a GGUF from the Hub (its cache, its progress bars; HF_HUB_OFFLINE honoured)."""
+    from .hub import pull_model
+
+    click.echo(pull_model(repo, file, revision=revision))
+
+
+@cli.group()
+def config():
+    """The config file."""
+
+
+@config.command("show")
+def config_show():
+    """Where the config file is and the values in force."""
+    from .config import cache_dir, data_dir, load_config
+    from .session import default_folders
+
+    cfg = load_config()
+    click.echo(f"# {cfg.path} ({'exists' if cfg.path and cfg.path.exists() else 'not created; defaults'})")
+    for key, value in cfg.as_dict().items():
+        click.echo(f"{key} = {json.dumps(value)}")
+    click.echo(f"# data folder: {data_dir()}\n# cache folder: {cache_dir()}")
+    click.echo("# roles folders: " + ", ".join(map(str, default_folders(cfg))))
 
 
 def main(argv: list[str] | None = None) -> int:

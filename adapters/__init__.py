@@ -1,0 +1,1 @@
+"""Bundled roles (manifests, GGUF adapters, PEFT sources), installed as edgelora.bundled."""

@@ -1,0 +1,156 @@
+"""Where adapters come from and which stay in memory: integrity (sha256 pins, optional
+signatures), base compatibility, and an LRU of resident adapters bounded by count and bytes.
+Active adapters are pinned; eviction detaches, then frees."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+from . import signing
+from .config import Config, cache_dir
+from .engine import Engine
+from .errors import AdapterError, EdgeloraError
+from .gguf_info import sha256_file
+from .roles import BASE_ROLE, Resolved, Role, RoleAdapter
+
+
+class IntegrityError(AdapterError):
+    """An adapter file whose sha256 is not the one its manifest pins."""
+
+
+class CompatibilityError(AdapterError):
+    """A role made for another base model."""
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a (large) file, remembered by path, size and mtime in the user cache folder."""
+    path = Path(path).resolve()
+    st = path.stat()
+    index = cache_dir() / "sha256.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        try:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_name(f".{index.name}.{id(known)}.tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(index)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return known[key]
+
+
+def verify_adapter_file(adapter: RoleAdapter, config: Config) -> None:
+    """sha256 pin and signature, checked before the file is parsed."""
+    if not adapter.file.is_file():
+        raise IntegrityError(f"{adapter.file}: no such file")
+    actual = sha256_file(adapter.file)
+    if actual != adapter.sha256:
+        raise IntegrityError(f"{adapter.file}: sha256 is {actual}, the manifest pins {adapter.sha256}")
+    signing.verify(adapter.file, config.trusted_keys, required=config.require_signatures)
+
+
+class Registry:
+    def __init__(self, engine: Engine, config: Config | None = None, *, force: bool = False):
+        self.engine = engine
+        self.config = config or Config()
+        self.force = force  # accept roles made for another base (the shape checks still run)
+        self._lru: OrderedDict[str, str] = OrderedDict()  # sha256 -> engine adapter name, oldest first
+        self._base_sha: str | None = None
+
+    # -------------------------------------------------------------- checks
+
+    @property
+    def base_sha256(self) -> str:
+        if self._base_sha is None:
+            self._base_sha = cached_sha256(self.engine.model_path)
+        return self._base_sha
+
+    def check_base(self, role: Role) -> None:
+        if role.name == BASE_ROLE or self.force:
+            return
+        arch = self.engine.architecture
+        if role.base_architecture and role.base_architecture != arch:
+            raise CompatibilityError(
+                f"{role.path}: role '{role.name}' was made for a {role.base_architecture} base; the loaded base is {arch} "
+                "(--force to try anyway)"
+            )
+        if role.base_sha256 and role.base_sha256 != self.base_sha256:
+            raise CompatibilityError(
+                f"{role.path}: role '{role.name}' was made for base sha256 {role.base_sha256[:16]}…, the loaded base "
+                f"{self.engine.model_path.name} is {self.base_sha256[:16]}… (--force to try anyway; shapes are still checked)"
+            )
+
+    def verify_file(self, adapter: RoleAdapter) -> None:
+        verify_adapter_file(adapter, self.config)
+
+    # -------------------------------------------------------------- residency
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.size for a in self.engine.resident.values())
+
+    def is_resident(self, adapter: RoleAdapter) -> bool:
+        return adapter.sha256 in self._lru
+
+    def ensure(self, adapter: RoleAdapter, role: Role) -> str:
+        """Make an adapter resident (verify, validate, load) and return its engine name."""
+        name = self._lru.get(adapter.sha256)
+        if name is not None and name in self.engine.resident:
+            self._lru.move_to_end(adapter.sha256)
+            return name
+        self.verify_file(adapter)
+        name = role.name if len(role.adapters) == 1 else f"{role.name}.{adapter.file.stem}"
+        if name in self.engine.resident:
+            name = f"{name}@{adapter.sha256[:8]}"
+        self.engine.load(adapter.file, name)
+        self._lru[adapter.sha256] = name
+        return name
+
+    def apply(self, resolved: Resolved) -> dict[str, float]:
+        """Load what is missing, then switch the engine to exactly this set in one step."""
+        for _, _, role in resolved.adapters:
+            self.check_base(role)
+        scales = {self.ensure(adapter, role): scale for adapter, scale, role in resolved.adapters}
+        self.engine.set_adapters(scales)
+        self.evict()
+        return scales
+
+    def preload(self, resolved: Resolved) -> None:
+        for adapter, _, role in resolved.adapters:
+            self.check_base(role)
+            self.ensure(adapter, role)
+        self.evict()
+
+    def evict(self) -> list[str]:
+        """Free least-recently-used inactive adapters until within the count and byte budgets."""
+        freed = []
+        active = self.engine.active
+        while len(self._lru) > self.config.max_resident_adapters or self.resident_bytes > self.config.max_resident_bytes:
+            victim = next((sha for sha, name in self._lru.items() if name not in active), None)
+            if victim is None:
+                break  # everything left is active (pinned)
+            name = self._lru.pop(victim)
+            self.engine.free(name)
+            freed.append(name)
+        return freed
+
+
+def verify_catalog(config: Config, roles: list[Role]) -> list[tuple[str, Path, str]]:
+    """(role, file, 'ok' or the problem) for every adapter of every role."""
+    report = []
+    for role in roles:
+        for adapter in role.adapters:
+            try:
+                verify_adapter_file(adapter, config)
+                status = "ok"
+            except EdgeloraError as exc:
+                status = str(exc)
+            report.append((role.name, adapter.file, status))
+    return report

@@ -1,0 +1,94 @@
+"""Roles bound to a running engine: pick roles by name (stacked with weights) or automatically,
+and chat with the role's system prompt and sampling defaults. The CLI and the TUI use this."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, data_dir, load_config
+from .engine import Completion, Engine
+from .registry import Registry
+from .roles import BASE_ROLE, Resolved, RoleCatalog, bundled_dir
+from .router import Route, route
+
+AUTO = "auto"
+
+
+def user_roles_dir() -> Path:
+    return data_dir() / "roles"
+
+
+def default_folders(config: Config) -> list[Path]:
+    return [bundled_dir(), user_roles_dir(), *(Path(p).expanduser() for p in config.roles_dirs)]
+
+
+@dataclass
+class Active:
+    resolved: Resolved
+    scales: dict[str, float]  # engine adapter name -> scale
+    route: Route | None = None
+
+    @property
+    def label(self) -> str:
+        return self.resolved.label
+
+
+class Roles:
+    """>>> roles = Roles(Engine()); roles.use("pirate"); roles.chat([{"role": "user", "content": "hi"}])"""
+
+    def __init__(self, engine: Engine, config: Config | None = None, *, extra: Sequence[Path] = (),
+                 force: bool = False, catalog: RoleCatalog | None = None):
+        self.engine = engine
+        self.config = config or load_config()
+        self.catalog = catalog or RoleCatalog(default_folders(self.config), manifests=list(extra))
+        self.registry = Registry(engine, self.config, force=force)
+        self.specs: list[str] = [BASE_ROLE]
+        self.current = Active(self.catalog.resolve([BASE_ROLE]), {})
+
+    @property
+    def auto(self) -> bool:
+        return self.specs == [AUTO]
+
+    def use(self, specs: str | Sequence[str]) -> Active:
+        """Switch to role(s): 'name', ['a:0.7', 'b:0.3'], 'base' or 'auto' (decided per prompt).
+        On any error the previous role stays active."""
+        specs = [specs] if isinstance(specs, str) else list(specs) or [BASE_ROLE]
+        if specs == [AUTO]:
+            self.specs = specs
+            return self.current
+        resolved = self.catalog.resolve(specs)
+        scales = self.registry.apply(resolved)
+        self.specs = specs
+        self.current = Active(resolved, scales)
+        return self.current
+
+    def preload(self, specs: Sequence[str]) -> None:
+        for spec in specs:
+            self.registry.preload(self.catalog.resolve([spec]))
+
+    def route(self, prompt: str) -> Route:
+        return route(prompt, self.catalog.roles(), self.config.route_threshold)
+
+    def _prepare(self, messages: Sequence[dict], sampling: dict) -> tuple[list[dict], dict]:
+        if self.auto:
+            last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+            chosen = self.route(last)
+            resolved = self.catalog.resolve([chosen.role])
+            self.current = Active(resolved, self.registry.apply(resolved), chosen)
+        msgs = list(messages)
+        system = self.current.resolved.system
+        if system and not any(m.get("role") == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": system})
+        merged = {**self.current.resolved.sampling, **{k: v for k, v in sampling.items() if v is not None}}
+        return msgs, merged
+
+    def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
+        msgs, merged = self._prepare(messages, sampling)
+        return self.engine.stream_chat(msgs, **merged)
+
+    def chat(self, messages: Sequence[dict], **sampling) -> Completion:
+        for _ in self.stream_chat(messages, **sampling):
+            pass
+        return self.engine.last  # type: ignore[return-value]

@@ -1,0 +1,87 @@
+"""Optional ed25519 signatures for adapter files (the `cryptography` package).
+
+A signature is ``FILE.sig`` beside the adapter: the base64 ed25519 signature of the file's bytes.
+Trusted public keys (base64 of the 32 raw bytes) are listed in the config's ``trusted_keys``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import EdgeloraError
+
+
+class SignatureError(EdgeloraError):
+    pass
+
+
+def sig_path(file: Path) -> Path:
+    return file.with_name(file.name + ".sig")
+
+
+def keygen(private_path: Path) -> str:
+    """Write a new private key (PEM, mode 600) and return the public key to trust (base64)."""
+    if private_path.exists():
+        raise SignatureError(f"{private_path} already exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    return public_key_b64(key)
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(f"{path}: not a readable unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path}: not an ed25519 key")
+    return key
+
+
+def sign(file: Path, private_key: Path) -> Path:
+    key = load_private_key(private_key)
+    signature = base64.b64encode(key.sign(Path(file).read_bytes())).decode()
+    out = sig_path(Path(file))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(signature + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def verify(file: Path, trusted_keys: list[str], *, required: bool) -> str | None:
+    """Check FILE.sig against the trusted keys. Returns the key that signed it, or None when the
+    file is unsigned and signatures are not required. Raises SignatureError otherwise."""
+    file = Path(file)
+    sig = sig_path(file)
+    if not sig.exists():
+        if required:
+            raise SignatureError(f"{file} has no signature ({sig.name}) and signatures are required")
+        return None
+    if not trusted_keys:
+        raise SignatureError(f"{file} is signed but no trusted_keys are configured to check it")
+    try:
+        signature = base64.b64decode(sig.read_text().strip(), validate=True)
+    except ValueError:
+        raise SignatureError(f"{sig}: not a base64 signature") from None
+    data = file.read_bytes()
+    for b64 in trusted_keys:
+        try:
+            Ed25519PublicKey.from_public_bytes(base64.b64decode(b64)).verify(signature, data)
+            return b64
+        except (InvalidSignature, ValueError):
+            continue
+    raise SignatureError(f"{file}: signature {sig.name} does not match any trusted key")
