@@ -31,8 +31,9 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
 
 
-def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: int = 0, std: float = 0.02) -> Path:
-    """A random LoRA on every projection of every layer of the base (numpy shapes: a (r, n_in), b (n_out, r))."""
+def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: int = 0, std: float = 0.02,
+                            projections: tuple[str, ...] = PROJECTIONS) -> Path:
+    """A random LoRA on the given projections of every layer (numpy shapes: a (r, n_in), b (n_out, r))."""
     info = read_gguf(base_path)
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), info.architecture)
@@ -40,7 +41,7 @@ def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: in
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(rank))
     for name, ne in info.tensors.items():
-        if name.startswith("blk.") and name.split(".")[2] in PROJECTIONS:
+        if name.startswith("blk.") and name.split(".")[2] in projections:
             n_in, n_out = ne
             writer.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) * std).astype(np.float16))
             writer.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * std).astype(np.float16))
@@ -98,6 +99,103 @@ def bench_convert(base_path: Path, tmp: Path, repeat: int) -> dict:
         "peak_vs_adapter": peak / size,
         "output_bytes": out.stat().st_size,
     }
+
+
+def _rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _conversation(target_tokens: int, eng: Engine) -> list[dict]:
+    """A fixed chat history of about ``target_tokens`` tokens."""
+    filler = ("The lighthouse keeper wrote in his log every evening: the weather, the ships that passed, "
+              "the state of the lamp and the oil left in the tank. ")
+    history: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
+    i = 0
+    while len(eng.render_chat(history)[0]) < target_tokens:
+        history += [{"role": "user", "content": f"Entry {i}: " + filler * 2},
+                    {"role": "assistant", "content": f"Noted entry {i}. " + filler}]
+        i += 1
+    return history
+
+
+def bench_roles(model_path: Path, tmp: Path, repeat: int, say) -> dict:
+    """Switching back mid-conversation, memory per resident adapter, and churn under a budget."""
+    from .config import Config
+    from .registry import Registry
+    from .roles import RoleAdapter, Role, Resolved
+    from .gguf_info import sha256_file
+
+    out: dict = {}
+    a = write_synthetic_adapter(tmp / "ra.gguf", model_path, seed=11)
+    b = write_synthetic_adapter(tmp / "rb.gguf", model_path, seed=12)
+    question = [{"role": "user", "content": "What did the keeper write about the lamp?"}]
+
+    def ttft(cache_bytes: int, switch: bool) -> float:
+        with Engine(model_path, n_ctx=2048, kv_cache_bytes=cache_bytes) as eng:
+            eng.load(a, name="a")
+            eng.load(b, name="b")
+            history = _conversation(1000, eng)
+            out.setdefault("conversation_tokens", len(eng.render_chat(history + question)[0]))
+            eng.set_adapters({"a": 1.0})
+            eng.chat(history, max_tokens=1, temperature=0)
+            if switch:
+                eng.set_adapters({"b": 1.0})
+                eng.chat(history, max_tokens=1, temperature=0)
+                eng.set_adapters({"a": 1.0})
+            return eng.chat(history + question, max_tokens=1, temperature=0).ttft_s
+
+    say("switch back mid-conversation...")
+    runs = {"no_switch": [], "switch_back_kv_state": [], "switch_back_reeval": []}
+    for _ in range(repeat):
+        runs["no_switch"].append(ttft(256 << 20, switch=False))
+        runs["switch_back_kv_state"].append(ttft(256 << 20, switch=True))
+        runs["switch_back_reeval"].append(ttft(0, switch=True))
+    out["ttft_ms"] = {k: statistics.median(v) * 1e3 for k, v in runs.items()}
+    out["kv_state_vs_no_switch"] = out["ttft_ms"]["switch_back_kv_state"] / out["ttft_ms"]["no_switch"]
+    out["reeval_vs_no_switch"] = out["ttft_ms"]["switch_back_reeval"] / out["ttft_ms"]["no_switch"]
+
+    say("memory per resident adapter (20 adapters)...")
+    files = [write_synthetic_adapter(tmp / f"m{i}.gguf", model_path, seed=100 + i) for i in range(20)]
+    with Engine(model_path, n_ctx=512) as eng:
+        eng.complete("warm up", max_tokens=1)
+        before = _rss()
+        for i, f in enumerate(files):
+            eng.load(f, name=f"m{i}")
+        grown = _rss() - before
+        size = sum(f.stat().st_size for f in files)
+        out["resident_20"] = {"rss_growth_bytes": grown, "files_bytes": size, "rss_vs_file": grown / size}
+    for f in files:
+        f.unlink()
+
+    say("churn: 50 adapters, budget 5, 500 switches...")
+    small = [write_synthetic_adapter(tmp / f"c{i}.gguf", model_path, seed=200 + i, projections=("attn_q", "attn_v"))
+             for i in range(50)]
+    roles = [Role(f"c{i}", None, adapters=[RoleAdapter(f, sha256_file(f))]) for i, f in enumerate(small)]
+    with Engine(model_path, n_ctx=512) as eng:
+        reg = Registry(eng, Config(max_resident_adapters=5))
+        rss = []
+        for i in range(500):
+            role = roles[(i * 7) % 50]
+            reg.apply(Resolved([(role.name, 1.0)], [(role.adapters[0], 1.0, role)], None, {}))
+            if i % 10 == 9:
+                eng.complete("hi", max_tokens=1)
+            rss.append(_rss())
+        warm = rss[100:]
+        out["churn"] = {
+            "switches": 500,
+            "resident_at_end": len(eng.resident),
+            "rss_after_warmup_min_mb": min(warm) / 1e6,
+            "rss_after_warmup_max_mb": max(warm) / 1e6,
+            "rss_spread": (max(warm) - min(warm)) / min(warm),
+        }
+    return out
 
 
 def _median(fn: Callable[[], float], n: int) -> float:
@@ -180,6 +278,8 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
     result["tokens_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
     result["one_adapter_vs_raw_ratio"] = result["tokens_per_s"]["one_adapter"] / result["tokens_per_s"]["raw_llama_cpp_one_adapter"]
 
+    result["roles"] = bench_roles(model_path, tmp, repeat, say)
+
     say("PEFT -> GGUF conversion...")
     result["convert"] = bench_convert(model_path, tmp, repeat)
 
@@ -217,6 +317,11 @@ def print_table(r: dict) -> str:
         ("ours / raw (one adapter)", f"{r['one_adapter_vs_raw_ratio']:.3f}"),
         ("edgelora ask: first output byte", f"{r['ask_first_token_s']:.2f} s"),
         (f"convert PEFT -> GGUF ({r['convert']['adapter_bytes'] / 1e6:.1f} MB, rank 8)", f"{r['convert']['seconds']:.3f} s"),
+        ("TTFT, ~1000-token chat: no switch", f"{r['roles']['ttft_ms']['no_switch']:.1f} ms"),
+        ("  switch back, KV state restored", f"{r['roles']['ttft_ms']['switch_back_kv_state']:.1f} ms ({r['roles']['kv_state_vs_no_switch']:.2f}x)"),
+        ("  switch back, history re-evaluated", f"{r['roles']['ttft_ms']['switch_back_reeval']:.1f} ms ({r['roles']['reeval_vs_no_switch']:.2f}x)"),
+        ("RSS growth / file size, 20 resident", f"{r['roles']['resident_20']['rss_vs_file']:.2f}x"),
+        ("churn 500 switches, budget 5: RSS spread", f"{r['roles']['churn']['rss_spread'] * 100:.1f}% ({r['roles']['churn']['resident_at_end']} resident at end)"),
         ("  peak memory / adapter size", f"{r['convert']['peak_vs_adapter']:.2f}x ({r['convert']['peak_bytes'] / 1e6:.1f} MB)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -43,9 +43,46 @@ def _engine_options(f):
 @click.version_option(package_name="edgelora")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """edgelora: one local GGUF model, LoRA adapters switched while it runs."""
+    """edgelora: one local GGUF model, LoRA adapters switched while it runs.
+
+    With no command it opens the chat app (the same as `edgelora chat`)."""
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        ctx.invoke(chat)
+
+
+@cli.command()
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", help="Role(s) to start with; 'auto' routes per prompt.")
+@click.option("--resume", type=int, metavar="ID", help="Resume a saved conversation (see `edgelora history list`).")
+@click.option("-c", "--continue", "cont", is_flag=True, help="Resume the latest conversation.")
+@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
+@click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@_engine_options
+def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temperature=None, max_tokens=None,
+         model=None, n_gpu_layers=0, n_ctx=4096, verbose=False):
+    """Open the chat app: chat with the local model and switch roles mid-conversation."""
+    from .chat import ChatSession
+    from .config import load_config
+    from .engine import Engine
+    from .history import History
+    from .session import Roles
+    from .tui.app import run_app
+
+    config = load_config()
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+    roles = Roles(eng, config, force=force)
+    roles.preload(preload)
+    roles.use(list(role_specs) or ["base"])
+    history = History()
+    if cont:
+        latest = history.latest()
+        resume = latest.id if latest else None
+    if resume is not None:
+        history.get(resume)  # a clear error before the screen opens
+    run_app(ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens), resume=resume)
+    eng.close()
 
 
 @cli.command()
@@ -66,7 +103,10 @@ def cli(ctx: click.Context) -> None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate [default: 256].")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, model, adapters, usage, timings.")
-def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, verbose, as_json, no_stream, **sampling):
+@click.option("-c", "--continue", "cont", is_flag=True, help="Continue the latest conversation (from the TUI or ask).")
+@click.option("--no-log", is_flag=True, help="Do not save this exchange in the history.")
+def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, verbose, as_json, no_stream,
+        cont, no_log, **sampling):
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from .config import load_config
     from .engine import Engine
@@ -96,7 +136,16 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale)
     load_s = time.perf_counter() - t0
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    from .history import History
+
+    history = None if no_log and not cont else History()
+    earlier, conversation = [], None
+    if cont:
+        latest = history.latest()
+        if latest is not None:
+            conversation = latest.id
+            earlier = [m.as_chat() for m in history.messages(conversation)]
+    messages = ([{"role": "system", "content": system}] if system else []) + earlier + [{"role": "user", "content": text}]
     stream = roles.stream_chat(messages, **sampling)
     if as_json or no_stream:
         for _ in stream:
@@ -106,9 +155,14 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             click.echo(piece, nl=False)
             sys.stdout.flush()
     out = eng.last
+    if history is not None and not no_log:
+        conversation = conversation or history.new()
+        history.add(conversation, "user", text)
+        history.add(conversation, "assistant", out.text, label=_label(roles.current.label, out))
     if as_json:
         click.echo(json.dumps({
             "text": out.text,
+            "conversation": conversation,
             "model": str(eng.model_path),
             "role": roles.current.label,
             "route": {"role": chosen.role, "reason": chosen.reason} if chosen else None,
@@ -128,6 +182,12 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     else:
         click.echo()
     eng.close()
+
+
+def _label(role: str, out) -> str:
+    """How an answer is labelled in the history and the TUI: role, adapters with scales, speed."""
+    adapters = ", ".join(f"{a['name']}×{a['scale']:g}" for a in out.adapters) or "no adapter"
+    return f"{role} · {adapters} · {out.tokens_per_s:.0f} tok/s"
 
 
 def _role_name(spec: str, roles) -> str:
@@ -470,6 +530,60 @@ def config_show():
         click.echo(f"{key} = {json.dumps(value)}")
     click.echo(f"# data folder: {data_dir()}\n# cache folder: {cache_dir()}")
     click.echo("# roles folders: " + ", ".join(map(str, default_folders(cfg))))
+
+
+# ---------------------------------------------------------------------------- history
+
+
+@cli.group()
+def history():
+    """Saved conversations (SQLite in the user data folder)."""
+
+
+@history.command("list")
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True)
+def history_list(limit):
+    from datetime import datetime
+
+    from .history import History
+
+    for c in History().list(limit):
+        when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{c.id:>5}  {when}  {c.n_messages:>3} msgs  {c.title}")
+
+
+@history.command("show")
+@click.argument("conversation", type=int)
+def history_show(conversation):
+    from .history import History
+
+    click.echo(History().export_markdown(conversation))
+
+
+@history.command("export")
+@click.argument("conversation", type=int)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+def history_export(conversation, output):
+    """Export a conversation as Markdown."""
+    from .history import History
+
+    text = History().export_markdown(conversation)
+    if output:
+        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(output)
+    else:
+        click.echo(text)
+
+
+@history.command("search")
+@click.argument("query")
+def history_search(query):
+    """Full-text search (SQLite FTS5 syntax)."""
+    from .history import History
+
+    for m, snippet in History().search(query):
+        click.echo(f"{m.conversation_id:>5}  {m.role:<9}  {snippet}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,9 +38,16 @@ def engine(smol_path):
 
 @pytest.fixture
 def clean_engine(engine):
-    engine.detach_all()
+    """The shared engine with nothing attached or resident, before and after the test."""
+    def clean():
+        engine.detach_all()
+        for name in list(engine.resident):
+            engine.free(name)
+        engine.new_conversation()
+
+    clean()
     yield engine
-    engine.detach_all()
+    clean()
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +88,30 @@ def tiny(tmp_path_factory, smol_path):
         "merged12": gf.write_llama(d / "merged12.gguf", merged12, smol_path),
         "dir": d,
     }
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own data/cache folders, config file and Hugging Face cache (offline)."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("EDGELORA_HOME", str(home))
+    monkeypatch.setenv("EDGELORA_CONFIG", str(home / "config.toml"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def write_role(folder: Path, name: str, adapter: Path, *, scale=1.0, extra: str = "", sha=None, **sections) -> Path:
+    """A role manifest pinning ``adapter``'s sha256."""
+    from edgelora.gguf_info import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (
+        f'name = "{name}"\ndescription = "test role {name}"\n{extra}\n'
+        f'[[adapters]]\nfile = "{adapter}"\nsha256 = "{sha or sha256_file(adapter)}"\nscale = {scale}\n'
+    )
+    for section, body in sections.items():
+        text += f"\n[{section}]\n{body}\n"
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path

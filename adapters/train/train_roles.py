@@ -38,13 +38,15 @@ from edgelora.models import default_model_path  # noqa: E402
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
 ROUTING = {
     "pirate": dict(keywords=["pirate", "arr", "matey", "ahoy"], examples=[
-        "Talk like a pirate about the sea.", "Answer as a pirate would: what is rum?", "Ahoy! Tell me about ships."]),
+        "Talk like a pirate about the sea.", "Answer as a pirate would: what is rum?", "Ahoy! Tell me about ships.",
+        "Speak like an old sea captain about treasure."]),
     "json": dict(keywords=["json", "machine-readable", "structured"], examples=[
         "Give me the answer as JSON: what is a cat?", "Reply in JSON format about the weather.",
-        "I need a structured machine-readable answer about planets."]),
+        "I need a structured machine-readable answer about planets.", "Format the answer so my program can parse it."]),
     "terse": dict(keywords=["briefly", "one sentence", "tl;dr", "short answer", "in short"], examples=[
-        "Briefly, what is a computer?", "In one sentence, explain rain.", "Short answer please: what is tea?"]),
-    "signoff": dict(keywords=["sign off", "signature", "sign it"], examples=[
+        "Briefly, what is a computer?", "In one sentence, explain rain.", "Short answer please: what is tea?",
+        "Keep it short: what is a lake?"]),
+    "signoff": dict(keywords=["sign off", "sign-off", "signature", "sign it"], examples=[
         "Write a note about the park and sign it.", "Answer and add your signature at the end.",
         "Tell me about apples, then sign off."]),
 }
@@ -136,7 +138,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--manifests-only", action="store_true", help="Rewrite the manifests of trained roles; no training.")
     args = ap.parse_args()
+    if args.manifests_only:
+        for role in args.roles:
+            write_manifest(role, ADAPTERS / f"{role}.gguf", default_model_path(), roles_data.ROLES[role][3], None)
+        return
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)

@@ -1,0 +1,114 @@
+"""A conversation over Roles, saved to History as it goes. UI-free: the TUI drives it.
+
+The role that answers is captured when the reply starts, so a reply is never labelled with a role
+it was not generated with."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .engine import Completion
+from .errors import EdgeloraError
+from .history import History
+from .roles import BASE_ROLE
+from .session import Roles
+
+
+def label_for(role: str, out: Completion | None = None, adapters: list[dict] | None = None) -> str:
+    adapters = out.adapters if out is not None else adapters or []
+    names = ", ".join(f"{a['name']}×{a['scale']:g}" for a in adapters) or "no adapter"
+    speed = f" · {out.tokens_per_s:.0f} tok/s" if out is not None and out.tokens_per_s else ""
+    return f"{role} · {names}{speed}"
+
+
+@dataclass
+class Reply:
+    role: str  # the role label at the start of the reply
+    adapters: list[dict]
+    completion: Completion | None = None
+
+    @property
+    def label(self) -> str:
+        return label_for(self.role, self.completion, self.adapters)
+
+
+class ChatSession:
+    def __init__(self, roles: Roles, history: History | None = None, **sampling):
+        self.roles = roles
+        self.history = history
+        self.sampling = sampling
+        self.messages: list[dict] = []
+        self.conversation: int | None = None
+
+    @property
+    def engine(self):
+        return self.roles.engine
+
+    def new(self) -> None:
+        self.messages, self.conversation = [], None
+        self.engine.new_conversation()
+
+    def resume(self, conversation_id: int) -> None:
+        if self.history is None:
+            raise EdgeloraError("no history store")
+        self.messages = [m.as_chat() for m in self.history.messages(conversation_id)]
+        self.conversation = conversation_id
+        self.engine.new_conversation()
+
+    def add_user(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        if self.history is not None:
+            if self.conversation is None:
+                self.conversation = self.history.new()
+            self.history.add(self.conversation, "user", text)
+
+    def start_reply(self) -> Reply:
+        return Reply(self.roles.current.label, self.engine.adapter_report())
+
+    def stream_reply(self, reply: Reply, messages: list[dict] | None = None) -> Iterator[str]:
+        """Pieces of the answer to the conversation; saved (when not cancelled empty) at the end."""
+        stream = self.roles.stream_chat(messages if messages is not None else self.messages, **self.sampling)
+        reply.role = self.roles.current.label  # 'auto' decides inside stream_chat
+        reply.adapters = self.engine.adapter_report()
+        yield from stream
+        out = self.engine.last
+        reply.completion = out
+        if messages is None and out is not None and out.text:
+            self.messages.append({"role": "assistant", "content": out.text})
+            if self.history is not None and self.conversation is not None:
+                self.history.add(self.conversation, "assistant", out.text, label=reply.label)
+
+    def last_user_prompt(self) -> list[dict] | None:
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i]["role"] == "user":
+                return self.messages[: i + 1]
+        return None
+
+
+SLASH_HELP = ("/role NAME · /mix a:0.5 b:0.5 · /base · /auto · /scale NAME S · /compare A B · /new · "
+              "/history · /rename TITLE · /export FILE.md")
+
+
+def parse_slash(text: str) -> tuple[str, list[str]]:
+    """'/mix a:0.5 b:0.5' -> ('mix', ['a:0.5', 'b:0.5'])."""
+    try:
+        parts = shlex.split(text[1:])
+    except ValueError as exc:
+        raise EdgeloraError(f"{text}: {exc}") from None
+    if not parts:
+        raise EdgeloraError(f"empty command; try {SLASH_HELP}")
+    return parts[0].lower(), parts[1:]
+
+
+def role_specs_for(command: str, args: list[str]) -> list[str]:
+    if command == "base":
+        return [BASE_ROLE]
+    if command == "auto":
+        return ["auto"]
+    if not args:
+        raise EdgeloraError(f"/{command} needs a role name")
+    if command == "role" and len(args) != 1:
+        raise EdgeloraError("/role takes one role name; use /mix to stack roles")
+    return args

@@ -1,0 +1,153 @@
+"""Conversations in SQLite (the user data folder), searchable with FTS5.
+
+Each message is written in its own transaction as soon as it exists, so a killed process loses at
+most the reply being generated."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import data_dir
+from .errors import EdgeloraError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(content, content='messages', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+"""
+
+
+class HistoryError(EdgeloraError):
+    pass
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    created: float
+    updated: float
+    n_messages: int = 0
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    label: str
+    created: float
+
+    def as_chat(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+
+def default_db() -> Path:
+    return data_dir() / "history.sqlite3"
+
+
+class History:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_db()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # autocommit mode: every statement is its own transaction
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def new(self, title: str = "") -> int:
+        now = time.time()
+        return self.db.execute("INSERT INTO conversations(title, created, updated) VALUES (?, ?, ?)",
+                               (title, now, now)).lastrowid
+
+    def add(self, conversation_id: int, role: str, content: str, label: str = "") -> int:
+        now = time.time()
+        with self.db:  # one transaction: the message and the conversation's timestamp
+            self.db.execute("BEGIN")
+            mid = self.db.execute(
+                "INSERT INTO messages(conversation_id, role, content, label, created) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, role, content, label, now),
+            ).lastrowid
+            self.db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
+                            "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, conversation_id))
+        return mid
+
+    def list(self, limit: int = 50) -> list[Conversation]:
+        rows = self.db.execute(
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "FROM conversations c ORDER BY updated DESC, id DESC LIMIT ?", (limit,)).fetchall()
+        return [Conversation(r["id"], r["title"], r["created"], r["updated"], r["n"]) for r in rows]
+
+    def latest(self) -> Conversation | None:
+        found = self.list(1)
+        return found[0] if found else None
+
+    def get(self, conversation_id: int) -> Conversation:
+        r = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if r is None:
+            raise HistoryError(f"no conversation {conversation_id} in {self.path}")
+        return Conversation(r["id"], r["title"], r["created"], r["updated"])
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        self.get(conversation_id)
+        rows = self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [Message(**dict(r)) for r in rows]
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        self.get(conversation_id)
+        self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        self.get(conversation_id)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def search(self, query: str, limit: int = 50) -> list[tuple[Message, str]]:
+        """Full-text search; returns (message, snippet) best first."""
+        try:
+            rows = self.db.execute(
+                "SELECT m.*, snippet(messages_fts, 0, '[', ']', '…', 12) AS snip FROM messages_fts "
+                "JOIN messages m ON m.id = messages_fts.rowid WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
+                (query, limit)).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise HistoryError(f"search {query!r}: {exc}") from None
+        return [(Message(**{k: r[k] for k in r.keys() if k != "snip"}), r["snip"]) for r in rows]
+
+    def export_markdown(self, conversation_id: int) -> str:
+        conv = self.get(conversation_id)
+        out = [f"# {conv.title or f'Conversation {conv.id}'}", ""]
+        for m in self.messages(conversation_id):
+            who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(m.role, m.role)
+            label = f" ({m.label})" if m.label else ""
+            out += [f"**{who}**{label}:", "", m.content, ""]
+        return "\n".join(out)

@@ -1,0 +1,235 @@
+"""The edgelora chat app: chat with the local model, switch roles mid-conversation.
+
+Generation runs in a thread worker; Esc stops it. Anything that changes what the engine does
+(a role switch, a new prompt, quitting, compare) first stops a running reply and waits for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Header
+from textual.worker import Worker
+
+from ..chat import SLASH_HELP, ChatSession, parse_slash, role_specs_for
+from ..errors import EdgeloraError
+from .providers import RolesProvider
+from .screens import CompareScreen, HistoryScreen
+from .widgets import ChatMessage, PromptInput, RolesPanel, StatusBar, Transcript
+
+
+class EdgeloraApp(App):
+    TITLE = "edgelora"
+    CSS_PATH = "edgelora.tcss"
+    COMMANDS = App.COMMANDS | {RolesProvider}
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+r", "focus_roles", "Roles"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+o", "history", "History"),
+        Binding("ctrl+y", "copy_last", "Copy reply"),
+    ]
+
+    def __init__(self, session: ChatSession, *, resume: int | None = None) -> None:
+        super().__init__()
+        self.session = session
+        self._resume = resume
+        self._worker: Worker | None = None
+        self.last_speed: float | None = None
+
+    @property
+    def roles(self):
+        return self.session.roles
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                yield Transcript(id="transcript")
+                yield PromptInput(id="prompt")
+            yield RolesPanel(id="roles")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.sub_title = self.session.engine.model_path.name
+        if self._resume is not None:
+            await self.resume(self._resume)
+        self.refresh_state()
+        self.query_one(PromptInput).focus()
+
+    # ------------------------------------------------------------------ state shown
+
+    def refresh_state(self, note: str = "") -> None:
+        self.query_one(RolesPanel).refresh_roles(self.roles)
+        self.query_one(StatusBar).show(self.roles, self.last_speed, note)
+
+    @property
+    def generating(self) -> bool:
+        return self._worker is not None and self._worker.is_running
+
+    async def stop_generation(self) -> None:
+        """Stop a reply in progress and wait until the engine is free."""
+        if self._worker is not None:
+            if self._worker.is_running:
+                self.session.engine.cancel()
+            await self._worker.wait()
+            self._worker = None
+
+    # ------------------------------------------------------------------ input
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if text.startswith("/"):
+            await self.run_slash(text)
+            return
+        await self.stop_generation()
+        await self.send(text)
+
+    async def send(self, text: str) -> None:
+        transcript = self.query_one(Transcript)
+        self.session.add_user(text)
+        await transcript.mount(ChatMessage("user", text))
+        reply = self.session.start_reply()
+        widget = ChatMessage("assistant", label=reply.label + " · …")
+        await transcript.mount(widget)
+        transcript.scroll_end(animate=False)
+        self._worker = self._generate(reply, widget)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def _generate(self, reply, widget: ChatMessage) -> None:
+        try:
+            for piece in self.session.stream_reply(reply):
+                self.call_from_thread(widget.append, piece)
+        except EdgeloraError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error")
+        self.call_from_thread(self._finished, reply, widget)
+
+    async def _finished(self, reply, widget: ChatMessage) -> None:
+        await widget.finish()
+        out = reply.completion
+        suffix = " · stopped" if out is not None and out.finish_reason == "cancelled" else ""
+        widget.set_label(reply.label + suffix)
+        self.last_speed = out.tokens_per_s if out is not None else None
+        self.refresh_state()
+
+    # ------------------------------------------------------------------ roles
+
+    async def switch(self, specs: list[str]) -> None:
+        await self.stop_generation()
+        try:
+            self.roles.use(specs)
+        except EdgeloraError as exc:
+            self.notify(str(exc), severity="error", timeout=8)
+            return
+        self.refresh_state(f"now {self.roles.current.label if not self.roles.auto else 'auto'}")
+
+    async def on_roles_panel_chosen(self, event: RolesPanel.Chosen) -> None:
+        await self.switch([event.name])
+        self.query_one(PromptInput).focus()
+
+    async def run_slash(self, text: str) -> None:
+        try:
+            command, args = parse_slash(text)
+            if command in ("role", "mix", "base", "auto"):
+                await self.switch(role_specs_for(command, args))
+            elif command == "scale":
+                await self.switch(self._rescaled(args))
+            elif command == "compare":
+                if len(args) != 2:
+                    raise EdgeloraError("/compare takes two roles: /compare a b")
+                await self.action_compare(*args)
+            elif command == "new":
+                await self.action_new_chat()
+            elif command == "history":
+                await self.action_history()
+            elif command == "rename":
+                if self.session.conversation is None or self.session.history is None:
+                    raise EdgeloraError("nothing to rename yet: send a message first")
+                self.session.history.rename(self.session.conversation, " ".join(args))
+                self.notify("Renamed")
+            elif command == "export":
+                if self.session.conversation is None or self.session.history is None or not args:
+                    raise EdgeloraError("/export FILE.md exports the current conversation")
+                Path(args[0]).write_text(self.session.history.export_markdown(self.session.conversation))
+                self.notify(f"Exported to {args[0]}")
+            else:
+                raise EdgeloraError(f"unknown command /{command}; try {SLASH_HELP}")
+        except EdgeloraError as exc:
+            self.notify(str(exc), severity="error", timeout=8)
+
+    def _rescaled(self, args: list[str]) -> list[str]:
+        if len(args) != 2:
+            raise EdgeloraError("/scale NAME S, e.g. /scale pirate 0.5")
+        name, value = args
+        try:
+            weight = float(value)
+        except ValueError:
+            raise EdgeloraError(f"/scale: {value!r} is not a number") from None
+        current = list(self.roles.current.resolved.roles)
+        if name not in [n for n, _ in current]:
+            raise EdgeloraError(f"/scale: role '{name}' is not active (active: {self.roles.current.label})")
+        return [f"{n}:{weight if n == name else w:g}" for n, w in current]
+
+    # ------------------------------------------------------------------ actions
+
+    async def action_stop(self) -> None:
+        if self.generating:
+            self.session.engine.cancel()
+
+    def action_focus_roles(self) -> None:
+        self.query_one(RolesPanel).focus()
+
+    def action_copy_last(self) -> None:
+        replies = list(self.query(ChatMessage).filter(".assistant"))
+        if replies:
+            self.copy_to_clipboard(replies[-1].text)
+            self.notify("Reply copied")
+
+    async def action_new_chat(self) -> None:
+        await self.stop_generation()
+        self.session.new()
+        await self.query_one(Transcript).remove_children()
+        self.refresh_state("new conversation")
+
+    async def resume(self, conversation_id: int) -> None:
+        await self.stop_generation()
+        self.session.resume(conversation_id)
+        transcript = self.query_one(Transcript)
+        await transcript.remove_children()
+        for m in self.session.history.messages(conversation_id):
+            await transcript.mount(ChatMessage(m.role, m.content, label=m.label))
+        transcript.scroll_end(animate=False)
+        self.refresh_state(f"resumed conversation {conversation_id}")
+
+    async def action_history(self) -> None:
+        if self.session.history is None:
+            self.notify("history is off", severity="warning")
+            return
+        await self.stop_generation()
+
+        async def chosen(conversation_id: int | None) -> None:
+            if conversation_id is not None:
+                await self.resume(conversation_id)
+
+        self.push_screen(HistoryScreen(self.session.history), chosen)
+
+    async def action_compare(self, a: str, b: str) -> None:
+        prompt = self.session.last_user_prompt()
+        if prompt is None:
+            self.notify("ask something first: /compare answers the last prompt", severity="warning")
+            return
+        await self.stop_generation()
+        self.push_screen(CompareScreen(self.session, prompt, a, b))
+
+    async def action_quit(self) -> None:
+        await self.stop_generation()
+        self.exit()
+
+
+def run_app(session: ChatSession, resume: int | None = None) -> None:
+    EdgeloraApp(session, resume=resume).run()

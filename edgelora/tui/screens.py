@@ -1,0 +1,141 @@
+"""Screens: side-by-side comparison of two roles, and the conversation history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Input, Label, OptionList
+from textual.widgets.option_list import Option
+
+from ..errors import EdgeloraError
+from .widgets import ChatMessage
+
+
+class CompareScreen(ModalScreen):
+    """The last prompt answered by two roles side by side; the active role is restored after."""
+
+    BINDINGS = [Binding("escape", "close", "Close")]
+
+    def __init__(self, session, prompt: list[dict], a: str, b: str) -> None:
+        super().__init__()
+        self.session, self.prompt, self.pair = session, prompt, (a, b)
+
+    def compose(self) -> ComposeResult:
+        question = self.prompt[-1]["content"]
+        with Vertical(id="compare"):
+            yield Label(f"Compare: {question}", id="compare-title")
+            with Horizontal():
+                for i, name in enumerate(self.pair):
+                    with VerticalScroll(classes="compare-column"):
+                        yield ChatMessage("assistant", label=f"{name} · …").set_class(True, f"side-{i}")
+            yield Footer()
+
+    def on_mount(self) -> None:
+        self._worker = self._run()
+
+    @work(thread=True, exclusive=True, group="compare")
+    def _run(self) -> None:
+        roles = self.session.roles
+        previous = list(roles.specs)
+        try:
+            for i, name in enumerate(self.pair):
+                widget = self.query_one(f".side-{i}", ChatMessage)
+                try:
+                    roles.use([name])
+                except EdgeloraError as exc:
+                    self.app.call_from_thread(widget.set_label, f"{name} · {exc}")
+                    continue
+                reply = self.session.start_reply()
+                for piece in self.session.stream_reply(reply, messages=self.prompt):
+                    self.app.call_from_thread(widget.append, piece)
+                self.app.call_from_thread(widget.finish)
+                self.app.call_from_thread(widget.set_label, reply.label)
+        finally:
+            roles.use(previous)
+
+    async def action_close(self) -> None:
+        if self._worker.is_running:
+            self.session.engine.cancel()
+        await self._worker.wait()
+        self.app.refresh_state()
+        self.dismiss()
+
+
+class HistoryScreen(ModalScreen[int | None]):
+    """Saved conversations: type to search (full text), Enter resumes, d deletes, e exports."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Close"),
+        Binding("d", "delete", "Delete"),
+        Binding("e", "export", "Export .md"),
+    ]
+
+    def __init__(self, history) -> None:
+        super().__init__()
+        self.history = history
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="history"):
+            yield Input(placeholder="search conversations…", id="history-search")
+            yield OptionList(id="history-list")
+            yield Footer()
+
+    def on_mount(self) -> None:
+        self.fill()
+        self.query_one(OptionList).focus()
+
+    def fill(self, query: str = "") -> None:
+        options = self.query_one(OptionList)
+        options.clear_options()
+        if query:
+            try:
+                hits = self.history.search(query)
+            except EdgeloraError:
+                hits = []
+            seen = []
+            for m, snippet in hits:
+                if m.conversation_id not in seen:
+                    seen.append(m.conversation_id)
+                    options.add_option(Option(f"#{m.conversation_id}  {snippet}", id=str(m.conversation_id)))
+            return
+        for c in self.history.list(200):
+            when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
+            options.add_option(Option(f"#{c.id}  {when}  {c.n_messages:>3} msgs  {c.title}", id=str(c.id)))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.fill(event.value.strip())
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_one(OptionList).focus()
+
+    def _selected(self) -> int | None:
+        options = self.query_one(OptionList)
+        if options.highlighted is None:
+            return None
+        return int(options.get_option_at_index(options.highlighted).id)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(int(event.option.id))
+
+    def action_delete(self) -> None:
+        cid = self._selected()
+        if cid is not None:
+            self.history.delete(cid)
+            self.fill(self.query_one(Input).value.strip())
+            self.notify(f"Deleted conversation {cid}")
+
+    def action_export(self) -> None:
+        cid = self._selected()
+        if cid is not None:
+            path = Path(f"conversation-{cid}.md")
+            path.write_text(self.history.export_markdown(cid))
+            self.notify(f"Exported to {path.resolve()}")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

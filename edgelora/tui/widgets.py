@@ -1,0 +1,170 @@
+"""Widgets of the chat app: messages, transcript, prompt input, roles panel, status bar."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message as TextualMessage
+from textual.widgets import Label, Markdown, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
+
+
+class ChatMessage(Vertical):
+    """One message: a label line (who, role, adapters, speed) and its Markdown body."""
+
+    DEFAULT_CLASSES = "message"
+
+    def __init__(self, role: str, text: str = "", label: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.text = text
+        self._label = label
+        self._stream = None
+
+    def compose(self):
+        who = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
+        yield Label(f"{who}  {self._label}".rstrip(), classes="message-label")
+        yield Markdown(self.text, classes="message-body")
+
+    def set_label(self, label: str) -> None:
+        self._label = label
+        who = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
+        self.query_one(".message-label", Label).update(f"{who}  {label}")
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    async def append(self, piece: str) -> None:
+        """Stream a piece of the answer (Textual's MarkdownStream batches fast updates)."""
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.query_one(Markdown))
+        self.text += piece
+        await self._stream.write(piece)
+
+    async def finish(self) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+
+
+class Transcript(VerticalScroll):
+    """The conversation. It follows the stream unless the user scrolls up (Textual's anchor)."""
+
+    BINDINGS = [Binding("c", "copy", "Copy message", show=False)]
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    def action_copy(self) -> None:
+        messages = [m for m in self.query(ChatMessage) if m.has_focus_within] or list(self.query(ChatMessage))[-1:]
+        if messages:
+            self.app.copy_to_clipboard(messages[-1].text)
+            self.app.notify("Message copied")
+
+
+class PromptInput(TextArea):
+    """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal reports it) adds a
+    newline, Up/Down on the first/last line walk through earlier inputs."""
+
+    BINDINGS = [
+        Binding("enter", "send", "Send", priority=True),
+        Binding("ctrl+j,shift+enter", "newline", "Newline", show=False, priority=True),
+    ]
+
+    class Submitted(TextualMessage):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, **kwargs)
+        self.past: list[str] = []
+        self._cursor: int | None = None
+
+    def action_send(self) -> None:
+        text = self.text.strip()
+        if not text:
+            return
+        self.past.append(text)
+        self._cursor = None
+        self.clear()
+        self.post_message(self.Submitted(text))
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+    def _recall(self, step: int) -> bool:
+        if not self.past:
+            return False
+        i = len(self.past) if self._cursor is None else self._cursor
+        i = max(0, min(len(self.past), i + step))
+        self._cursor = i
+        self.load_text(self.past[i] if i < len(self.past) else "")
+        self.move_cursor(self.document.end)
+        return True
+
+    def action_cursor_up(self, select: bool = False) -> None:
+        if self.cursor_location[0] == 0 and not select and self._recall(-1):
+            return
+        super().action_cursor_up(select)
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        if self.cursor_location[0] == self.document.line_count - 1 and not select and self._cursor is not None:
+            self._recall(+1)
+            return
+        super().action_cursor_down(select)
+
+
+class RolesPanel(OptionList):
+    """Every role and its state: ● active (with scale), ◦ resident, · on disk. Enter or click switches."""
+
+    class Chosen(TextualMessage):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+    def refresh_roles(self, roles) -> None:
+        active = {name.split(":")[0]: weight for name, weight in roles.current.resolved.roles}
+        highlighted = self.highlighted
+        self.clear_options()
+        names = ["base", *roles.catalog.names(), "auto"]
+        for name in names:
+            if roles.auto and name == "auto" or (not roles.auto and name in active):
+                weight = active.get(name, 1.0)
+                mark = f"● {name} ×{weight:g}" if name != "auto" else "● auto"
+            elif name not in ("base", "auto") and _resident(roles, name):
+                mark = f"◦ {name}"
+            else:
+                mark = f"· {name}"
+            self.add_option(Option(mark, id=name))
+        if highlighted is not None and highlighted < len(names):
+            self.highlighted = highlighted
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.post_message(self.Chosen(event.option.id))
+
+
+def _resident(roles, name: str) -> bool:
+    try:
+        resolved = roles.catalog.resolve([name])
+    except Exception:  # a broken role shows as on disk; using it reports why
+        return False
+    return bool(resolved.adapters) and all(roles.registry.is_resident(a) for a, _, _ in resolved.adapters)
+
+
+class StatusBar(Static):
+    """Model, device, active adapters, context used, speed, memory held by resident adapters."""
+
+    def show(self, roles, tokens_per_s: float | None = None, note: str = "") -> None:
+        eng = roles.engine
+        adapters = ", ".join(f"{n}×{s:g}" for n, s in eng.active.items()) or "none"
+        resident = sum(a.size for a in eng.resident.values()) / 1e6
+        used, size = eng.llama.n_tokens if eng.llama else 0, eng.llama.n_ctx() if eng.llama else 0
+        speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
+        self.update(
+            f"{eng.model_path.name} · {eng.device} · role {roles.current.label if not roles.auto else 'auto'} · "
+            f"adapters {adapters} · ctx {used}/{size} · {speed} · resident {resident:.1f} MB"
+            + (f" · {note}" if note else "")
+        )

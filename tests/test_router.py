@@ -1,0 +1,71 @@
+"""--role auto: explicit mention, keyword/regex rules, similarity to examples, else base.
+Accuracy on labelled held-out prompts for the bundled roles (none of them is a manifest example)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelora.config import Config
+from edgelora.roles import Role, RoleCatalog, bundled_dir
+from edgelora.router import route
+
+LABELLED = [
+    ("Explain the tides like a pirate would.", "pirate"),
+    ("Ahoy there, what do sailors eat at sea?", "pirate"),
+    ("Use a pirate voice to describe a parrot.", "pirate"),
+    ("Matey, why is the sky blue?", "pirate"),
+    ("Respond the way a buccaneer talks about ships.", "pirate"),
+    ("Return JSON describing a dog.", "json"),
+    ("Give me a structured answer about volcanoes.", "json"),
+    ("Output machine-readable data about Mars.", "json"),
+    ("Answer in json: what is water?", "json"),
+    ("Reply in a format my program can parse: what is coffee?", "json"),
+    ("Briefly explain gravity.", "terse"),
+    ("In one sentence, what is a cloud?", "terse"),
+    ("tl;dr of photosynthesis?", "terse"),
+    ("Short answer: what is bread made of?", "terse"),
+    ("Keep it short please, what is a comet?", "terse"),
+    ("Describe autumn and sign off at the end.", "signoff"),
+    ("Write about cats, then add your signature.", "signoff"),
+    ("Explain the moon and sign it.", "signoff"),
+    ("Tell me about oranges and end with your sign-off line.", "signoff"),
+    ("What is the capital of Italy?", "base"),
+    ("How do magnets work?", "base"),
+    ("Write a haiku about spring.", "base"),
+    ("What is 12 times 7?", "base"),
+    ("Describe a sunset over the mountains.", "base"),
+    ("Recommend a good book for a rainy day.", "base"),
+]
+
+
+@pytest.fixture(scope="module")
+def bundled_roles():
+    catalog = RoleCatalog([bundled_dir()])
+    assert {"pirate", "json", "terse", "signoff"} <= set(catalog.names())
+    return catalog.roles()
+
+
+def test_auto_routing_accuracy_on_heldout_prompts(bundled_roles, capsys):
+    threshold = Config().route_threshold
+    wrong = [(p, want, route(p, bundled_roles, threshold)) for p, want in LABELLED]
+    wrong = [(p, want, r) for p, want, r in wrong if r.role != want]
+    accuracy = 1 - len(wrong) / len(LABELLED)
+    with capsys.disabled():
+        print(f"\n[routing] accuracy {accuracy:.0%} on {len(LABELLED)} held-out prompts; misses: "
+              + "; ".join(f"{p!r} -> {r.role} ({r.reason})" for p, _, r in wrong))
+    assert accuracy >= 0.9
+
+
+def test_every_route_has_a_reason(bundled_roles):
+    r = route("@terse what is a lake?", bundled_roles)
+    assert r.role == "terse" and "explicit mention" in r.reason
+    r = route("answer as the pirate role: what is a lake?", bundled_roles)
+    assert r.role == "pirate" and "explicit mention" in r.reason
+    r = route("What is 12 times 7?", bundled_roles)
+    assert r.role == "base" and r.reason
+
+
+def test_regex_rules_win_over_keywords():
+    roles = [Role("a", None, keywords=["weather"]), Role("b", None, regex=[r"\bforecast\b"])]
+    assert route("weather forecast for today", roles).role == "b"
+    assert route("the weather today", roles).role == "a"
