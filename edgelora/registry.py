@@ -107,7 +107,11 @@ class Registry:
             return name
         self.verify_file(adapter)
         name = role.name if len(role.adapters) == 1 else f"{role.name}.{adapter.file.stem}"
-        if name in self.engine.resident:
+        held = self.engine.resident.get(name)
+        if held is not None and held.path.resolve() == adapter.file.resolve():
+            self._lru[adapter.sha256] = name  # loaded by another Roles on this engine: adopt it
+            return name
+        if held is not None:
             name = f"{name}@{adapter.sha256[:8]}"
         self.engine.load(adapter.file, name)
         self._lru[adapter.sha256] = name

@@ -159,12 +159,12 @@ class StatusBar(Static):
 
     def show(self, roles, tokens_per_s: float | None = None, note: str = "") -> None:
         eng = roles.engine
-        adapters = ", ".join(f"{n}×{s:g}" for n, s in eng.active.items()) or "none"
+        adapters = ", ".join(f"{n}×{s:g}" for n, s in eng.active.items()) or "no adapter"
+        if roles.auto:
+            adapters = f"auto ({adapters})"
         resident = sum(a.size for a in eng.resident.values()) / 1e6
-        used, size = eng.llama.n_tokens if eng.llama else 0, eng.llama.n_ctx() if eng.llama else 0
+        used, size = (eng.llama.n_tokens, eng.llama.n_ctx()) if eng.llama else (0, 0)
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
-        self.update(
-            f"{eng.model_path.name} · {eng.device} · role {roles.current.label if not roles.auto else 'auto'} · "
-            f"adapters {adapters} · ctx {used}/{size} · {speed} · resident {resident:.1f} MB"
-            + (f" · {note}" if note else "")
-        )
+        model = eng.model_path.stem if len(eng.model_path.stem) <= 22 else eng.model_path.stem[:21] + "…"
+        self.update(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · adapters {resident:.1f} MB"
+                    + (f" · {note}" if note else ""))
