@@ -1,0 +1,84 @@
+"""The history store: messages, FTS5 search, export, and a process killed mid-reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgelora.history import History, HistoryError
+
+
+def test_store_list_search_rename_export_delete(tmp_path):
+    h = History(tmp_path / "h.sqlite3")
+    a = h.new()
+    h.add(a, "user", "Tell me about lighthouses")
+    h.add(a, "assistant", "A lighthouse guides ships at night.", label="base · no adapter")
+    b = h.new()
+    h.add(b, "user", "What is a volcano?")
+    assert [c.id for c in h.list()] == [b, a]
+    assert h.get(a).title == "Tell me about lighthouses"
+    hits = h.search("ships")
+    assert [(m.conversation_id, m.role) for m, _ in hits] == [(a, "assistant")] and "[ships]" in hits[0][1]
+    h.rename(a, "Lighthouses")
+    md = h.export_markdown(a)
+    assert md.startswith("# Lighthouses") and "**Assistant** (base · no adapter):" in md
+    h.delete(a)
+    assert [c.id for c in h.list()] == [b] and h.search("ships") == []
+    with pytest.raises(HistoryError, match="no conversation"):
+        h.messages(a)
+    with pytest.raises(HistoryError, match="search"):
+        h.search('"unbalanced')
+
+
+def test_ask_continue_uses_the_latest_conversation(tmp_path, isolated_home):
+    def ask(*args):
+        r = subprocess.run([sys.executable, "-m", "edgelora", "ask", *args, "--json", "--temperature", "0", "--max-tokens", "6"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first = ask("My name is Ada. Say hi.")
+    second = ask("-c", "What is my name?")
+    assert second["conversation"] == first["conversation"]
+    assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 6
+    h = History(isolated_home / "history.sqlite3")
+    assert [m.role for m in h.messages(first["conversation"])] == ["user", "assistant", "user", "assistant"]
+    listed = subprocess.run([sys.executable, "-m", "edgelora", "history", "search", "Ada"], capture_output=True, text=True)
+    assert str(first["conversation"]) in listed.stdout
+
+
+KILLED = r"""
+import sys, time
+from edgelora import Engine, Roles
+from edgelora.chat import ChatSession
+from edgelora.config import Config
+from edgelora.history import History
+session = ChatSession(Roles(Engine(n_ctx=1024), Config()), History(sys.argv[1]), temperature=0.0, max_tokens=2000)
+session.add_user("Name a colour.")
+for _ in session.stream_reply(session.start_reply()):
+    pass
+session.add_user("Write a very long story about a dragon, with many chapters.")
+print("streaming", flush=True)
+for piece in session.stream_reply(session.start_reply()):
+    time.sleep(0.01)
+"""
+
+
+def test_kill_9_during_generation_loses_only_the_reply(tmp_path):
+    db = tmp_path / "h.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(db)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "streaming"
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    h = History(db)
+    (conv,) = h.list()
+    roles = [m.role for m in h.messages(conv.id)]
+    assert roles == ["user", "assistant", "user"]  # everything but the reply being generated
+    assert h.search("dragon")
