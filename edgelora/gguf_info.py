@@ -7,7 +7,6 @@ things but only says NULL; we check first so the user reads the reason.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from .convert.gguf_header import GGUFHeaderError, read_header
+from .convert.peft_source import sha256_file  # noqa: F401  (one implementation, re-exported)
 from .errors import (
     ArchitectureMismatchError,
     NonFiniteError,
@@ -78,14 +78,6 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         raise NotGGUFError(str(exc)) from None
     tensors = {name: t.ne for name, t in header.tensors.items()}
     return GGUFInfo(path=path, metadata=header.metadata, tensors=tensors, size=path.stat().st_size)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = True) -> AdapterInfo:
