@@ -31,6 +31,7 @@ def _model_option(f):
 
 def _engine_options(f):
     f = click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log.")(f)
+    f = click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: llama.cpp's choice).")(f)
     f = click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="Context size in tokens.")(f)
     f = click.option(
         "--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
@@ -60,7 +61,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None)
 @_engine_options
 def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temperature=None, max_tokens=None,
-         model=None, n_gpu_layers=0, n_ctx=4096, verbose=False):
+         model=None, n_gpu_layers=0, n_ctx=4096, n_threads=None, verbose=False):
     """Open the chat app: chat with the local model and switch roles mid-conversation."""
     from .chat import ChatSession
     from .config import load_config
@@ -70,7 +71,7 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
     from .tui.app import run_app
 
     config = load_config()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, force=force)
     roles.preload(preload)
@@ -105,8 +106,8 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, model, adapters, usage, timings.")
 @click.option("-c", "--continue", "cont", is_flag=True, help="Continue the latest conversation (from the TUI or ask).")
 @click.option("--no-log", is_flag=True, help="Do not save this exchange in the history.")
-def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, verbose, as_json, no_stream,
-        cont, no_log, **sampling):
+def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, n_threads, verbose, as_json,
+        no_stream, cont, no_log, **sampling):
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from .config import load_config
     from .engine import Engine
@@ -121,7 +122,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
 
     config = load_config()
     t0 = time.perf_counter()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, extra=manifests, force=force)
     specs = [_role_name(s, roles) for s in role_specs] or ["base"]

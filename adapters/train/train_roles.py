@@ -106,7 +106,7 @@ def write_manifest(role: str, gguf_path: Path, base_path: Path, description: str
     r = ROUTING[role]
     lines = [
         f'name = "{role}"',
-        f'description = "{description}"',
+        f"description = {json.dumps(description)}",
         *( [f"system = {json.dumps(system)}"] if system else [] ),
         "",
         "[[adapters]]",
