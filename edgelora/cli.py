@@ -206,6 +206,129 @@ def _role_name(spec: str, roles) -> str:
     return spec
 
 
+@cli.command()
+@_model_option
+@click.option("--json", "as_json", is_flag=True)
+def doctor(model, as_json):
+    """Versions, llama.cpp backend build, GPU offload support, and the default model."""
+    import importlib.metadata
+    import platform
+
+    from .backend import backend_info
+    from .gguf_info import read_gguf, sha256_file
+    from .models import resolve_model
+
+    b = backend_info()
+    report = {
+        "edgelora": importlib.metadata.version("edgelora"),
+        "python": platform.python_version(),
+        "llama_cpp_python": b.llama_cpp_python,
+        "gguf": importlib.metadata.version("gguf"),
+        "backend": b.build,
+        "ggml_backends": list(b.backends),
+        "gpu_offload": b.gpu_offload,
+        "system_info": b.system_info,
+    }
+    try:
+        path = resolve_model(model)
+        info = read_gguf(path)
+        report["model"] = {
+            "path": str(path),
+            "name": info.name,
+            "architecture": info.architecture,
+            "size_bytes": info.size,
+            "sha256": sha256_file(path),
+        }
+    except EdgeloraError as exc:
+        report["model"] = {"error": str(exc)}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    width = max(map(len, report))
+    for key, value in report.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                click.echo(f"{('model.' + k):<{width + 6}}  {v}")
+        else:
+            click.echo(f"{key:<{width + 6}}  {', '.join(value) if isinstance(value, list) else value}")
+    if not b.gpu_offload:
+        click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(file, as_json):
+    """Metadata and tensors of a GGUF file (model or adapter)."""
+    from .gguf_info import read_gguf
+
+    info = read_gguf(file)
+    report = {
+        "path": str(info.path),
+        "size_bytes": info.size,
+        "metadata": {k: v for k, v in info.metadata.items() if not k.startswith("tokenizer.chat_template")},
+        "tensors": {k: list(v) for k, v in info.tensors.items()},
+    }
+    if info.metadata.get("general.type") == "adapter":
+        ranks = sorted({ne[0] for n, ne in info.tensors.items() if n.endswith(".lora_b")})
+        report["adapter"] = {
+            "alpha": info.metadata.get("adapter.lora.alpha"),
+            "ranks": ranks,
+            "targets": len([n for n in info.tensors if n.endswith(".lora_a")]),
+            "converted_for": {k.split(".", 1)[1]: v for k, v in info.metadata.items() if k.startswith(("edgelora.base", "edgelora.source"))},
+        }
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"{info.path}  ({info.size / 1e6:.2f} MB, {len(info.tensors)} tensors)")
+    for k, v in report["metadata"].items():
+        click.echo(f"  {k} = {v}")
+    if "adapter" in report:
+        for k, v in report["adapter"].items():
+            click.echo(f"  [adapter] {k} = {v}")
+    click.echo("tensors:")
+    for k, v in report["tensors"].items():
+        click.echo(f"  {k:<40} {v}")
+
+
+@cli.command()
+@click.argument("peft_dir", type=click.Path())
+@click.option("--base", metavar="BASE.gguf", help="Base GGUF to convert against (default: the embedded default base).")
+@click.option("-o", "--output", "out", metavar="OUT.gguf", help="Output file (default: <PEFT_DIR name>.gguf here).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--name", help="general.name of the adapter (default: the folder's name).")
+@click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
+def convert(peft_dir, base, out, outtype, name, dry_run):
+    """Convert a Hugging Face PEFT LoRA folder into a GGUF LoRA adapter (no torch)."""
+    from .convert import ConvertError, plan_conversion, write_plan
+    from .models import resolve_model
+
+    base_path = resolve_model(base)
+    try:
+        plan = plan_conversion(peft_dir, base_path, outtype=outtype, name=name)
+        if dry_run:
+            click.echo(plan.describe())
+            return
+        target = Path(out) if out else Path(f"{Path(peft_dir).resolve().name}.gguf")
+        write_plan(plan, target, progress=sys.stderr.isatty())
+    except ConvertError as exc:
+        raise EdgeloraError(str(exc)) from None
+    click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, {len(plan.tensors)} LoRA pairs, alpha {plan.alpha:g})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_model_option
+@click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Repetitions (the median is reported).")
+def bench(as_json, model, tokens, repeat):
+    """Measure switching, attach, generation speed and time to first token."""
+    from .bench import print_table, run_bench
+
+    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, progress=None if as_json else click.echo)
+    click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
+
+
 # ---------------------------------------------------------------------------- roles
 
 

@@ -21,10 +21,10 @@ MAX_TOKENS = 96
 BASE_CEILING = 0.2  # the base alone stays far below every threshold
 
 
-def answers(roles: Roles, specs) -> list[str]:
+def answers(roles: Roles, specs, prompts=PROMPTS) -> list[str]:
     roles.use(specs)
     out = []
-    for p in PROMPTS:
+    for p in prompts:
         roles.engine.new_conversation()
         out.append(roles.chat([{"role": "user", "content": p}], max_tokens=MAX_TOKENS, temperature=0.0, seed=0).text)
     return out
@@ -77,9 +77,9 @@ def test_stacked_roles_share_the_answers(roles, capsys):
 
 
 def test_detaching_gives_back_exact_base_behaviour(roles, base_answers, smol_path):
-    answers(roles, ["pirate:0.7", "terse:0.3"])
-    after = answers(roles, ["base"])
-    assert after == base_answers
+    answers(roles, ["pirate:0.7", "terse:0.3"], PROMPTS[:4])
+    after = answers(roles, ["base"], PROMPTS[:4])
+    assert after == base_answers[:4]
     with Engine(smol_path, n_ctx=1024) as fresh:
         p = PROMPTS[0]
         assert fresh.chat([{"role": "user", "content": p}], max_tokens=MAX_TOKENS, temperature=0.0, seed=0).text == after[0]
