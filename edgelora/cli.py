@@ -136,6 +136,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale)
     load_s = time.perf_counter() - t0
 
+    from .chat import label_for
     from .history import History
 
     history = None if no_log and not cont else History()
@@ -158,7 +159,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if history is not None and not no_log:
         conversation = conversation or history.new()
         history.add(conversation, "user", text)
-        history.add(conversation, "assistant", out.text, label=_label(roles.current.label, out))
+        history.add(conversation, "assistant", out.text, label=label_for(roles.current.label, out))
     if as_json:
         click.echo(json.dumps({
             "text": out.text,
@@ -184,10 +185,11 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     eng.close()
 
 
-def _label(role: str, out) -> str:
-    """How an answer is labelled in the history and the TUI: role, adapters with scales, speed."""
-    adapters = ", ".join(f"{a['name']}×{a['scale']:g}" for a in out.adapters) or "no adapter"
-    return f"{role} · {adapters} · {out.tokens_per_s:.0f} tok/s"
+def _unique_name(eng, stem: str) -> str:
+    name, i = stem, 2
+    while name in eng.resident:
+        name, i = f"{stem}-{i}", i + 1
+    return name
 
 
 def _split_weight(spec: str) -> tuple[str, str]:
