@@ -188,3 +188,16 @@ async def test_compare_answers_with_two_roles_and_restores(make_app, clean_engin
         assert clean_engine.active == {}  # back to the base role
         prompt = [{"role": "user", "content": "Name a colour."}]
     assert left.text == expected(roles_dir, clean_engine, prompt, ["a"])
+
+
+async def test_input_is_multiline_with_history(make_app):
+    app = make_app(max_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.query_one(PromptInput)
+        await pilot.press(*"line one", "ctrl+j", *"line two")
+        assert prompt.text == "line one\nline two"
+        await pilot.press("enter")
+        await idle(app, pilot)
+        assert app.session.messages[0]["content"] == "line one\nline two" and prompt.text == ""
+        await pilot.press("up")
+        assert prompt.text == "line one\nline two"

@@ -67,9 +67,11 @@ class PromptInput(TextArea):
     """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal reports it) adds a
     newline, Up/Down on the first/last line walk through earlier inputs."""
 
+    # Shown in the footer; the keys are handled in _on_key, in order with the typed characters
+    # (a priority binding runs at app level and can overtake characters still queued here).
     BINDINGS = [
-        Binding("enter", "send", "Send", priority=True),
-        Binding("ctrl+j,shift+enter", "newline", "Newline", show=False, priority=True),
+        Binding("enter", "send", "Send"),
+        Binding("ctrl+j", "newline", "Newline", show=False),
     ]
 
     class Submitted(TextualMessage):
@@ -81,6 +83,18 @@ class PromptInput(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, **kwargs)
         self.past: list[str] = []
         self._cursor: int | None = None
+
+    async def _on_key(self, event) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.action_send()
+        elif event.key in ("ctrl+j", "shift+enter"):
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
 
     def action_send(self) -> None:
         text = self.text.strip()
