@@ -83,3 +83,16 @@ def test_detaching_gives_back_exact_base_behaviour(roles, base_answers, smol_pat
     with Engine(smol_path, n_ctx=1024) as fresh:
         p = PROMPTS[0]
         assert fresh.chat([{"role": "user", "content": p}], max_tokens=MAX_TOKENS, temperature=0.0, seed=0).text == after[0]
+
+
+@pytest.mark.parametrize("role", list(roles_data.ROLES))
+def test_bundled_gguf_is_the_conversion_of_its_peft_source(role, tmp_path, smol_path):
+    import gguf
+
+    from edgelora.convert import convert_peft
+
+    out = convert_peft(bundled_dir() / role, smol_path, tmp_path / f"{role}.gguf", outtype="f16", name=role)
+    assert len(out.tensors) == 90  # q, v, o in 30 layers
+    ours = {t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / f"{role}.gguf").tensors}
+    shipped = {t.name: t.data.tobytes() for t in gguf.GGUFReader(bundled_dir() / f"{role}.gguf").tensors}
+    assert ours == shipped
