@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ def _registered_backends() -> tuple[str, ...]:
         return ()
 
 
+@functools.cache  # the build does not change while the process runs; the TUI asks on every refresh
 def backend_info() -> BackendInfo:
     system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     backends = _registered_backends()

@@ -118,7 +118,8 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
     raw = [parse_spec(s, "--adapter") for s in adapters]
-    manifests = [Path(_split_weight(s)[0]) for s in role_specs if _split_weight(s)[0].endswith(".toml")]
+    paths = (_split_weight(s)[0] for s in role_specs)
+    manifests = [Path(p) for p in paths if p.endswith(".toml")]
 
     config = load_config()
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import numpy as np
 
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
-from .gguf_info import AdapterInfo, GGUFInfo, read_gguf, validate_adapter
+from .gguf_info import GGUFInfo, read_gguf, validate_adapter
 from .models import resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
@@ -98,9 +98,8 @@ class Adapter:
 
     name: str
     path: Path
-    info: AdapterInfo
+    info: GGUFInfo
     handle: object  # llama_adapter_lora pointer
-    load_s: float
     serial: int = field(default_factory=lambda: next(_SERIALS))  # identity for KV keys (addresses get reused)
 
     @property
@@ -238,12 +237,11 @@ class Engine:
                 if have.path.resolve() != path.resolve():
                     raise AdapterError(f"adapter name {name!r} is already used by {have.path}")
                 return have
-            t0 = time.perf_counter()
             info = validate_adapter(path, self.base)
             handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
             if not handle:
                 raise AdapterError(f"{path}: llama.cpp refused the adapter (run with -v for its log)")
-            adapter = Adapter(name, path, info, handle, time.perf_counter() - t0)
+            adapter = Adapter(name, path, info, handle)
             self._resident[name] = adapter
             return adapter
 

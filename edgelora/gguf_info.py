@@ -7,7 +7,7 @@ things but only says NULL; we check first so the user reads the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,20 +44,6 @@ class GGUFInfo:
         return self.metadata.get("general.name")  # type: ignore[return-value]
 
 
-@dataclass
-class AdapterInfo(GGUFInfo):
-    pairs: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-
-    @property
-    def alpha(self) -> float | None:
-        a = self.metadata.get("adapter.lora.alpha")
-        return float(a) if a is not None else None  # type: ignore[arg-type]
-
-    @property
-    def ranks(self) -> set[int]:
-        return {b_ne[0] for _, b_ne in self.pairs.values()}
-
-
 def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise NotGGUFError(f"{path}: no such file")
@@ -80,7 +66,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     return GGUFInfo(path=path, metadata=header.metadata, tensors=tensors, size=path.stat().st_size)
 
 
-def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = True) -> AdapterInfo:
+def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = True) -> GGUFInfo:
     """Check that ``path`` is a LoRA adapter llama.cpp can apply to ``base``; raise a typed error if not."""
     path = Path(path)
     info = read_gguf(path)
@@ -151,10 +137,4 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
             if not np.isfinite(values).all():
                 raise NonFiniteError(f"{path}: tensor {t.name} holds NaN or Inf values")
 
-    return AdapterInfo(
-        path=path,
-        metadata=meta,
-        tensors=info.tensors,
-        size=info.size,
-        pairs={k: (tuple(a), tuple(b)) for k, (a, b) in pairs.items()},
-    )
+    return info

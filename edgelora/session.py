@@ -27,7 +27,6 @@ def default_folders(config: Config) -> list[Path]:
 @dataclass
 class Active:
     resolved: Resolved
-    scales: dict[str, float]  # engine adapter name -> scale
     route: Route | None = None
 
     @property
@@ -45,7 +44,7 @@ class Roles:
         self.catalog = catalog or RoleCatalog(default_folders(self.config), manifests=list(extra))
         self.registry = Registry(engine, self.config, force=force)
         self.specs: list[str] = [BASE_ROLE]
-        self.current = Active(self.catalog.resolve([BASE_ROLE]), {})
+        self.current = Active(self.catalog.resolve([BASE_ROLE]))
 
     @property
     def auto(self) -> bool:
@@ -59,9 +58,9 @@ class Roles:
             self.specs = specs
             return self.current
         resolved = self.catalog.resolve(specs)
-        scales = self.registry.apply(resolved)
+        self.registry.apply(resolved)
         self.specs = specs
-        self.current = Active(resolved, scales)
+        self.current = Active(resolved)
         return self.current
 
     def preload(self, specs: Sequence[str]) -> None:
@@ -76,7 +75,8 @@ class Roles:
             last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
             chosen = self.route(last)
             resolved = self.catalog.resolve([chosen.role])
-            self.current = Active(resolved, self.registry.apply(resolved), chosen)
+            self.registry.apply(resolved)
+            self.current = Active(resolved, chosen)
         msgs = list(messages)
         system = self.current.resolved.system
         if system and not any(m.get("role") == "system" for m in msgs):
