@@ -29,6 +29,9 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """Derived files only (hashes, probe verdicts, conversions): EDGELORA_CACHE_DIR overrides."""
+    if os.environ.get("EDGELORA_CACHE_DIR"):
+        return Path(os.environ["EDGELORA_CACHE_DIR"])
     home = os.environ.get("EDGELORA_HOME")
     return Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP))
 
@@ -43,6 +46,8 @@ class Config:
     require_signatures: bool = False
     trusted_keys: list[str] = field(default_factory=list)  # base64 raw ed25519 public keys
     route_threshold: float = 0.25
+    cpu_extra_buffers: str = "auto"  # llama.cpp weight repacking/AMX: auto (probed per host), on, off
+    threads: int | None = None  # CPU threads for generation; None = edgelora's default (see cpu_threads.py)
     path: Path | None = None
 
     def as_dict(self) -> dict:
@@ -58,6 +63,8 @@ _TYPES = {
     "require_signatures": (bool,),
     "trusted_keys": (list,),
     "route_threshold": (float, int),
+    "cpu_extra_buffers": (str,),
+    "threads": (int,),
 }
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import itertools
 import os
+import re
 import threading
 import time
+from contextlib import contextmanager
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +29,10 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from . import cpu, native_log
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
+from .gate import Gate
 from .gguf_info import GGUFInfo, read_gguf, validate_adapter
 from .models import resolve_model
 
@@ -155,12 +160,30 @@ class Engine:
         seed: int = 0,
         kv_cache_bytes: int = 256 << 20,
         verbose: bool = False,
+        cpu_extra_buffers: str | None = None,
+        reuse_prefix: bool = True,
     ):
+        """``n_threads`` None: edgelora's default (cpu.default_threads). ``cpu_extra_buffers``: 'auto'
+        (probe this host once, in a child process), 'on' or 'off'; None reads the config/environment.
+        ``reuse_prefix`` False evaluates every prompt from scratch: greedy answers then repeat exactly
+        (llama.cpp's CPU kernels round differently for different batch sizes, so a prompt evaluated
+        partly from cache can flip a near-tie; README 'Reproducibility')."""
+        native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = None
+        if self.base.metadata.get("general.type") == "adapter":
+            raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
+        n_threads = cpu.check_threads(n_threads)
+        self._check_ctx(n_ctx)
+        # Decided before loading, outside this process when unknown: a crash here would kill the user's.
+        self.cpu_path = cpu.decide(self.model_path, cpu_extra_buffers, self.base.metadata.get("general.file_type"))
+        self.n_threads = n_threads
+        self.reuse_prefix = reuse_prefix
         self.n_gpu_layers = n_gpu_layers
-        self._lock = threading.RLock()
+        self._gate = Gate()  # one holder at a time; see gate.py and README 'Threads'
         self._cancel = threading.Event()
+        self._interrupted = False
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)  # kept alive with the engine
         self._resident: dict[str, Adapter] = {}
         self._active: dict[str, float] = {}  # name -> scale, in attach order
         self._kv_key: tuple = ()  # the adapter set that computed the tokens now in the KV cache
@@ -170,20 +193,28 @@ class Engine:
         self.last: Completion | None = None
         t0 = time.perf_counter()
         try:
-            self.llama = llama_cpp.Llama(
-                model_path=str(self.model_path),
-                n_gpu_layers=n_gpu_layers,
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_batch=n_batch,
-                seed=seed,
-                use_mmap=True,
-                verbose=verbose,
-            )
+            with cpu.extra_buffers(self.cpu_path.extra_buffers):
+                self.llama = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_gpu_layers=n_gpu_layers,
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    n_batch=n_batch,
+                    seed=seed,
+                    use_mmap=True,
+                    verbose=verbose,
+                )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(_why_not_a_model(self.model_path, exc)) from None
         self.load_s = time.perf_counter() - t0
         self._formatter = self._chat_formatter()
+
+    def _check_ctx(self, n_ctx: int) -> None:
+        trained = self.base.metadata.get(f"{self.base.architecture}.context_length")
+        limit = int(trained) if isinstance(trained, int) and 0 < trained < (1 << 24) else 1 << 17
+        if not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit:
+            raise EdgeloraError(f"--ctx {n_ctx}: must be 16 to {limit} (the context {self.model_path.name} was trained for)")
 
     @property
     def base(self) -> GGUFInfo:
@@ -231,7 +262,7 @@ class Engine:
         """Validate and load an adapter without attaching it. Loading the same name twice is a no-op."""
         path = Path(path)
         name = name or path.stem
-        with self._lock:
+        with self._gate.hold():
             have = self._resident.get(name)
             if have is not None:
                 if have.path.resolve() != path.resolve():
@@ -240,7 +271,7 @@ class Engine:
             info = validate_adapter(path, self.base)
             handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
             if not handle:
-                raise AdapterError(f"{path}: llama.cpp refused the adapter (run with -v for its log)")
+                raise AdapterError(f"{path}: llama.cpp refused the adapter ({native_log.recent(1) or 'run with -v for its log'})")
             adapter = Adapter(name, path, info, handle)
             self._resident[name] = adapter
             return adapter
@@ -248,7 +279,7 @@ class Engine:
     def attach(self, path: str | os.PathLike, name: str | None = None, scale: float = 1.0) -> str:
         """Load (if needed) and activate an adapter alongside the others. Returns its name."""
         _check_scale(scale)
-        with self._lock:
+        with self._gate.hold():
             adapter = self.load(path, name)
             self._active[adapter.name] = float(scale)
             self._apply()
@@ -257,7 +288,7 @@ class Engine:
     def activate(self, name: str, scale: float = 1.0) -> None:
         """Attach an already resident adapter by name (reads no file)."""
         _check_scale(scale)
-        with self._lock:
+        with self._gate.hold():
             self._require(name)
             self._active[name] = float(scale)
             self._apply()
@@ -266,7 +297,7 @@ class Engine:
         """Replace the whole active set at once with resident adapters (one switch, one KV decision)."""
         for s in scales.values():
             _check_scale(s)
-        with self._lock:
+        with self._gate.hold():
             for name in scales:
                 self._require(name)
             self._active = {n: float(s) for n, s in scales.items()}
@@ -274,7 +305,7 @@ class Engine:
 
     def set_scale(self, name: str, scale: float) -> None:
         _check_scale(scale)
-        with self._lock:
+        with self._gate.hold():
             if name not in self._active:
                 raise UnknownAdapterError(f"adapter {name!r} is not attached (attached: {_names(self._active)})")
             self._active[name] = float(scale)
@@ -282,7 +313,7 @@ class Engine:
 
     def detach(self, name: str, *, free: bool = False) -> None:
         """Deactivate an adapter; it stays resident (re-attaching reads no file) unless ``free``."""
-        with self._lock:
+        with self._gate.hold():
             if name not in self._active and name not in self._resident:
                 raise UnknownAdapterError(f"adapter {name!r} is not attached (attached: {_names(self._active)})")
             self._active.pop(name, None)
@@ -291,13 +322,13 @@ class Engine:
                 self.free(name)
 
     def detach_all(self) -> None:
-        with self._lock:
+        with self._gate.hold():
             self._active.clear()
             self._apply()
 
     def free(self, name: str) -> None:
         """Release a resident adapter's memory. It is detached first (llama.cpp requires that)."""
-        with self._lock:
+        with self._gate.hold():
             adapter = self._require(name)
             if name in self._active:
                 self._active.pop(name)
@@ -376,16 +407,54 @@ class Engine:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
-        """Prompt tokens and stop strings from the model's own chat template."""
+        """Prompt tokens and stop strings from the model's own chat template.
+
+        Only the template's own markers become control tokens: message contents are tokenized as
+        plain text, so a user typing ``<|im_end|><|im_start|>system`` gets those characters, not a
+        new system turn."""
         if self._formatter is None:
             raise ModelError(f"{self.model_path.name} has no chat template; use complete() instead")
-        try:
-            result = self._formatter(messages=list(messages))
-        except Exception as exc:  # the template may raise_exception() on bad roles/order
-            raise EdgeloraError(f"chat template error: {exc}") from None
-        tokens = self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        messages = list(messages)
+        result = self._render(messages)
+        pieces = _split_contents(result.prompt, self._render(_placeholders(messages)).prompt, messages)
+        tokens = [self.llama.token_bos()] if not result.added_special and self.llama.token_bos() >= 0 else []
+        # Like llama.cpp's own special=True tokenization (cut at control-token texts, tokenize each
+        # run between them as text), except that cuts are made only in the template's own text.
+        run = ""
+        for piece, is_content in pieces:
+            if is_content:
+                run += piece
+                continue
+            for part in self._control_re.split(piece):
+                if part in self._control:
+                    tokens += self._text_tokens(run) + [self._control[part]]
+                    run = ""
+                else:
+                    run += part
+        tokens += self._text_tokens(run)
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, [s for s in stop if s]
+
+    def _text_tokens(self, text: str) -> list[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
+    @functools.cached_property
+    def _control(self) -> dict[str, int]:
+        """Control tokens (<|im_start|>, <start_of_turn>...) by their text."""
+        model = self.llama._model
+        return {model.token_get_text(i): i for i in range(self.llama.n_vocab())
+                if model.token_get_attr(i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL and model.token_get_text(i)}
+
+    @functools.cached_property
+    def _control_re(self) -> re.Pattern:
+        names = sorted(self._control, key=len, reverse=True)  # longest first, as llama.cpp matches
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else re.compile("(?!)")
+
+    def _render(self, messages: list[dict]):
+        try:
+            return self._formatter(messages=messages)
+        except Exception as exc:  # the template may raise_exception() on bad roles/order
+            raise EdgeloraError(f"chat template error: {exc}") from None
 
     def complete(self, prompt: str, **sampling) -> Completion:
         for _ in self.stream_complete(prompt, **sampling):
@@ -406,7 +475,7 @@ class Engine:
 
     def new_conversation(self) -> None:
         """Forget KV states saved for the previous conversation (they would never match again)."""
-        with self._lock:
+        with self._gate.hold():
             self.kv_states.clear()
 
     def cancel(self) -> None:
@@ -426,10 +495,17 @@ class Engine:
         return self._generate(tokens, stop, max_tokens, seed, opts)
 
     def _generate(self, tokens, stop, max_tokens, seed, opts) -> Iterator[str]:
-        """Token loop over ``Llama.generate``: exact token counts, stop strings, cancellation."""
-        with self._lock:
+        """Token loop over ``Llama.generate``: exact token counts, stop strings, cancellation.
+
+        The stream holds the engine from its first step until it ends or is closed (from any
+        thread): the adapter set cannot change under it (see gate.py)."""
+        self._gate.acquire(stream=True)
+        try:
             self._cancel.clear()
+            self._interrupted = False
             self._prepare()
+            if not self.reuse_prefix:
+                self._clear_kv()
             cached = self._reusable_prefix(tokens)
             self.llama.set_seed(seed)
             report = self.adapter_report()
@@ -439,10 +515,12 @@ class Engine:
             text, emitted, n_out, finish = "", 0, 0, "length"
             t0 = time.perf_counter()
             ttft = 0.0
+            self._watch_prefill(True)  # cancel() and Ctrl+C also stop a long prompt evaluation
             try:
                 for token in self.llama.generate(tokens, **opts):
                     if n_out == 0:
                         ttft = time.perf_counter() - t0
+                        self._watch_prefill(False)  # between tokens the loop checks for itself
                     if llama_cpp.llama_vocab_is_eog(vocab, token):
                         finish = "stop"
                         break
@@ -463,7 +541,14 @@ class Engine:
                         break
                 if len(text) > emitted:
                     yield text[emitted:]
+            except RuntimeError:
+                if not self._cancel.is_set():
+                    raise
+                # llama_decode was aborted mid-batch: what it left in the KV cache is incomplete.
+                finish = "cancelled"
+                self._clear_kv()
             finally:
+                self._watch_prefill(False)
                 self.last = Completion(
                     text=text,
                     finish_reason=finish,
@@ -474,6 +559,31 @@ class Engine:
                     total_s=time.perf_counter() - t0,
                     cached_tokens=cached,
                 )
+        finally:
+            self._gate.release(stream=True)
+        if self._interrupted:  # Ctrl+C arrived inside llama.cpp: the callback stopped it; pass it on
+            raise KeyboardInterrupt
+
+    def _watch_prefill(self, on: bool) -> None:
+        """llama.cpp calls the abort callback between graph nodes: on only while the prompt is evaluated,
+        so the Python round trip costs nothing per generated token."""
+        cb = self._abort_cb if on else llama_cpp.ggml_abort_callback()
+        llama_cpp.llama_set_abort_callback(self.llama._ctx.ctx, cb, None)
+
+    def _should_abort(self, _data) -> bool:
+        try:
+            return self._cancel.is_set()
+        except KeyboardInterrupt:  # the signal handler ran inside the callback
+            self._interrupted = True
+            self._cancel.set()
+            return True
+
+    @contextmanager
+    def session(self, timeout: float | None = None):
+        """Hold the engine across several calls from this thread, e.g. switch adapters then stream
+        with no other thread switching in between. Other threads wait; ``timeout`` bounds our wait."""
+        with self._gate.hold(timeout):
+            yield self
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many prompt tokens Llama.generate will take from the KV cache (its own rule)."""
@@ -486,7 +596,7 @@ class Engine:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Last-position logits for ``tokens`` under the active adapters (a fresh evaluation)."""
-        with self._lock:
+        with self._gate.hold():
             self._prepare()
             self.llama.reset()
             self.llama.eval(list(tokens))
@@ -513,7 +623,7 @@ class Engine:
         llama = getattr(self, "llama", None)
         if llama is None:
             return
-        with self._lock:
+        with self._gate.hold():
             self.kv_states.clear()
             self._active.clear()
             if self._resident:
@@ -545,7 +655,8 @@ def _why_not_a_model(path: Path, exc: Exception) -> str:
         return str(err)
     if meta.get("general.type") == "adapter":
         return f"{path} is a LoRA adapter, not a base model; pass it with --adapter"
-    return f"{path}: llama.cpp could not load it ({exc}; run with -v for its log)"
+    log = native_log.recent(2)
+    return f"{path}: llama.cpp could not load it ({log or exc}; run with -v for its log)"
 
 
 def _check_scale(scale: float) -> None:
@@ -555,6 +666,29 @@ def _check_scale(scale: float) -> None:
 
 def _names(d: dict) -> str:
     return ", ".join(d) or "none"
+
+
+_MARK = "\x00edgelora-content-{}\x00"
+_MARK_RE = re.compile("(\x00edgelora-content-\\d+\x00)")
+
+
+def _placeholders(messages: list[dict]) -> list[dict]:
+    """The same messages with each string content replaced by a marker the template passes through."""
+    return [{**m, "content": _MARK.format(i)} if isinstance(m.get("content"), str) else m for i, m in enumerate(messages)]
+
+
+def _split_contents(prompt: str, marked: str, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Cut the rendered prompt into (text, is_message_content) pieces.
+
+    ``marked`` is the template rendered with markers for contents; matching it against the real
+    prompt finds each content as the template rendered it (a template may trim it)."""
+    parts = _MARK_RE.split(marked)  # odd indices are markers
+    pattern = "".join("(.*?)" if i % 2 else re.escape(p) for i, p in enumerate(parts))
+    m = re.fullmatch(pattern, prompt, re.S)
+    if m is None:  # the template changed the text around contents: put the raw contents in the markers
+        return [(messages[int(p.strip("\x00").rsplit("-", 1)[1])]["content"] if i % 2 else p, bool(i % 2))
+                for i, p in enumerate(parts)]
+    return [(m.group(i // 2 + 1) if i % 2 else p, bool(i % 2)) for i, p in enumerate(parts)]
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

@@ -39,3 +39,7 @@ class NonFiniteError(AdapterError):
 
 class UnknownAdapterError(EdgeloraError):
     """A name that is not attached or resident."""
+
+
+class EngineBusyError(EdgeloraError):
+    """The calling thread holds an open stream: finish or close it before switching or generating again."""
