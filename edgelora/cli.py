@@ -235,6 +235,7 @@ def doctor(model, as_json):
     try:
         path = resolve_model(model)
         info = read_gguf(path)
+        report["cpu"] = _cpu_report(path, info)
         report["model"] = {
             "path": str(path),
             "name": info.name,
@@ -251,11 +252,24 @@ def doctor(model, as_json):
     for key, value in report.items():
         if isinstance(value, dict):
             for k, v in value.items():
-                click.echo(f"{('model.' + k):<{width + 6}}  {v}")
+                click.echo(f"{(key + '.' + k):<{width + 16}}  {v}")
         else:
-            click.echo(f"{key:<{width + 6}}  {', '.join(value) if isinstance(value, list) else value}")
+            click.echo(f"{key:<{width + 16}}  {', '.join(value) if isinstance(value, list) else value}")
+    if "cpu" in report and not report["cpu"]["extra_buffers"]:
+        click.echo(f"\nllama.cpp's extra CPU buffers (weight repacking, AMX) are off: {report['cpu']['reason']}.")
     if not b.gpu_offload:
         click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
+
+
+def _cpu_report(model_path, info) -> dict:
+    """Which CPU kernel path llama.cpp takes here and why (may run the one-time probe)."""
+    import os
+
+    from . import cpu
+
+    path = cpu.decide(model_path, file_type=info.metadata.get("general.file_type"))
+    return {**path.as_dict(), "features": cpu.cpu_features(), "amx": cpu.has_amx(),
+            "threads": cpu.default_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 @cli.command()
@@ -589,6 +603,11 @@ def history_search(query):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: click without its standalone mode, so every user error is one line and exit 2."""
+    from . import crashnote
+
+    args = sys.argv[1:] if argv is None else argv
+    crashnote.report_previous_crashes(lambda line: click.echo(line, err=True))
+    crashnote.start(" ".join(a for a in args[:1] if not a.startswith("-")) or "chat")
     try:
         rv = cli.main(args=argv, prog_name="edgelora", standalone_mode=False)
     except click.exceptions.Abort:

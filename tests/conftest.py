@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from edgelora.models import default_model_path
 from . import gguf_factory as gf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# One cache folder for the whole run (subprocesses included): the CPU probe (cpu.py) runs once per
+# run, on this host, as it does for a user; tests of the probe itself point it elsewhere.
+os.environ.setdefault("EDGELORA_CACHE_DIR", tempfile.mkdtemp(prefix="edgelora-test-cache-"))
 
 GREEDY = dict(temperature=0.0, seed=0)
 
