@@ -208,13 +208,29 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callable[[str], None] | None = None) -> dict:
+SECTIONS = ("core", "cpu")
+
+
+def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callable[[str], None] | None = None,
+              sections=None) -> dict:
     say = progress or (lambda _msg: None)
+    sections = tuple(sections or SECTIONS)
     model_path = resolve_model(model)
+    result: dict = {"model": str(model_path), "n_tokens": n_tokens, "repeat": repeat}
+    if "core" in sections:
+        result.update(_bench_core(model_path, n_tokens, repeat, say))
+    if "cpu" in sections:
+        from .bench_cpu import bench_cpu
+
+        result["cpu"] = bench_cpu(model_path, repeat, say)
+    return result
+
+
+def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
     a = write_synthetic_adapter(tmp / "a.gguf", model_path, seed=1)
     b = write_synthetic_adapter(tmp / "b.gguf", model_path, seed=2)
-    result: dict = {"model": str(model_path), "adapter_bytes": a.stat().st_size, "n_tokens": n_tokens, "repeat": repeat}
+    result: dict = {"adapter_bytes": a.stat().st_size}
 
     say("switching and attach...")
     eng = Engine(model_path, n_ctx=2048)
@@ -301,8 +317,18 @@ def _ask_first_output(model_path: Path) -> float:
 
 
 def print_table(r: dict) -> str:
+    rows = _core_rows(r) if "tokens_per_s" in r else []
+    if "cpu" in r:
+        from .bench_cpu import cpu_rows
+
+        rows += cpu_rows(r["cpu"])
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _core_rows(r: dict) -> list[tuple[str, str]]:
     tps = r["tokens_per_s"]
-    rows = [
+    return [
         ("switch between resident adapters", f"{r['switch_ms']:.3f} ms"),
         ("  + first token after the switch", f"{r['switch_plus_first_token_ms']:.1f} ms"),
         ("cold attach (validate + load)", f"{r['cold_attach_ms']:.1f} ms"),
@@ -324,5 +350,3 @@ def print_table(r: dict) -> str:
         ("churn 500 switches, budget 5: RSS spread", f"{r['roles']['churn']['rss_spread'] * 100:.1f}% ({r['roles']['churn']['resident_at_end']} resident at end)"),
         ("  peak memory / adapter size", f"{r['convert']['peak_vs_adapter']:.2f}x ({r['convert']['peak_bytes'] / 1e6:.1f} MB)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

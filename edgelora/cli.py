@@ -31,7 +31,7 @@ def _model_option(f):
 
 def _engine_options(f):
     f = click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log.")(f)
-    f = click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: llama.cpp's choice).")(f)
+    f = click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: config `threads`, else every core).")(f)
     f = click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="Context size in tokens.")(f)
     f = click.option(
         "--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
@@ -269,7 +269,8 @@ def _cpu_report(model_path, info) -> dict:
 
     path = cpu.decide(model_path, file_type=info.metadata.get("general.file_type"))
     return {**path.as_dict(), "features": cpu.cpu_features(), "amx": cpu.has_amx(),
-            "threads": cpu.default_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+            "threads": cpu.check_threads(None), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}
 
 
 @cli.command()
@@ -338,11 +339,14 @@ def convert(peft_dir, base, out, outtype, name, dry_run):
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Repetitions (the median is reported).")
-def bench(as_json, model, tokens, repeat):
+@click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu"]),
+              help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, extra buffers, probe.")
+def bench(as_json, model, tokens, repeat, sections):
     """Measure switching, attach, generation speed and time to first token."""
     from .bench import print_table, run_bench
 
-    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, progress=None if as_json else click.echo)
+    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, progress=None if as_json else click.echo,
+                       sections=sections or None)
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
 
 

@@ -47,7 +47,7 @@ class Config:
     trusted_keys: list[str] = field(default_factory=list)  # base64 raw ed25519 public keys
     route_threshold: float = 0.25
     cpu_extra_buffers: str = "auto"  # llama.cpp weight repacking/AMX: auto (probed per host), on, off
-    threads: int | None = None  # CPU threads for generation; None = edgelora's default (see cpu_threads.py)
+    threads: int | None = None  # CPU threads for generation; None = every core (cpu.py, README 'Threads')
     path: Path | None = None
 
     def as_dict(self) -> dict:

@@ -185,8 +185,8 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS: more would overrun ggml's thread arrays
 
 
 def default_threads() -> int:
-    """Every core this process may use: measured on 2 cores (README 'Threads'), 2 threads with
-    passive OpenMP waiting hold up under load and lose nothing when idle."""
+    """Every core this process may use. Measured on 2 cores (README 'Threads'): with a short OpenMP
+    spin (edgelora/__init__.py) 2 threads beat 1 both idle and under a competing load."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -194,8 +194,13 @@ def default_threads() -> int:
 
 
 def check_threads(n_threads: int | None) -> int:
+    """The thread count to use: the argument, else config `threads`, else every core."""
     if n_threads is None:
-        return default_threads()
+        from .config import load_config
+
+        n_threads = load_config().threads
+        if n_threads is None:
+            return default_threads()
     limit = min(MAX_THREADS, 4 * default_threads())
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= limit:
         raise EdgeloraError(f"--threads {n_threads}: must be 1 to {limit} (this machine has {default_threads()} cores)")

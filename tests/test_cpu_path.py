@@ -132,3 +132,16 @@ def test_thread_and_context_bounds(args, flag):
     result = cli("ask", "hi", "--no-log", *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and flag in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("user_env, expected", [({}, "10000"), ({"OMP_WAIT_POLICY": "active"}, "None"),
+                                                ({"GOMP_SPINCOUNT": "5"}, "5")])
+def test_openmp_waiting_is_set_before_llama_cpp_loads_and_the_user_wins(user_env, expected):
+    """Busy-waiting OpenMP collapsed generation under load (bench: 0.2 tok/s); edgelora bounds the
+    spin before llama.cpp's CPU library (and its OpenMP runtime) is loaded, unless the user chose."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user_env
+    code = ("import sys; import edgelora, os; "
+            "maps = open('/proc/self/maps').read(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'), 'libgomp' in maps)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == [expected, "True"]
