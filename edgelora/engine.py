@@ -171,6 +171,10 @@ class Engine:
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = None
+        try:
+            self.base
+        except AdapterError as exc:  # not a GGUF at all: a model error here, not an adapter's
+            raise ModelError(str(exc)) from None
         if self.base.metadata.get("general.type") == "adapter":
             raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
         n_threads = cpu.check_threads(n_threads)

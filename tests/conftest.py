@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from edgelora.models import default_model_path
 from . import gguf_factory as gf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-# One cache folder for the whole run (subprocesses included): the CPU probe (cpu.py) runs once per
-# run, on this host, as it does for a user; tests of the probe itself point it elsewhere.
-os.environ.setdefault("EDGELORA_CACHE_DIR", tempfile.mkdtemp(prefix="edgelora-test-cache-"))
+# The CPU probe (cpu.py) runs once per run, on this host, as it does for a user: its verdict is made
+# in a run-wide cache folder and copied into each test's own (tests of the probe point it elsewhere).
+RUN_CACHE = Path(tempfile.mkdtemp(prefix="edgelora-test-cache-"))
+os.environ["EDGELORA_CACHE_DIR"] = str(RUN_CACHE)
 
 GREEDY = dict(temperature=0.0, seed=0)
 
@@ -102,6 +104,14 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDGELORA_CONFIG", str(home / "config.toml"))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    verdict = RUN_CACHE / "cpu-probe.json"
+    if not verdict.exists():
+        from edgelora import cpu
+
+        cpu.decide(default_model_path())  # the real probe, once per run, in RUN_CACHE
+    (home / "cache").mkdir(exist_ok=True)
+    shutil.copy(verdict, home / "cache" / "cpu-probe.json")
+    monkeypatch.setenv("EDGELORA_CACHE_DIR", str(home / "cache"))
     return home
 
 
