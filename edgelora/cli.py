@@ -350,6 +350,43 @@ def bench(as_json, model, tokens, repeat, sections):
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; not loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
+@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
+@click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY' (env EDGELORA_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", help="Allow browser pages from this origin (repeatable).")
+@click.option("--max-queue", type=click.IntRange(1, 1024), default=16, show_default=True, help="Requests waiting before 503.")
+@click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
+@_engine_options
+def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, model, n_gpu_layers, n_ctx,
+          n_threads, verbose):
+    """OpenAI-compatible HTTP server: the request's `model` names the role (base, auto, pirate, a:0.7+b:0.3)."""
+    import uvicorn
+
+    from .config import load_config
+    from .engine import Engine
+    from .server import Service, build_app, is_loopback, loopback_hosts
+    from .session import Roles
+
+    if not is_loopback(host) and not api_key:
+        raise click.BadParameter(f"binding {host} (not loopback) needs --api-key", param_hint="--host")
+    config = load_config()
+    config.roles_dirs = [*config.roles_dirs, *role_dirs]
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+    roles = Roles(eng, config, force=force)
+    roles.preload(preload)
+    service = Service(eng, roles, max_queue=max_queue)
+    app = build_app(service, api_key=api_key, allowed_hosts=loopback_hosts(host) if is_loopback(host) else None,
+                    cors_origins=list(cors_origins) or None)
+    names = ", ".join(["base", "auto", *roles.catalog.names()])
+    click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    eng.close()
+
+
 # ---------------------------------------------------------------------------- roles
 
 

@@ -1,0 +1,601 @@
+"""`edgelora serve`: an OpenAI-compatible HTTP server where every request picks its role.
+
+One process, one loaded base, one engine. Requests wait in a bounded queue and a single worker
+thread serves them in arrival order, each inside ``engine.session()``: its role's adapters are
+applied and its answer generated with no other request in between, so no answer is ever computed
+partly under another request's adapters. The engine's per-adapter-set KV states keep a returning
+multi-turn client fast when others with other roles came in between.
+
+The request's ``model`` names the role: ``base``, ``auto``, ``pirate``, or a stack
+``pirate:0.7+terse:0.3``. llama-server's ``/lora-adapters`` and per-request ``lora`` work too.
+Starlette + uvicorn for HTTP, sse-starlette for server-sent events; this module only maps
+requests onto ``session.Roles``, the same object `ask` and the TUI use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .engine import Engine
+from .errors import EdgeloraError
+from .registry import verify_adapter_file
+from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError
+from .session import AUTO, Active, Roles, default_folders
+
+MAX_BODY_BYTES = 1 << 20
+MAX_STOP = 4
+
+
+class APIError(Exception):
+    """An OpenAI-style error: status, message, type, param, code."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class Job:
+    """One unit of work for the worker: ``run(emit)`` executes inside engine.session()."""
+
+    run: Callable[[Callable[[str], None]], dict]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Worker:
+    """A bounded FIFO of jobs served one at a time by one thread that owns the engine."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine = engine
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.current: Job | None = None
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="edgelora-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy ({self.jobs.maxsize} requests queued); retry shortly",
+                           type="server_busy", code="queue_full", headers={"Retry-After": "1"}) from None
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job, or stop its generation within a token."""
+        with self._lock:
+            job.cancelled.set()
+            if self.current is job:
+                self.engine.cancel()
+
+    @property
+    def pending(self) -> int:
+        return self.jobs.qsize() + (self.current is not None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            with self._lock:
+                if job.cancelled.is_set():
+                    continue
+                self.current = job
+            try:
+                with self.engine.session():
+                    result = job.run(lambda piece: job.put("piece", piece))
+                job.put("done", result)
+            except APIError as exc:
+                job.put("error", exc)
+            except RoleError as exc:
+                code = 404 if str(exc).startswith("unknown role") else 400
+                job.put("error", APIError(code, str(exc), code="model_not_found" if code == 404 else None, param="model"))
+            except EdgeloraError as exc:
+                code = "context_length_exceeded" if "the context holds" in str(exc) else None
+                job.put("error", APIError(400, str(exc), code=code))
+            except Exception as exc:  # a bug of ours: say so, keep serving
+                job.put("error", APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+            finally:
+                with self._lock:
+                    self.current = None
+
+
+# ---------------------------------------------------------------------------- request parsing
+
+
+def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, got {value!r}", param=key)
+    return value
+
+
+def sampling_from(body: dict, n_ctx: int) -> dict:
+    """The OpenAI sampling fields (and llama.cpp's extras) mapped onto the engine's, bounded."""
+    if body.get("n", 1) != 1:
+        raise APIError(400, "'n' must be 1: one answer per request", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop)):
+        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    sampling = {
+        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx, integer=True),
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1),
+        "top_k": _number(body, "top_k", 0, 1 << 20, integer=True),
+        "min_p": _number(body, "min_p", 0, 1),
+        "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
+        "seed": _number(body, "seed", 0, 2**32 - 1, integer=True),
+        "stop": stop,
+    }
+    return {k: v for k, v in sampling.items() if v is not None}
+
+
+def messages_from(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}]: 'role' must be system, user or assistant", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}]: 'content' must be a string", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def prompt_from(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
+    return prompt
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+class Service:
+    """The HTTP surface's state: engine, roles, worker, llama-server-style default scales."""
+
+    def __init__(self, engine: Engine, roles: Roles, *, max_queue: int = 16, extra_manifests=()):
+        self.engine = engine
+        self.roles = roles
+        self.extra = list(extra_manifests)
+        self.worker = Worker(engine, max_queue)
+        self.created = int(time.time())
+        self.default_scales: dict[int, float] = {}  # POST /lora-adapters: id -> scale, for requests naming no role
+        self.model_id = engine.model_path.name
+
+    # ------------------------------------------------------------ roles and adapters
+
+    def adapter_table(self) -> list[tuple[int, object, object]]:
+        """(id, RoleAdapter, Role) for every adapter of every role: llama-server's adapter ids."""
+        rows = []
+        for role in self.roles.catalog.roles():
+            for adapter in role.adapters:
+                rows.append((len(rows), adapter, role))
+        return rows
+
+    def _by_ids(self, scales: dict[int, float]) -> Resolved:
+        table = {i: (a, r) for i, a, r in self.adapter_table()}
+        unknown = [i for i in scales if i not in table]
+        if unknown:
+            raise APIError(400, f"unknown lora id(s) {unknown}; GET /lora-adapters lists them", param="lora")
+        picked = [(table[i][0], s, table[i][1]) for i, s in scales.items() if s != 0]
+        names = [(f"{table[i][1].name}", s) for i, s in scales.items() if s != 0]
+        return Resolved(roles=names, adapters=picked, system=None, sampling={})
+
+    def select(self, model: object, lora: object, prompt_for_route: str) -> Active:
+        """Apply the adapters a request asks for (worker thread, engine held). Returns what answered."""
+        roles = self.roles
+        if lora is not None:
+            resolved = self._by_ids(_lora_scales(lora))
+        elif model in (None, "", self.model_id, "default"):
+            resolved = self._by_ids(self.default_scales)
+        elif not isinstance(model, str):
+            raise APIError(400, "'model' must be a string naming a role", param="model")
+        elif model == AUTO:
+            chosen = roles.route(prompt_for_route)
+            active = Active(roles.catalog.resolve([chosen.role]), chosen)
+            roles.registry.apply(active.resolved)
+            roles.current, roles.specs = active, [BASE_ROLE]  # routed here, once; Roles must not route again
+            return active
+        else:
+            resolved = roles.catalog.resolve([s.strip() for s in model.split("+")])
+        roles.registry.apply(resolved)
+        roles.current = Active(resolved)
+        roles.specs = [BASE_ROLE]  # explicit: never route inside Roles
+        return roles.current
+
+    def reload(self) -> dict:
+        """Re-read the roles folders. A role whose new version fails its checks keeps its old one."""
+        old = self.roles.catalog
+        new = RoleCatalog(default_folders(self.roles.config), manifests=self.extra)
+        refused = {}
+        for role in new.roles():
+            try:
+                for adapter in role.adapters:
+                    verify_adapter_file(adapter, self.roles.config)
+                    self.roles.registry.check_base(role)
+            except EdgeloraError as exc:
+                refused[role.name] = str(exc)
+        for name in refused:
+            if name in old.found and name not in old.collisions():
+                kept = old.get(name)
+                for path in new.found.pop(name, []):
+                    new._roles.pop(path, None)
+                new._roles[kept.path] = kept
+                new.found[name] = [kept.path]
+            else:
+                for path in new.found.pop(name, []):
+                    new._roles.pop(path, None)
+        changed = sorted(n for n in new.names() if n not in refused and (
+            n not in old.found or n in old.collisions() or _fingerprint(old.get(n)) != _fingerprint(new.get(n))))
+        self.roles.catalog = new
+        return {"reloaded": changed, "refused": refused, "roles": new.names(), "problems": new.errors}
+
+    def role_report(self) -> list[dict]:
+        resident = {str(a.path.resolve()): name for name, a in self.engine.resident.items()}
+        active = self.engine.active
+        rows = []
+        for role in self.roles.catalog.roles():
+            files = [resident.get(str(a.file.resolve())) for a in role.adapters]
+            rows.append({"name": role.name, "description": role.description,
+                         "resident": bool(files) and all(files), "active": bool(files) and all(f in active for f in files),
+                         "adapters": [{"file": str(a.file), "sha256": a.sha256, "scale": a.scale} for a in role.adapters]})
+        return rows
+
+    # ------------------------------------------------------------ generation jobs
+
+    def chat_job(self, body: dict) -> Callable:
+        messages = messages_from(body)
+        sampling = sampling_from(body, self.engine.llama.n_ctx())
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+        def run(emit):
+            active = self.select(body.get("model"), body.get("lora"), last_user)
+            for piece in self.roles.stream_chat(messages, **sampling):
+                emit(piece)
+            return self._result(active)
+
+        return run
+
+    def completion_job(self, body: dict) -> Callable:
+        prompt = prompt_from(body)
+        sampling = sampling_from(body, self.engine.llama.n_ctx())
+
+        def run(emit):
+            active = self.select(body.get("model"), body.get("lora"), prompt)
+            merged = {**active.resolved.sampling, **sampling}
+            for piece in self.engine.stream_complete(prompt, **merged):
+                emit(piece)
+            return self._result(active)
+
+        return run
+
+    def _result(self, active: Active) -> dict:
+        out = self.engine.last
+        return {
+            "text": out.text,
+            "finish_reason": "length" if out.finish_reason == "length" else "stop",
+            "cancelled": out.finish_reason == "cancelled",
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                      "total_tokens": out.prompt_tokens + out.completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
+            "edgelora": {"role": active.label, "adapters": out.adapters,
+                         "route": {"role": active.route.role, "reason": active.route.reason} if active.route else None,
+                         "ttft_s": round(out.ttft_s, 4), "tokens_per_s": round(out.tokens_per_s, 2)},
+        }
+
+    async def run_job(self, run) -> dict:
+        """Queue a job and wait for its result (no streaming)."""
+        job = Job(run, asyncio.get_running_loop())
+        self.worker.submit(job)
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "done":
+                    return value
+                if kind == "error":
+                    raise value
+        except asyncio.CancelledError:
+            self.worker.cancel(job)
+            raise
+
+    def stream_job(self, run, make_chunk, finish_chunk, usage_chunk, include_usage: bool):
+        """Queue a job; an async generator of SSE data strings. A disconnect cancels the job."""
+        job = Job(run, asyncio.get_running_loop())
+        self.worker.submit(job)  # a full queue fails here, before the 200 is sent
+
+        async def events():
+            try:
+                while True:
+                    kind, value = await job.events.get()
+                    if kind == "piece":
+                        yield json.dumps(make_chunk(value))
+                    elif kind == "done":
+                        yield json.dumps(finish_chunk(value))
+                        if include_usage:
+                            yield json.dumps(usage_chunk(value))
+                        yield "[DONE]"
+                        return
+                    else:
+                        yield json.dumps({"error": {"message": value.message, "type": value.type, "code": value.code}})
+                        yield "[DONE]"
+                        return
+            finally:  # normal end, or the client went away (the generator is cancelled/closed)
+                self.worker.cancel(job)
+
+        return events()
+
+
+def _fingerprint(role) -> tuple:
+    return (tuple((a.sha256, a.scale) for a in role.adapters), tuple(role.include), role.system,
+            tuple(sorted(role.sampling.items())))
+
+
+def _lora_scales(lora: object) -> dict[int, float]:
+    if not isinstance(lora, list):
+        raise APIError(400, "'lora' must be a list of {\"id\": N, \"scale\": S}", param="lora")
+    scales = {}
+    for item in lora:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise APIError(400, "'lora' items need an integer 'id'", param="lora")
+        scale = _number(item, "scale", -4, 4) if "scale" in item else 1.0
+        scales[item["id"]] = float(scale)
+    return scales
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+async def read_json(request: Request) -> dict:
+    """The request body as a JSON object, read with a size bound."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
+              cors_origins: list[str] | None = None) -> Starlette:
+    def chunk_base(kind: str, model) -> dict:
+        return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": model}
+
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        run = service.chat_job(body)
+        model = body.get("model") or service.model_id
+        if body.get("stream"):
+            base = chunk_base("chat", model)
+            first = [True]
+
+            def piece(text):
+                delta = {"role": "assistant", "content": text} if first[0] else {"content": text}
+                first[0] = False
+                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+            def finish(result):
+                return {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}],
+                        "edgelora": result["edgelora"]}
+
+            def usage(result):
+                return {**base, "choices": [], "usage": result["usage"]}
+
+            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            return EventSourceResponse(service.stream_job(run, piece, finish, usage, include), ping=15)
+        result = await service.run_job(run)
+        return JSONResponse({
+            **chunk_base("chat", model), "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "finish_reason": result["finish_reason"]}],
+            "usage": result["usage"], "edgelora": result["edgelora"],
+        })
+
+    async def completions(request: Request):
+        body = await read_json(request)
+        run = service.completion_job(body)
+        model = body.get("model") or service.model_id
+        base = chunk_base("completion", model)
+        if body.get("stream"):
+            def piece(text):
+                return {**base, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+
+            def finish(result):
+                return {**base, "choices": [{"index": 0, "text": "", "finish_reason": result["finish_reason"]}],
+                        "edgelora": result["edgelora"]}
+
+            def usage(result):
+                return {**base, "choices": [], "usage": result["usage"]}
+
+            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            return EventSourceResponse(service.stream_job(run, piece, finish, usage, include), ping=15)
+        result = await service.run_job(run)
+        return JSONResponse({**base, "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"]}],
+                             "usage": result["usage"], "edgelora": result["edgelora"]})
+
+    async def models(request: Request):
+        rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
+                {"id": AUTO, "description": "a role chosen per request from the prompt"}]
+        rows += [{"id": r.name, "description": r.description} for r in service.roles.catalog.roles()]
+        return JSONResponse({"object": "list", "data": [
+            {"object": "model", "created": service.created, "owned_by": "edgelora", **row} for row in rows]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "queue": service.worker.pending, "model": service.model_id})
+
+    async def lora_adapters(request: Request):
+        if request.method == "POST":
+            body = await _json_any(request)
+            scales = _lora_scales(body)
+            table = {i for i, _, _ in service.adapter_table()}
+            unknown = [i for i in scales if i not in table]
+            if unknown:
+                raise APIError(400, f"unknown lora id(s) {unknown}", param="id")
+            service.default_scales = {i: s for i, s in scales.items() if s != 0}
+        return JSONResponse([{"id": i, "path": str(a.file), "scale": service.default_scales.get(i, 0.0), "role": r.name}
+                             for i, a, r in service.adapter_table()])
+
+    async def roles_list(request: Request):
+        return JSONResponse({"roles": service.role_report(), "resident_bytes": service.roles.registry.resident_bytes})
+
+    async def roles_reload(request: Request):
+        return JSONResponse(await service.run_job(lambda emit: service.reload()))
+
+    async def role_action(request: Request):
+        name, action = request.path_params["name"], request.path_params["action"]
+
+        def run(emit):
+            resolved = service.roles.catalog.resolve([name])
+            if action == "preload":
+                service.roles.registry.preload(resolved)
+            elif action == "evict":
+                active = service.engine.active
+                for adapter, _, _ in resolved.adapters:
+                    engine_name = service.roles.registry._lru.get(adapter.sha256)
+                    if engine_name is not None and engine_name not in active:
+                        service.roles.registry._lru.pop(adapter.sha256)
+                        service.engine.free(engine_name)
+            else:
+                raise APIError(404, f"unknown action '{action}' (preload, evict)")
+            return {"role": name, "action": action, "roles": service.role_report()}
+
+        return JSONResponse(await service.run_job(run))
+
+    async def on_api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    async def on_http_error(request: Request, exc):
+        return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
+
+    from starlette.exceptions import HTTPException
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/lora-adapters", lora_adapters, methods=["GET", "POST"]),
+        Route("/v1/roles", roles_list, methods=["GET"]),
+        Route("/v1/roles/reload", roles_reload, methods=["POST"]),
+        Route("/v1/roles/{name}/{action}", role_action, methods=["POST"]),
+    ]
+    middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)]
+    if cors_origins:
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                                        allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
+
+
+async def _json_any(request: Request):
+    body = b"".join([c async for c in request.stream()])
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+
+
+class Guard:
+    """Host header (no DNS rebinding from a browser page), API key, and declared body size."""
+
+    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None):
+        self.app = app
+        self.api_key = api_key
+        self.allowed_hosts = allowed_hosts  # None: any host (a key is required then)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self._check(scope, headers)
+        if problem is not None:
+            return await problem.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _check(self, scope, headers) -> APIError | None:
+        if self.allowed_hosts is not None and _host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return APIError(400, f"Host '{headers.get('host', '')}' is not this server; use one of "
+                                 f"{', '.join(self.allowed_hosts)}", code="bad_host")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                type="authentication_error", code="invalid_api_key")
+        return None
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_hosts(host: str) -> list[str]:
+    return sorted({host, "localhost", "127.0.0.1", "[::1]"})
