@@ -359,9 +359,10 @@ def bench(as_json, model, tokens, repeat, sections):
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", help="Allow browser pages from this origin (repeatable).")
 @click.option("--max-queue", type=click.IntRange(1, 1024), default=16, show_default=True, help="Requests waiting before 503.")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
+@click.option("--no-prefix-reuse", is_flag=True, help="Evaluate every prompt from scratch: greedy answers repeat exactly (README 'Reproducibility').")
 @_engine_options
-def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, model, n_gpu_layers, n_ctx,
-          n_threads, verbose):
+def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, no_prefix_reuse, model, n_gpu_layers,
+          n_ctx, n_threads, verbose):
     """OpenAI-compatible HTTP server: the request's `model` names the role (base, auto, pirate, a:0.7+b:0.3)."""
     import uvicorn
 
@@ -375,7 +376,7 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     config = load_config()
     config.roles_dirs = [*config.roles_dirs, *role_dirs]
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
-                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose, reuse_prefix=not no_prefix_reuse)
     roles = Roles(eng, config, force=force)
     roles.preload(preload)
     service = Service(eng, roles, max_queue=max_queue)

@@ -66,6 +66,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
 
     def put(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -78,6 +79,8 @@ class Worker:
         self.engine = engine
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.current: Job | None = None
+        self.served = 0
+        self.cancelled = 0  # jobs whose client went away (dropped from the queue or stopped mid-answer)
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="edgelora-worker", daemon=True)
         self.thread.start()
@@ -92,9 +95,12 @@ class Worker:
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job, or stop its generation within a token."""
         with self._lock:
+            if job.cancelled.is_set() or job.finished.is_set():
+                return
             job.cancelled.set()
             if self.current is job:
                 self.engine.cancel()
+                self.cancelled += 1
 
     @property
     def pending(self) -> int:
@@ -105,11 +111,13 @@ class Worker:
             job = self.jobs.get()
             with self._lock:
                 if job.cancelled.is_set():
+                    self.cancelled += 1
                     continue
                 self.current = job
             try:
                 with self.engine.session():
                     result = job.run(lambda piece: job.put("piece", piece))
+                job.finished.set()
                 job.put("done", result)
             except APIError as exc:
                 job.put("error", exc)
@@ -122,8 +130,10 @@ class Worker:
             except Exception as exc:  # a bug of ours: say so, keep serving
                 job.put("error", APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
             finally:
+                job.finished.set()
                 with self._lock:
                     self.current = None
+                    self.served += 1
 
 
 # ---------------------------------------------------------------------------- request parsing
@@ -474,7 +484,9 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             {"object": "model", "created": service.created, "owned_by": "edgelora", **row} for row in rows]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "queue": service.worker.pending, "model": service.model_id})
+        w = service.worker
+        return JSONResponse({"status": "ok", "queue": w.pending, "served": w.served, "cancelled": w.cancelled,
+                             "model": service.model_id})
 
     async def lora_adapters(request: Request):
         if request.method == "POST":
