@@ -208,7 +208,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-SECTIONS = ("core", "cpu")
+SECTIONS = ("core", "cpu", "server")
 
 
 def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callable[[str], None] | None = None,
@@ -223,6 +223,10 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
         from .bench_cpu import bench_cpu
 
         result["cpu"] = bench_cpu(model_path, repeat, say)
+    if "server" in sections:
+        from .bench_server import bench_server
+
+        result["server"] = bench_server(model_path, repeat, say)
     return result
 
 
@@ -322,6 +326,10 @@ def print_table(r: dict) -> str:
         from .bench_cpu import cpu_rows
 
         rows += cpu_rows(r["cpu"])
+    if "server" in r:
+        from .bench_server import server_rows
+
+        rows += server_rows(r["server"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -339,8 +339,9 @@ def convert(peft_dir, base, out, outtype, name, dry_run):
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Repetitions (the median is reported).")
-@click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu"]),
-              help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, extra buffers, probe.")
+@click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server"]),
+              help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
+                   "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT.")
 def bench(as_json, model, tokens, repeat, sections):
     """Measure switching, attach, generation speed and time to first token."""
     from .bench import print_table, run_bench
