@@ -42,6 +42,8 @@ class GGUFHeader:
     array_lengths: dict[str, int]  # every array key -> its length, kept or not
     tensors: dict[str, TensorEntry]
     data_offset: int
+    types: dict[str, GGUFValueType] | None = None  # every key -> its GGUF value type (ARRAY for arrays)
+    size: int = 0  # the file's size in bytes
 
     @property
     def architecture(self) -> str | None:
@@ -109,9 +111,14 @@ def _parse(buf: memoryview, path: Path, size: int) -> GGUFHeader:
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
     metadata: dict[str, object] = {}
     lengths: dict[str, int] = {}
+    types: dict[str, GGUFValueType] = {}
     for _ in range(n_kv):
         key = cur.string()
         vtype = cur.unpack("I")
+        try:
+            types[key] = GGUFValueType(vtype)
+        except ValueError:
+            raise GGUFHeaderError(f"{path}: key {key} has unknown value type {vtype}") from None
         if vtype == GGUFValueType.ARRAY:
             etype, count = cur.unpack("I"), cur.unpack("Q")
             lengths[key] = count
@@ -139,4 +146,4 @@ def _parse(buf: memoryview, path: Path, size: int) -> GGUFHeader:
         tensors[name] = TensorEntry(name, ne, qtype, offset)
     align = int(metadata.get("general.alignment", 32))  # type: ignore[arg-type]
     data_offset = (cur.pos + align - 1) // align * align
-    return GGUFHeader(path, version, metadata, lengths, tensors, data_offset)
+    return GGUFHeader(path, version, metadata, lengths, tensors, data_offset, types, size)

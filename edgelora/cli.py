@@ -134,7 +134,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         specs = [chosen.role]
     roles.use(specs)
     for path, scale in raw:
-        eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale)
+        eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale, force=force)
     load_s = time.perf_counter() - t0
 
     from .chat import label_for

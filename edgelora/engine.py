@@ -29,11 +29,11 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from . import cpu, native_log
+from . import cpu, native_log, trust
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from .gate import Gate
-from .gguf_info import GGUFInfo, read_gguf, validate_adapter
+from .gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
 from .models import resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
@@ -177,6 +177,7 @@ class Engine:
             raise ModelError(str(exc)) from None
         if self.base.metadata.get("general.type") == "adapter":
             raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
+        validate_base_model(self.base)  # what llama.cpp asserts on would kill the process
         n_threads = cpu.check_threads(n_threads)
         self._check_ctx(n_ctx)
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
@@ -262,8 +263,14 @@ class Engine:
         """Adapters loaded in memory (attached or not)."""
         return dict(self._resident)
 
-    def load(self, path: str | os.PathLike, name: str | None = None) -> Adapter:
-        """Validate and load an adapter without attaching it. Loading the same name twice is a no-op."""
+    def load(self, path: str | os.PathLike, name: str | None = None, *, sha256: str | None = None,
+             force: bool = False, config=None) -> Adapter:
+        """Validate and load an adapter without attaching it. Loading the same name twice is a no-op.
+
+        Every adapter passes the same admission (trust.py): the config's signature policy, the
+        ``sha256`` pin when given, the base it was converted for (unless ``force``), then the
+        structural checks; llama.cpp then reads the very file that was checked. ``config``: whose
+        signature policy applies (default: the user's config file)."""
         path = Path(path)
         name = name or path.stem
         with self._gate.hold():
@@ -272,19 +279,29 @@ class Engine:
                 if have.path.resolve() != path.resolve():
                     raise AdapterError(f"adapter name {name!r} is already used by {have.path}")
                 return have
-            info = validate_adapter(path, self.base)
-            handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
+            with trust.pinned(path) as data:
+                if sha256 is not None:
+                    trust.check_sha256(data, path, sha256)
+                trust.check_signature(data, path, config)
+                try:
+                    info = validate_adapter(data, self.base)
+                except AdapterError as exc:  # name the user's file, not /proc/self/fd/N
+                    raise type(exc)(str(exc).replace(str(data), str(path))) from None
+                info.path = path
+                if not force:
+                    trust.check_base(info, self.model_path, path)
+                handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(data).encode())
             if not handle:
                 raise AdapterError(f"{path}: llama.cpp refused the adapter ({native_log.recent(1) or 'run with -v for its log'})")
             adapter = Adapter(name, path, info, handle)
             self._resident[name] = adapter
             return adapter
 
-    def attach(self, path: str | os.PathLike, name: str | None = None, scale: float = 1.0) -> str:
+    def attach(self, path: str | os.PathLike, name: str | None = None, scale: float = 1.0, *, force: bool = False) -> str:
         """Load (if needed) and activate an adapter alongside the others. Returns its name."""
         _check_scale(scale)
         with self._gate.hold():
-            adapter = self.load(path, name)
+            adapter = self.load(path, name, force=force)
             self._active[adapter.name] = float(scale)
             self._apply()
             return adapter.name
@@ -663,9 +680,13 @@ def _why_not_a_model(path: Path, exc: Exception) -> str:
     return f"{path}: llama.cpp could not load it ({log or exc}; run with -v for its log)"
 
 
+MAX_SCALE = 4.0  # llama.cpp takes any float; past a few times the trained strength the output is garbage
+
+
 def _check_scale(scale: float) -> None:
-    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
-        raise EdgeloraError(f"adapter scale must be a finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -MAX_SCALE <= scale <= MAX_SCALE:
+        raise EdgeloraError(f"adapter scale must be a number from {-MAX_SCALE:g} to {MAX_SCALE:g} "
+                            f"(negative subtracts the adapter), got {scale!r}")
 
 
 def _names(d: dict) -> str:

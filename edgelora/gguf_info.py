@@ -7,11 +7,12 @@ things but only says NULL; we check first so the user reads the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from .convert.gguf_header import GGUFHeaderError, read_header
@@ -34,6 +35,7 @@ class GGUFInfo:
     metadata: dict[str, object]
     tensors: dict[str, tuple[int, ...]]  # name -> ne (GGUF order)
     size: int
+    types: dict = field(default_factory=dict)  # key -> GGUFValueType
 
     @property
     def architecture(self) -> str | None:
@@ -63,7 +65,62 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except GGUFHeaderError as exc:
         raise NotGGUFError(str(exc)) from None
     tensors = {name: t.ne for name, t in header.tensors.items()}
-    return GGUFInfo(path=path, metadata=header.metadata, tensors=tensors, size=path.stat().st_size)
+    return GGUFInfo(path=path, metadata=header.metadata, tensors=tensors, size=path.stat().st_size,
+                    types=header.types or {})
+
+
+# Keys llama.cpp reads from an adapter with a typed getter: a value of another type aborts the
+# process (gguf.cpp: GGML_ASSERT(type_to_gguf_type<T>::value == type)).
+ADAPTER_KEY_TYPES = {
+    "general.architecture": GGUFValueType.STRING,
+    "general.type": GGUFValueType.STRING,
+    "general.alignment": GGUFValueType.UINT32,
+    "adapter.type": GGUFValueType.STRING,
+    "adapter.lora.alpha": GGUFValueType.FLOAT32,
+    "adapter.lora.task_name": GGUFValueType.STRING,
+    "adapter.lora.prompt_prefix": GGUFValueType.STRING,
+}
+MAX_ALPHA = 1e5  # PEFT alphas are tens to hundreds; 1e30 or Inf turns every output into NaN
+
+
+def check_key_types(info: GGUFInfo, expected: dict) -> None:
+    for key, vtype in expected.items():
+        got = info.types.get(key)
+        if got is not None and got != vtype:
+            raise NotGGUFError(f"{info.path}: {key} is {got.name.lower()}, llama.cpp needs {vtype.name.lower()}")
+
+
+def validate_base_model(info: GGUFInfo) -> None:
+    """The hyperparameters llama.cpp asserts on (or silently mis-uses) when it loads a base model."""
+    from .errors import ModelError
+
+    path, meta = info.path, info.metadata
+    arch = meta.get("general.architecture")
+    if info.types.get("general.architecture") != GGUFValueType.STRING or not arch:
+        raise ModelError(f"{path}: general.architecture is missing or not a string")
+    if info.types.get("general.alignment", GGUFValueType.UINT32) != GGUFValueType.UINT32:
+        raise ModelError(f"{path}: general.alignment must be uint32")
+
+    def number(key: str, lo: float, hi: float, *, required: bool = False, integer: bool = False, strict_lo=False):
+        value = meta.get(key)
+        if value is None:
+            if required:
+                raise ModelError(f"{path}: {key} is missing")
+            return
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not np.isfinite(value) or not lo <= value <= hi or (strict_lo and value == lo):
+            bound = f"greater than {lo:g}" if strict_lo else f"from {lo:g}"
+            raise ModelError(f"{path}: {key} is {value!r}; it must be {'an integer' if integer else 'a number'} {bound} to {hi:g}")
+
+    number(f"{arch}.block_count", 1, 4096, required=True, integer=True)
+    number(f"{arch}.context_length", 1, 1 << 24, integer=True)
+    number(f"{arch}.embedding_length", 1, 1 << 20, integer=True)
+    number(f"{arch}.attention.head_count", 1, 1 << 16, integer=True)
+    number(f"{arch}.attention.head_count_kv", 1, 1 << 16, integer=True)
+    number(f"{arch}.attention.layer_norm_rms_epsilon", 0, 1)
+    number(f"{arch}.attention.layer_norm_epsilon", 0, 1)
+    number(f"{arch}.rope.freq_base", 0, 1e12, strict_lo=True)
+    number(f"{arch}.rope.scale_linear", 0, 1e6, strict_lo=True)
 
 
 def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = True) -> GGUFInfo:
@@ -71,6 +128,10 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
     path = Path(path)
     info = read_gguf(path)
     meta = info.metadata
+    check_key_types(info, ADAPTER_KEY_TYPES)
+    alpha = meta.get("adapter.lora.alpha")
+    if alpha is not None and (not np.isfinite(alpha) or abs(alpha) > MAX_ALPHA):
+        raise NonFiniteError(f"{path}: adapter.lora.alpha is {alpha}; it must be finite and at most {MAX_ALPHA:g}")
     gtype = meta.get("general.type")
     if gtype != "adapter":
         raise NotLoraAdapterError(f"{path} is not an adapter: general.type is {gtype!r}, expected 'adapter'")
@@ -98,6 +159,8 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
         if target not in base.tensors:
             raise TensorMismatchError(f"{path}: {target} is not a tensor of the base model {base.path.name}")
         w = base.tensors[target]
+        if len(w) != 2:
+            raise ShapeMismatchError(f"{path}: {target} is a {len(w)}-D tensor of the base; LoRA applies to 2-D weights")
         if len(a) != 2 or len(b) != 2:
             raise ShapeMismatchError(f"{path}: {target} lora tensors must be 2-D, got {list(a)} and {list(b)}")
         if target == "token_embd.weight":
@@ -126,6 +189,13 @@ def validate_adapter(path: str | Path, base: GGUFInfo, *, check_values: bool = T
         if b[1] != w[1]:
             raise ShapeMismatchError(f"{path}: {target}.lora_b has {b[1]} rows, the base tensor has {w[1]}")
 
+    header = read_header(path)
+    for t in header.tensors.values():
+        block, type_size = GGML_QUANT_SIZES[t.type]
+        need = header.data_offset + t.offset + int(np.prod(t.ne)) // block * type_size
+        if need > header.size:
+            raise NotGGUFError(f"{path} is truncated or corrupted: tensor {t.name} needs {need} bytes, "
+                               f"the file has {header.size}")
     if check_values:
         for t in _open(path).tensors:
             try:

@@ -4,52 +4,25 @@ Active adapters are pinned; eviction detaches, then frees."""
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
 from . import signing
-from .config import Config, cache_dir
+from .config import Config
 from .engine import Engine
 from .errors import AdapterError, EdgeloraError
 from .gguf_info import sha256_file
 from .roles import BASE_ROLE, Resolved, Role, RoleAdapter
-
-
-class IntegrityError(AdapterError):
-    """An adapter file whose sha256 is not the one its manifest pins."""
+from .trust import IntegrityError, cached_sha256, check_regular_file  # noqa: F401  (re-exported)
 
 
 class CompatibilityError(AdapterError):
     """A role made for another base model."""
 
 
-def cached_sha256(path: Path) -> str:
-    """sha256 of a (large) file, remembered by path, size and mtime in the user cache folder."""
-    path = Path(path).resolve()
-    st = path.stat()
-    index = cache_dir() / "sha256.json"
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = sha256_file(path)
-        try:
-            index.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index.with_name(f".{index.name}.{id(known)}.tmp")
-            tmp.write_text(json.dumps(known))
-            tmp.replace(index)
-        except OSError:
-            pass  # an unwritable cache only costs time
-    return known[key]
-
-
 def verify_adapter_file(adapter: RoleAdapter, config: Config) -> None:
     """sha256 pin and signature, checked before the file is parsed."""
-    if not adapter.file.is_file():
-        raise IntegrityError(f"{adapter.file}: no such file")
+    check_regular_file(adapter.file)
     actual = sha256_file(adapter.file)
     if actual != adapter.sha256:
         raise IntegrityError(f"{adapter.file}: sha256 is {actual}, the manifest pins {adapter.sha256}")
@@ -105,7 +78,6 @@ class Registry:
         if name is not None and name in self.engine.resident:
             self._lru.move_to_end(adapter.sha256)
             return name
-        self.verify_file(adapter)
         name = role.name if len(role.adapters) == 1 else f"{role.name}.{adapter.file.stem}"
         held = self.engine.resident.get(name)
         if held is not None and held.path.resolve() == adapter.file.resolve():
@@ -113,7 +85,7 @@ class Registry:
             return name
         if held is not None:
             name = f"{name}@{adapter.sha256[:8]}"
-        self.engine.load(adapter.file, name)
+        self.engine.load(adapter.file, name, sha256=adapter.sha256, force=self.force, config=self.config)  # pin + signature + checks
         self._lru[adapter.sha256] = name
         return name
 

@@ -62,26 +62,36 @@ def sign(file: Path, private_key: Path) -> Path:
     return out
 
 
-def verify(file: Path, trusted_keys: list[str], *, required: bool) -> str | None:
-    """Check FILE.sig against the trusted keys. Returns the key that signed it, or None when the
-    file is unsigned and signatures are not required. Raises SignatureError otherwise."""
+HOW_TO_TRUST = ("add the signer's public key (printed by `edgelora adapters keygen`) to trusted_keys "
+                "in the config (`edgelora config show` prints where)")
+
+
+def verify(file: Path, trusted_keys: list[str], *, required: bool, data: bytes | None = None) -> str | None:
+    """Check FILE.sig against the trusted keys. Returns the key that signed it, or None when nothing
+    asks for a check (signatures not required and no trusted keys: a .sig is then not read).
+    Raises SignatureError otherwise. ``data``: the bytes to check (default: FILE's)."""
     file = Path(file)
     sig = sig_path(file)
+    if not required and not trusted_keys:
+        return None
     if not sig.exists():
         if required:
             raise SignatureError(f"{file} has no signature ({sig.name}) and signatures are required")
         return None
+    if not sig.is_file():
+        raise SignatureError(f"{sig}: not a regular file")
     if not trusted_keys:
-        raise SignatureError(f"{file} is signed but no trusted_keys are configured to check it")
+        raise SignatureError(f"{file}: signatures are required but no trusted_keys are configured; {HOW_TO_TRUST}")
     try:
-        signature = base64.b64decode(sig.read_text().strip(), validate=True)
-    except ValueError:
+        signature = base64.b64decode(sig.read_text(errors="strict").strip(), validate=True)
+    except (ValueError, OSError):
         raise SignatureError(f"{sig}: not a base64 signature") from None
-    data = file.read_bytes()
+    data = file.read_bytes() if data is None else data
     for b64 in trusted_keys:
         try:
             Ed25519PublicKey.from_public_bytes(base64.b64decode(b64)).verify(signature, data)
             return b64
         except (InvalidSignature, ValueError):
             continue
-    raise SignatureError(f"{file}: signature {sig.name} does not match any trusted key")
+    raise SignatureError(f"{file}: signature {sig.name} does not match any trusted key; if you trust its signer, "
+                         f"{HOW_TO_TRUST}")

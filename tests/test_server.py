@@ -191,7 +191,10 @@ def test_client_disconnect_stops_generation(server):
             if line.startswith("data:"):
                 break  # first token arrived: hang up
     deadline = time.monotonic() + 20
-    while server.health()["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = server.health()
+        if now["cancelled"] > before["cancelled"] and now["queue"] == 0:
+            break
         time.sleep(0.05)
     after = server.health()
     assert after["cancelled"] == before["cancelled"] + 1 and after["queue"] == 0
