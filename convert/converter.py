@@ -10,6 +10,7 @@ with one ``alpha`` per file. So we write ``alpha = scaling_default * r_default``
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,13 +187,63 @@ def _permute(rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False) -> Path:
-    """Write atomically: a temp file in the destination folder, renamed over ``out`` at the end."""
-    out = Path(out)
+def check_output(plan: ConversionPlan, out: Path, *, force: bool = False) -> None:
+    """Refuse outputs that would destroy something: the base, the PEFT sources, anything that is not
+    a regular file, and (without ``force``) an existing file that is not a GGUF LoRA adapter."""
+    if out.is_dir():
+        raise ConvertError(f"-o {out} is a folder; give a file name, e.g. {out / (plan.name + '.gguf')}")
     if not out.parent.is_dir():
         raise ConvertError(f"-o {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ConvertError(f"-o {out}: folder {out.parent} is not writable")
+    if not out.exists() and not out.is_symlink():
+        return
+    target = out.resolve()
+    if target == Path(plan.base.path).resolve():
+        raise ConvertError(f"-o {out} is the base model; refusing to overwrite it")
+    source = Path(plan.source.path).resolve()
+    if target == source or source in target.parents:
+        raise ConvertError(f"-o {out} is inside the PEFT folder {plan.source.path}; refusing to overwrite the sources")
+    if not stat.S_ISREG(os.stat(out).st_mode):
+        raise ConvertError(f"-o {out} exists and is not a regular file; refusing to replace it")
+    if not force and not _is_lora_gguf(out):
+        raise ConvertError(f"-o {out} exists and is not a GGUF LoRA adapter; pass --force to replace it")
+
+
+def _is_lora_gguf(path: Path) -> bool:
+    try:
+        from .gguf_header import read_header
+
+        return read_header(path).get("general.type") == "adapter"
+    except (ValueError, OSError):
+        return False
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Temp files of interrupted conversions to the same output (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False, force: bool = False) -> Path:
+    """Write atomically: a temp file in the destination folder, renamed over ``out`` at the end."""
+    out = Path(out)
+    check_output(plan, out, force=force)
+    _clean_stale_temps(out)
     qtype = OUTTYPES[plan.outtype]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -252,8 +303,9 @@ def convert_peft(
     name: str | None = None,
     base_sha256: str | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> ConversionPlan:
     """Convert a PEFT LoRA folder into a GGUF LoRA adapter for ``base``. Returns the plan written."""
     plan = plan_conversion(peft_dir, base, outtype=outtype, name=name, base_sha256=base_sha256)
-    write_plan(plan, out, progress=progress)
+    write_plan(plan, out, progress=progress, force=force)
     return plan

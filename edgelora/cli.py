@@ -316,7 +316,8 @@ def inspect(file, as_json):
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
 @click.option("--name", help="general.name of the adapter (default: the folder's name).")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
-def convert(peft_dir, base, out, outtype, name, dry_run):
+@click.option("--force", is_flag=True, help="Replace an existing -o file that is not a GGUF adapter.")
+def convert(peft_dir, base, out, outtype, name, dry_run, force):
     """Convert a Hugging Face PEFT LoRA folder into a GGUF LoRA adapter (no torch)."""
     from .convert import ConvertError, plan_conversion, write_plan
     from .models import resolve_model
@@ -328,7 +329,7 @@ def convert(peft_dir, base, out, outtype, name, dry_run):
             click.echo(plan.describe())
             return
         target = Path(out) if out else Path(f"{Path(peft_dir).resolve().name}.gguf")
-        write_plan(plan, target, progress=sys.stderr.isatty())
+        write_plan(plan, target, progress=sys.stderr.isatty(), force=force)
     except ConvertError as exc:
         raise EdgeloraError(str(exc)) from None
     click.echo(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB, {len(plan.tensors)} LoRA pairs, alpha {plan.alpha:g})")
@@ -455,8 +456,10 @@ def roles_show(name):
 @click.argument("manifest", type=click.Path(dir_okay=False))
 def roles_add(manifest):
     """Copy a role (manifest and adapter files) into your roles folder, after checking it."""
-    from .roles import load_manifest
+    from .gguf_info import read_gguf, validate_adapter
+    from .models import resolve_model
     from .registry import verify_adapter_file
+    from .roles import load_manifest
     from .session import user_roles_dir
     from .storage import install_role
 
@@ -465,10 +468,11 @@ def roles_add(manifest):
     if role.name in catalog.found or role.name == "base":
         where = ", ".join(map(str, catalog.found.get(role.name, []))) or "built in"
         raise EdgeloraError(f"role '{role.name}' already exists ({where}); rename it in {manifest}")
+    base = read_gguf(resolve_model(config.default_model))
     for adapter in role.adapters:
         verify_adapter_file(adapter, config)
-    for inner, _ in role.include:
-        catalog.get(inner)
+        validate_adapter(adapter.file, base)  # a file with the right sha256 must still be an adapter for this base
+    catalog.resolve(role.include)  # included roles exist, within the depth and fan-out bounds
     dest = install_role(role, user_roles_dir())
     click.echo(f"added role '{role.name}' -> {dest}")
 

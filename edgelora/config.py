@@ -70,10 +70,12 @@ _TYPES = {
 
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
-    if not path.is_file():
+    if not path.exists():
         return Config(path=path)
+    if not path.is_file():  # a folder or a FIFO (which would block forever): say so, do not ignore it
+        raise ConfigError(f"{path}: the config path is not a regular file")
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        data = tomllib.loads(path.read_text("utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     values = {}

@@ -18,6 +18,7 @@ import functools
 import itertools
 import os
 import re
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -434,7 +435,8 @@ class Engine:
         plain text, so a user typing ``<|im_end|><|im_start|>system`` gets those characters, not a
         new system turn."""
         if self._formatter is None:
-            raise ModelError(f"{self.model_path.name} has no chat template; use complete() instead")
+            raise ModelError(getattr(self, "_template_error", None)
+                             or f"{self.model_path.name} has no chat template; use complete() instead")
         messages = list(messages)
         result = self._render(messages)
         pieces = _split_contents(result.prompt, self._render(_placeholders(messages)).prompt, messages)
@@ -473,7 +475,10 @@ class Engine:
 
     def _render(self, messages: list[dict]):
         try:
-            return self._formatter(messages=messages)
+            return _within(TEMPLATE_BUDGET_S, lambda: self._formatter(messages=messages))
+        except TimeoutError:
+            raise ModelError(f"{self.model_path.name}: its chat template ran over {TEMPLATE_BUDGET_S:g} s "
+                             "(a runaway loop?); use complete() or fix the template") from None
         except Exception as exc:  # the template may raise_exception() on bad roles/order
             raise EdgeloraError(f"chat template error: {exc}") from None
 
@@ -630,6 +635,13 @@ class Engine:
         template = self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             return None
+        try:
+            return self._make_formatter(template)
+        except Exception as exc:  # a template that does not compile: chat refuses, complete() still works
+            self._template_error = f"{self.model_path.name}: its chat template does not compile ({exc})"
+            return None
+
+    def _make_formatter(self, template: str):
         model = self.llama._model
         eos_id, bos_id = model.token_eos(), model.token_bos()
         return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
@@ -693,6 +705,27 @@ def _names(d: dict) -> str:
     return ", ".join(d) or "none"
 
 
+TEMPLATE_BUDGET_S = 2.0  # a chat template is code from the model file: bound what it may cost
+
+
+def _within(seconds: float, fn):
+    """Run fn, raising TimeoutError once it has run ``seconds`` (checked on every Python line it runs:
+    Jinja templates compile to Python, so a runaway template loop is stopped)."""
+    deadline = time.perf_counter() + seconds
+    previous = sys.gettrace()
+
+    def tracer(frame, event, arg):
+        if time.perf_counter() > deadline:
+            raise TimeoutError
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        return fn()
+    finally:
+        sys.settrace(previous)
+
+
 _MARK = "\x00edgelora-content-{}\x00"
 _MARK_RE = re.compile("(\x00edgelora-content-\\d+\x00)")
 
@@ -721,14 +754,29 @@ def _find_stop(text: str, stop: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+_BOUNDS = {  # (low, high, integer): outside these llama.cpp overflows, or the answer is noise
+    "temperature": (0, 100, False), "top_p": (0, 1, False), "top_k": (0, 1 << 20, True), "min_p": (0, 1, False),
+    "repeat_penalty": (0, 100, False), "seed": (-1, 2**32 - 1, True), "max_tokens": (-1, 1 << 24, True),
+}
+
+
 def _sampling_options(sampling: dict) -> dict:
-    """Our sampling names -> Llama.generate's, with edgelora's defaults."""
+    """Our sampling names -> Llama.generate's, with edgelora's defaults, each checked."""
     unknown = set(sampling) - SAMPLING_DEFAULTS.keys()
     if unknown:
         raise EdgeloraError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
     opts = {**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
+    for key, (lo, hi, integer) in _BOUNDS.items():
+        value = opts[key]
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not (lo <= value <= hi):  # NaN fails the comparison too
+            kind, span = ("an integer", f"{lo} to {hi}") if integer else ("a number", f"{lo:g} to {hi:g}")
+            raise EdgeloraError(f"{key.replace('_', '-')} must be {kind} from {span}, got {value!r}")
     stop = opts.pop("stop")
-    opts["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(x, str) for x in stop):
+        raise EdgeloraError(f"stop must be strings, got {stop!r}")
+    opts["stop"] = stop
     opts["temp"] = float(opts.pop("temperature"))
     opts["max_tokens"] = int(opts["max_tokens"])
     opts["seed"] = int(opts["seed"])

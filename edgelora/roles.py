@@ -7,10 +7,14 @@ or a wrong type is an error naming the file and the key.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import regex
 
 from ._toml import tomllib
 from .errors import EdgeloraError
@@ -86,10 +90,20 @@ def _strings(value: list, key: str, path: Path) -> list[str]:
     return value
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_INCLUDE_DEPTH = 16
+MAX_EXPANDED = 256  # adapter entries a role spec may expand to, includes counted
+
+
 def load_manifest(path: str | Path) -> Role:
-    path = Path(path).resolve()
+    path = Path(path).expanduser().resolve()
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
+            raise RoleError(f"{path}: not a regular file")
+        if os.stat(path).st_size > MAX_MANIFEST_BYTES:
+            raise RoleError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; not a role manifest")
+        data = tomllib.loads(path.read_text("utf-8-sig"))  # a byte-order mark is fine
     except FileNotFoundError:
         raise RoleError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
@@ -122,8 +136,8 @@ def load_manifest(path: str | Path) -> Role:
     _check(routing, _SCHEMA["routing"], "routing.", path)
     for pattern in _strings(routing.get("regex", []), "routing.regex", path):
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            regex.compile(pattern)
+        except regex.error as exc:
             raise RoleError(f"{path}: 'routing.regex' {pattern!r} is not a valid regular expression ({exc})") from None
     return Role(
         name=name,
@@ -208,8 +222,13 @@ class RoleCatalog:
     def resolve(self, specs: list[str] | list[tuple[str, float]]) -> Resolved:
         pairs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
         merged: dict[str, list] = {}  # sha256 -> [adapter, scale, role]
+        expanded = 0
         for name, weight in pairs:
             for adapter, scale, role in self._flatten(name, weight, ()):
+                expanded += 1
+                if expanded > MAX_EXPANDED:  # includes that fan out (each role including the next twice...)
+                    raise RoleError(f"role '{name}' expands to more than {MAX_EXPANDED} adapter entries through "
+                                    f"its includes; flatten it")
                 if adapter.sha256 in merged:
                     merged[adapter.sha256][1] += scale  # the same file twice: one adapter, summed scale
                 else:
@@ -225,6 +244,8 @@ class RoleCatalog:
     def _flatten(self, name: str, weight: float, stack: tuple[str, ...]):
         if name in stack:
             raise RoleError(f"role cycle: {' -> '.join((*stack, name))}")
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            raise RoleError(f"role '{stack[0]}' includes roles more than {MAX_INCLUDE_DEPTH} deep")
         role = self.get(name)
         for adapter in role.adapters:
             yield adapter, adapter.scale * weight, role

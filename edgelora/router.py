@@ -10,6 +10,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import regex
+
 from .roles import BASE_ROLE, Role
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -43,7 +45,7 @@ def route(prompt: str, roles: list[Role], threshold: float = 0.25) -> Route:
             if re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", low):
                 hits.append((len(kw), role.name, f"keyword '{kw}'"))
         for pattern in role.regex:
-            if re.search(pattern, prompt, re.IGNORECASE):
+            if _regex_hit(pattern, prompt, role):
                 hits.append((100, role.name, f"rule /{pattern}/"))
     if hits:
         _, name, reason = max(hits)  # a regex rule, then the longest keyword, wins
@@ -76,3 +78,16 @@ def _most_similar(prompt: str, roles: list[Role]) -> tuple[float, str, str] | No
         if best is None or score > best[0]:
             best = (score, name, example)
     return best
+
+
+REGEX_BUDGET_S = 0.05  # a manifest's rule must not hang routing (e.g. '^(a+)+$' backtracking)
+
+
+def _regex_hit(pattern: str, prompt: str, role) -> bool:
+    try:
+        return regex.search(pattern, prompt, regex.IGNORECASE, timeout=REGEX_BUDGET_S) is not None
+    except TimeoutError:
+        from .roles import RoleError
+
+        raise RoleError(f"{role.path}: routing.regex {pattern!r} took over {REGEX_BUDGET_S * 1e3:.0f} ms on this "
+                        "prompt (catastrophic backtracking?); simplify it") from None

@@ -21,7 +21,16 @@ def user_roles_dir() -> Path:
 
 
 def default_folders(config: Config) -> list[Path]:
-    return [bundled_dir(), user_roles_dir(), *(Path(p).expanduser() for p in config.roles_dirs)]
+    return [bundled_dir(), user_roles_dir(), *(_expand(p, config) for p in config.roles_dirs)]
+
+
+def _expand(folder: str, config: Config) -> Path:
+    try:
+        return Path(folder).expanduser()
+    except RuntimeError as exc:  # '~nosuchuser/x'
+        from .config import ConfigError
+
+        raise ConfigError(f"{config.path}: roles_dirs entry {folder!r}: {exc}") from None
 
 
 @dataclass

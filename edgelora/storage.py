@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .roles import Role
+from .gguf_info import sha256_file
+from .roles import Role, RoleError, load_manifest
 from .signing import sig_path
 
 
@@ -26,7 +27,9 @@ def _atomic_text(dst: Path, text: str) -> None:
 
 def manifest_text(role: Role, files: dict[Path, str]) -> str:
     """TOML for a role; ``files`` maps each adapter's path to the name written in the manifest."""
-    q = json.dumps  # TOML basic strings accept JSON's escapes
+    def q(value):  # TOML basic strings accept JSON's escapes; non-ASCII stays UTF-8 (TOML has no surrogates)
+        return json.dumps(value, ensure_ascii=False)
+
     lines = [f"name = {q(role.name)}", f"description = {q(role.description)}"]
     if role.system:
         lines.append(f"system = {q(role.system)}")
@@ -46,23 +49,41 @@ def manifest_text(role: Role, files: dict[Path, str]) -> str:
 
 
 def install_role(role: Role, roles_dir: Path) -> Path:
-    roles_dir.mkdir(parents=True, exist_ok=True)
+    """Copy the role's adapters (and signatures), then write its manifest, then read it back: a
+    role that would not load as written is removed again and refused."""
     folder = roles_dir / role.name
-    folder.mkdir(exist_ok=True)
-    files = {}
-    for a in role.adapters:
-        _atomic_copy(a.file, folder / a.file.name)
-        if sig_path(a.file).exists():
-            _atomic_copy(sig_path(a.file), sig_path(folder / a.file.name))
-        files[a.file] = f"{role.name}/{a.file.name}"
     manifest = roles_dir / f"{role.name}.toml"
+    for path in (roles_dir, folder):
+        if path.exists() and not path.is_dir():
+            raise RoleError(f"{path} exists and is not a folder; move it away to add role '{role.name}'")
+    roles_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)
+    files, names = {}, set()
+    for i, a in enumerate(role.adapters):
+        name = a.file.name if a.file.name not in names else f"{i}-{a.file.name}"  # two adapters, one file name
+        names.add(name)
+        _atomic_copy(a.file, folder / name)
+        if sig_path(a.file).is_file():
+            _atomic_copy(sig_path(a.file), sig_path(folder / name))
+        files[a.file] = f"{role.name}/{name}"
     _atomic_text(manifest, manifest_text(role, files))
+    try:
+        written = load_manifest(manifest)
+        if [(a.sha256, a.scale) for a in written.adapters] != [(a.sha256, a.scale) for a in role.adapters]:
+            raise RoleError(f"{manifest}: the written manifest does not pin the same adapters")
+        for a in written.adapters:
+            if sha256_file(a.file) != a.sha256:
+                raise RoleError(f"{a.file}: the copied adapter does not match its pin")
+    except RoleError:
+        remove_role(written if "written" in locals() else role, manifest=manifest)
+        raise
     return manifest
 
 
-def remove_role(role: Role) -> None:
-    assert role.path is not None
-    role.path.unlink()
-    folder = role.path.parent / role.name
+def remove_role(role: Role, manifest: Path | None = None) -> None:
+    manifest = manifest or role.path
+    assert manifest is not None
+    manifest.unlink(missing_ok=True)
+    folder = manifest.parent / role.name
     if folder.is_dir():
         shutil.rmtree(folder)
