@@ -210,6 +210,21 @@ def check_output(plan: ConversionPlan, out: Path, *, force: bool = False) -> Non
         raise ConvertError(f"-o {out} exists and is not a GGUF LoRA adapter; pass --force to replace it")
 
 
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_values(plan: ConversionPlan) -> None:
+    """Refuse to write NaN/Inf, or values the output type cannot hold (f16 overflows to Inf)."""
+    for t, (a, b) in zip(plan.tensors, plan._arrays):
+        for which, arr in (("lora_a", a), ("lora_b", b)):
+            if not np.isfinite(arr).all():
+                raise ConvertError(f"{t.target}.{which}: NaN or Inf after scaling (check lora_alpha and the weights)")
+            peak = float(np.abs(arr).max()) if arr.size else 0.0
+            if plan.outtype in ("f16", "q8_0") and peak > F16_MAX:
+                raise ConvertError(f"{t.target}.{which}: values up to {peak:.3g} overflow {plan.outtype} "
+                                   f"(max {F16_MAX:g}); use --outtype f32 or bf16")
+
+
 def _is_lora_gguf(path: Path) -> bool:
     try:
         from .gguf_header import read_header
@@ -241,6 +256,7 @@ def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False,
     """Write atomically: a temp file in the destination folder, renamed over ``out`` at the end."""
     out = Path(out)
     check_output(plan, out, force=force)
+    check_values(plan)
     _clean_stale_temps(out)
     qtype = OUTTYPES[plan.outtype]
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")

@@ -67,6 +67,9 @@ class PeftSource:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules)
 
 
+MAX_ALPHA = 1e5  # beyond this the folded weights overflow f16 (and no trained LoRA uses it)
+
+
 def peft_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -74,7 +77,11 @@ def peft_scaling(r: int, alpha: float, rslora: bool) -> float:
 def pattern_value(patterns: dict, key: str, default):
     """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
     for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
+        try:
+            hit = re.match(rf"(.*\.)?({p})$", key)
+        except re.error as exc:
+            raise ConvertError(f"pattern {p!r} in rank_pattern/alpha_pattern is not a valid regular expression ({exc})") from None
+        if hit:
             return patterns[p]
     return default
 
@@ -99,6 +106,8 @@ def read_peft(folder: str | Path) -> PeftSource:
         config = json.loads(raw)
     except ValueError as exc:
         raise ConvertError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{config_path}: must be a JSON object, got {type(config).__name__}")
     _check_config(config, config_path)
     tensors = _load_tensors(weights_path)
     modules = _pair_modules(tensors, config, weights_path)
@@ -116,8 +125,13 @@ def _check_config(config: dict, path: Path) -> None:
     if kind != "LORA":
         raise ConvertError(f"{path}: peft_type is {kind}; only LORA adapters convert to GGUF LoRA")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise ConvertError(f"{path}: '{key}' must be a number, got {config.get(key)!r}")
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConvertError(f"{path}: '{key}' must be a finite number, got {value!r}")
+    if not isinstance(config["r"], int) and not float(config["r"]).is_integer():
+        raise ConvertError(f"{path}: 'r' must be an integer, got {config['r']!r}")
+    if abs(config["lora_alpha"]) > MAX_ALPHA:
+        raise ConvertError(f"{path}: lora_alpha {config['lora_alpha']!r} is beyond {MAX_ALPHA:g}; the adapter would overflow")
     if config["r"] <= 0 or config["lora_alpha"] == 0:
         raise ConvertError(f"{path}: r must be > 0 and lora_alpha non-zero (r={config['r']}, lora_alpha={config['lora_alpha']})")
     if config.get("use_dora"):
@@ -138,8 +152,19 @@ def _check_config(config: dict, path: Path) -> None:
     if config.get("fan_in_fan_out"):
         raise ConvertError(f"{path}: fan_in_fan_out (GPT-2 style Conv1D layers) is not supported")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise ConvertError(f"{path}: '{key}' must be an object, got {type(config[key]).__name__}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConvertError(f"{path}: {key} pattern {pattern!r} is not a valid regular expression ({exc})") from None
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
+                    key == "rank_pattern" and (value <= 0 or not float(value).is_integer())) or (
+                    key == "alpha_pattern" and (value == 0 or abs(value) > MAX_ALPHA)):
+                raise ConvertError(f"{path}: {key}[{pattern!r}] = {value!r} is not a valid "
+                                   f"{'rank (a positive integer)' if key == 'rank_pattern' else 'alpha (a finite non-zero number)'}")
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -201,6 +226,8 @@ def _pair_modules(tensors: dict[str, np.ndarray], config: dict, path: Path) -> l
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ConvertError(f"{path}: {module} has lora A {list(a.shape)} and B {list(b.shape)}, which do not pair")
         rank = a.shape[0]
+        if rank == 0:
+            raise ConvertError(f"{path}: {module} has rank 0")
         want_r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         if rank != want_r:
             raise ConvertError(

@@ -666,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeloraError as exc:
         click.echo(f"edgelora: error: {exc}", err=True)
         return EXIT_USER_ERROR
+    except UnicodeError as exc:  # invalid UTF-8 on stdin, or lone surrogates from undecodable argv bytes
+        click.echo(f"edgelora: error: the input (prompt, stdin or a flag's value) is not valid UTF-8 "
+                   f"({exc.reason} at position {exc.start})", err=True)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         click.echo("edgelora: interrupted", err=True)
         return 130
