@@ -23,11 +23,24 @@ def label_for(role: str, out: Completion | None = None, adapters: list[dict] | N
     return f"{role} · {names}{speed}"
 
 
+AUTO_PREFIX = "auto → "  # a label's role part when 'auto' chose it: `-c` then continues in auto
+STOPPED = " · stopped"
+
+
+def role_specs_from_label(label: str) -> list[str]:
+    """The role specs a saved answer's label names ('pirate + terse:0.3 · …' -> ['pirate', 'terse:0.3'])."""
+    role = label.split(" · ", 1)[0].strip()
+    if role.startswith(AUTO_PREFIX):
+        return ["auto"]
+    return [part.strip() for part in role.split(" + ") if part.strip()] or [BASE_ROLE]
+
+
 @dataclass
 class Reply:
     role: str  # the role label at the start of the reply
     adapters: list[dict]
     completion: Completion | None = None
+    stopped: bool = False
 
     @property
     def label(self) -> str:
@@ -68,17 +81,28 @@ class ChatSession:
         return Reply(self.roles.current.label, self.engine.adapter_report())
 
     def stream_reply(self, reply: Reply, messages: list[dict] | None = None) -> Iterator[str]:
-        """Pieces of the answer to the conversation; saved (when not cancelled empty) at the end."""
+        """Pieces of the answer to the conversation. The answer is saved at the end, also when it was
+        stopped (cancel, Ctrl+C, a closed stream): then its label says so."""
+        before = self.engine.last
+        auto = self.roles.auto
         stream = self.roles.stream_chat(messages if messages is not None else self.messages, **self.sampling)
-        reply.role = self.roles.current.label  # 'auto' decides inside stream_chat
+        reply.role = (AUTO_PREFIX if auto else "") + self.roles.current.label  # 'auto' decides inside stream_chat
         reply.adapters = self.engine.adapter_report()
-        yield from stream
-        out = self.engine.last
-        reply.completion = out
-        if messages is None and out is not None and out.text:
-            self.messages.append({"role": "assistant", "content": out.text})
-            if self.history is not None and self.conversation is not None:
-                self.history.add(self.conversation, "assistant", out.text, label=reply.label)
+        try:
+            yield from stream
+        except BaseException:
+            reply.stopped = True
+            raise
+        finally:
+            out = self.engine.last if self.engine.last is not before else None
+            reply.completion = out
+            if out is not None and out.finish_reason == "cancelled":
+                reply.stopped = True
+            if messages is None and out is not None and out.text:
+                self.messages.append({"role": "assistant", "content": out.text})
+                if self.history is not None and self.conversation is not None:
+                    self.history.add(self.conversation, "assistant", out.text,
+                                     label=reply.label + (STOPPED if reply.stopped else ""))
 
     def last_user_prompt(self) -> list[dict] | None:
         for i in range(len(self.messages) - 1, -1, -1):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,49 +130,68 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, extra=manifests, force=force)
     specs = [_role_name(s, roles) for s in role_specs] or ["base"]
+    names = [_split_weight(s)[0] for s in specs]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
+                                 param_hint="--role")
+    if AUTO in names and len(names) > 1:
+        raise click.BadParameter("'auto' picks one role per prompt; it cannot be stacked", param_hint="--role")
     roles.preload(preload)
-    chosen = None
-    if specs == [AUTO]:
-        chosen = roles.route(text)
-        specs = [chosen.role]
-    roles.use(specs)
+    roles.use(specs)  # 'auto' decides per prompt, inside the chat turn
     for path, scale in raw:
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale, force=force)
     load_s = time.perf_counter() - t0
 
-    from .chat import label_for
-    from .history import History
+    from .chat import ChatSession, role_specs_from_label
+    from .history import History, HistoryError
 
-    history = None if no_log and not cont else History()
-    earlier, conversation = [], None
-    if cont:
+    history = None
+    if cont or not no_log:
+        try:
+            history = History()
+        except HistoryError as exc:  # keep answering; say what is not being saved
+            click.echo(f"edgelora: note: {exc}; answering without history", err=True)
+    session = ChatSession(roles, history if not no_log else None, **sampling)
+    if cont and history is not None:
         latest = history.latest()
         if latest is not None:
-            conversation = latest.id
-            earlier = [m.as_chat() for m in history.messages(conversation)]
-    messages = ([{"role": "system", "content": system}] if system else []) + earlier + [{"role": "user", "content": text}]
-    stream = roles.stream_chat(messages, **sampling)
-    if as_json or no_stream:
-        for _ in stream:
-            pass
-    else:
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+            session.resume(latest.id)
+            if not role_specs:  # continuing keeps the conversation's role unless --role says otherwise
+                said = [m.label for m in history.messages(latest.id) if m.role == "assistant" and m.label]
+                if said:
+                    roles.use(role_specs_from_label(said[-1]))
+            if no_log:
+                session.history = None
+    if system:
+        session.messages.insert(0, {"role": "system", "content": system})
+    try:
+        session.add_user(text)  # saved before generating: a killed run keeps the prompt
+    except HistoryError as exc:
+        click.echo(f"edgelora: note: {exc}; answering without history", err=True)
+        session.history = None
+    reply = session.start_reply()
+    interrupted = False
+    with _ctrl_c_cancels(eng) as stop:
+        try:
+            for piece in session.stream_reply(reply):
+                if not (as_json or no_stream):
+                    click.echo(piece, nl=False)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            interrupted = True  # the partial answer is saved, marked stopped; say so below
+    interrupted = interrupted or stop.is_set()
     out = eng.last
-    if history is not None and not no_log:
-        conversation = conversation or history.new()
-        history.add(conversation, "user", text)
-        history.add(conversation, "assistant", out.text, label=label_for(roles.current.label, out))
+    chosen = roles.current.route if roles.auto else None
     if as_json:
         click.echo(json.dumps({
             "text": out.text,
-            "conversation": conversation,
+            "conversation": session.conversation,
             "model": str(eng.model_path),
             "role": roles.current.label,
             "route": {"role": chosen.role, "reason": chosen.reason} if chosen else None,
             "adapters": out.adapters,
-            "finish_reason": out.finish_reason,
+            "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
             "usage": out.usage,
             "timings": {
@@ -184,6 +206,29 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     else:
         click.echo()
     eng.close()
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(eng):
+    """First Ctrl+C: stop the answer (prefill included) and keep it; a second one quits at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        eng.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _unique_name(eng, stem: str) -> str:

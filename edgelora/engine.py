@@ -567,9 +567,11 @@ class Engine:
                         break
                 if len(text) > emitted:
                     yield text[emitted:]
-            except RuntimeError:
-                if not self._cancel.is_set():
+            except RuntimeError as exc:
+                if "returned 2" not in str(exc):  # 2: aborted by our callback; anything else is a real failure
                     raise
+                if not self._cancel.is_set():  # Ctrl+C hit the callback before it could note it
+                    self._interrupted = True
                 # llama_decode was aborted mid-batch: what it left in the KV cache is incomplete.
                 finish = "cancelled"
                 self._clear_kv()

@@ -5,6 +5,7 @@ most the reply being generated."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -69,25 +70,48 @@ def default_db() -> Path:
     return data_dir() / "history.sqlite3"
 
 
+LOCK_WAIT_S = 10.0  # another process writing: wait this long for it, then give up with a clear error
+
+
+def _guarded(method):
+    """sqlite3 errors (corrupt file, lock held too long, read-only disk) become one-line HistoryErrors."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"history {self.path}: {exc}") from None
+    return wrapper
+
+
 class History:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else default_db()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: every statement is its own transaction
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and not self.path.is_file():
+                raise HistoryError(f"history {self.path}: not a regular file; move it away")
+            # autocommit mode: every statement is its own transaction
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT_S)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"history {self.path} is unusable ({exc}); move it away to start a new one") from None
+        except OSError as exc:
+            raise HistoryError(f"history folder {self.path.parent}: {exc.strerror}") from None
 
     def close(self) -> None:
         self.db.close()
 
+    @_guarded
     def new(self, title: str = "") -> int:
         now = time.time()
         return self.db.execute("INSERT INTO conversations(title, created, updated) VALUES (?, ?, ?)",
                                (title, now, now)).lastrowid
 
+    @_guarded
     def add(self, conversation_id: int, role: str, content: str, label: str = "") -> int:
         now = time.time()
         with self.db:  # one transaction: the message and the conversation's timestamp
@@ -100,6 +124,7 @@ class History:
                             "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, conversation_id))
         return mid
 
+    @_guarded
     def list(self, limit: int = 50) -> list[Conversation]:
         rows = self.db.execute(
             "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
@@ -110,21 +135,25 @@ class History:
         found = self.list(1)
         return found[0] if found else None
 
+    @_guarded
     def get(self, conversation_id: int) -> Conversation:
         r = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         if r is None:
             raise HistoryError(f"no conversation {conversation_id} in {self.path}")
         return Conversation(r["id"], r["title"], r["created"], r["updated"])
 
+    @_guarded
     def messages(self, conversation_id: int) -> list[Message]:
         self.get(conversation_id)
         rows = self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [Message(**dict(r)) for r in rows]
 
+    @_guarded
     def rename(self, conversation_id: int, title: str) -> None:
         self.get(conversation_id)
         self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
 
+    @_guarded
     def delete(self, conversation_id: int) -> None:
         self.get(conversation_id)
         with self.db:
@@ -132,6 +161,7 @@ class History:
             self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
+    @_guarded
     def search(self, query: str, limit: int = 50) -> list[tuple[Message, str]]:
         """Full-text search; returns (message, snippet) best first."""
         try:
@@ -143,6 +173,7 @@ class History:
             raise HistoryError(f"search {query!r}: {exc}") from None
         return [(Message(**{k: r[k] for k in r.keys() if k != "snip"}), r["snip"]) for r in rows]
 
+    @_guarded
     def export_markdown(self, conversation_id: int) -> str:
         conv = self.get(conversation_id)
         out = [f"# {conv.title or f'Conversation {conv.id}'}", ""]
