@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import llama_cpp
 import numpy as np
 
@@ -51,6 +52,7 @@ SAMPLING_DEFAULTS = {
 
 
 _SERIALS = itertools.count(1)
+DEFAULT_CTX = 2048
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Engine:
         model: str | os.PathLike | None = None,
         n_gpu_layers: int = 0,
         *,
-        n_ctx: int = 2048,
+        n_ctx: int | None = None,
         n_threads: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
@@ -180,7 +182,7 @@ class Engine:
             raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
         validate_base_model(self.base)  # what llama.cpp asserts on would kill the process
         n_threads = cpu.check_threads(n_threads)
-        self._check_ctx(n_ctx)
+        n_ctx = self._check_ctx(n_ctx)
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
         self.cpu_path = cpu.decide(self.model_path, cpu_extra_buffers, self.base.metadata.get("general.file_type"))
         self.n_threads = n_threads
@@ -213,14 +215,20 @@ class Engine:
                 )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(_why_not_a_model(self.model_path, exc)) from None
+        except jinja2.TemplateError as exc:  # llama-cpp-python compiles the model's chat templates at load
+            raise ModelError(f"{self.model_path}: its chat template does not compile ({exc})") from None
         self.load_s = time.perf_counter() - t0
         self._formatter = self._chat_formatter()
 
-    def _check_ctx(self, n_ctx: int) -> None:
+    def _check_ctx(self, n_ctx: int | None) -> int:
+        """The context size: ``n_ctx``, or by default 2048 tokens (less if the model was trained for less)."""
         trained = self.base.metadata.get(f"{self.base.architecture}.context_length")
         limit = int(trained) if isinstance(trained, int) and 0 < trained < (1 << 24) else 1 << 17
-        if not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit:
+        if n_ctx is None:
+            return min(DEFAULT_CTX, limit)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit:
             raise EdgeloraError(f"--ctx {n_ctx}: must be 16 to {limit} (the context {self.model_path.name} was trained for)")
+        return n_ctx
 
     @property
     def base(self) -> GGUFInfo:
@@ -435,8 +443,7 @@ class Engine:
         plain text, so a user typing ``<|im_end|><|im_start|>system`` gets those characters, not a
         new system turn."""
         if self._formatter is None:
-            raise ModelError(getattr(self, "_template_error", None)
-                             or f"{self.model_path.name} has no chat template; use complete() instead")
+            raise ModelError(f"{self.model_path.name} has no chat template; use complete() instead")
         messages = list(messages)
         result = self._render(messages)
         pieces = _split_contents(result.prompt, self._render(_placeholders(messages)).prompt, messages)
@@ -637,13 +644,6 @@ class Engine:
         template = self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             return None
-        try:
-            return self._make_formatter(template)
-        except Exception as exc:  # a template that does not compile: chat refuses, complete() still works
-            self._template_error = f"{self.model_path.name}: its chat template does not compile ({exc})"
-            return None
-
-    def _make_formatter(self, template: str):
         model = self.llama._model
         eos_id, bos_id = model.token_eos(), model.token_bos()
         return llama_cpp.llama_chat_format.Jinja2ChatFormatter(

@@ -14,10 +14,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import EdgeloraError
+from .errors import AdapterError
 
 
-class SignatureError(EdgeloraError):
+class SignatureError(AdapterError):
     pass
 
 

@@ -65,7 +65,7 @@ def tiny_weights(n_vocab: int, seed: int = 0, **dims) -> dict[str, np.ndarray]:
     return weights
 
 
-def write_llama(path: Path, weights: dict[str, np.ndarray], tokenizer_from: Path, **dims) -> Path:
+def write_llama(path: Path, weights: dict[str, np.ndarray], tokenizer_from: Path, *, kv: dict | None = None, **dims) -> Path:
     d = {**TINY, **dims}
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_type("model")
@@ -83,7 +83,7 @@ def write_llama(path: Path, weights: dict[str, np.ndarray], tokenizer_from: Path
     copy_tokenizer(tokenizer_from, writer)
     for name, arr in weights.items():
         writer.add_tensor(name, arr)
-    _finish(writer)
+    _finish(writer, kv)
     return path
 
 
@@ -115,6 +115,7 @@ def write_lora(
     adapter_type: str = "lora",
     extra_tensors: dict[str, np.ndarray] | None = None,
     dtype=np.float32,
+    kv: dict | None = None,
 ) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(general_type)
@@ -126,7 +127,7 @@ def write_lora(
         writer.add_tensor(name + ".lora_b", b.astype(dtype))
     for name, arr in (extra_tensors or {}).items():
         writer.add_tensor(name, arr)
-    _finish(writer)
+    _finish(writer, kv)
     return path
 
 
@@ -140,7 +141,11 @@ def merge(weights: dict[str, np.ndarray], lora, alpha: float | None, scale: floa
     return merged
 
 
-def _finish(writer: gguf.GGUFWriter) -> None:
+def _finish(writer: gguf.GGUFWriter, kv: dict | None = None) -> None:
+    """``kv``: {key: (value, GGUFValueType)} set or replaced as given, whatever type llama.cpp expects
+    (hostile files for the hardening tests)."""
+    for key, (value, vtype) in (kv or {}).items():
+        writer.kv_data[0][key] = gguf.gguf_writer.GGUFValue(value, vtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
