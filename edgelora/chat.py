@@ -78,9 +78,11 @@ class ChatSession:
             self.history.add(self.conversation, "user", text)
 
     def start_reply(self) -> Reply:
+        if self.roles.auto:  # decided per prompt, once the reply starts: do not show the last role meanwhile
+            return Reply(AUTO_PREFIX + "…", [])
         return Reply(self.roles.current.label, self.engine.adapter_report())
 
-    def stream_reply(self, reply: Reply, messages: list[dict] | None = None) -> Iterator[str]:
+    def stream_reply(self, reply: Reply, messages: list[dict] | None = None, on_start=None) -> Iterator[str]:
         """Pieces of the answer to the conversation. The answer is saved at the end, also when it was
         stopped (cancel, Ctrl+C, a closed stream): then its label says so."""
         before = self.engine.last
@@ -88,6 +90,8 @@ class ChatSession:
         stream = self.roles.stream_chat(messages if messages is not None else self.messages, **self.sampling)
         reply.role = (AUTO_PREFIX if auto else "") + self.roles.current.label  # 'auto' decides inside stream_chat
         reply.adapters = self.engine.adapter_report()
+        if on_start is not None:  # the role is decided (routed), the prompt not yet evaluated
+            on_start(reply, self.roles.current.route if auto else None)
         try:
             yield from stream
         except BaseException:

@@ -31,8 +31,12 @@ class EdgeloraApp(App):
         Binding("ctrl+r", "focus_roles", "Roles"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+o", "history", "History"),
-        Binding("ctrl+y", "copy_last", "Copy reply"),
+        Binding("ctrl+y", "copy_last", "Copy reply", priority=True),  # also while the input has focus
     ]
+
+    def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
+        """Notices quote file names, role names and user text: never parsed as markup."""
+        super().notify(message, markup=markup, **kwargs)
 
     def __init__(self, session: ChatSession, *, resume: int | None = None) -> None:
         super().__init__()
@@ -103,11 +107,17 @@ class EdgeloraApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, reply, widget: ChatMessage) -> None:
         try:
-            for piece in self.session.stream_reply(reply):
+            for piece in self.session.stream_reply(reply, on_start=lambda r, route: self.call_from_thread(
+                    self._started, r, route, widget)):
                 self.call_from_thread(widget.append, piece)
         except EdgeloraError as exc:
             self.call_from_thread(self.notify, str(exc), severity="error")
         self.call_from_thread(self._finished, reply, widget)
+
+    def _started(self, reply, route, widget: ChatMessage) -> None:
+        widget.set_label(reply.label + " · …")
+        if route is not None:
+            self.notify(f"auto → {route.role}: {route.reason}", timeout=6)
 
     async def _finished(self, reply, widget: ChatMessage) -> None:
         await widget.finish()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
+from rich.markup import escape
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -29,7 +32,7 @@ class CompareScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         question = self.prompt[-1]["content"]
         with Vertical(id="compare"):
-            yield Label(f"Compare: {question}", id="compare-title")
+            yield Label(escape(f"Compare: {question}"), id="compare-title")
             with Horizontal():
                 for i, name in enumerate(self.pair):
                     with VerticalScroll(classes="compare-column"):
@@ -49,7 +52,7 @@ class CompareScreen(ModalScreen):
                 try:
                     roles.use([name])
                 except EdgeloraError as exc:
-                    self.app.call_from_thread(widget.set_label, f"{name} · {exc}")
+                    self.app.call_from_thread(widget.set_label, f"{name} · {exc}")  # set_label escapes
                     continue
                 reply = self.session.start_reply()
                 for piece in self.session.stream_reply(reply, messages=self.prompt):
@@ -68,17 +71,21 @@ class CompareScreen(ModalScreen):
 
 
 class HistoryScreen(ModalScreen[int | None]):
-    """Saved conversations: type to search (full text), Enter resumes, d deletes, e exports."""
+    """Saved conversations: type to search (full text), Up/Down pick, Enter resumes, Ctrl+D deletes
+    (press twice), Ctrl+E exports. The search field has the focus, so typing always searches."""
 
     BINDINGS = [
         Binding("escape", "close", "Close"),
-        Binding("d", "delete", "Delete"),
-        Binding("e", "export", "Export .md"),
+        Binding("down", "move(1)", "Next", show=False),
+        Binding("up", "move(-1)", "Previous", show=False),
+        Binding("ctrl+d", "delete", "Delete", priority=True),  # over the search field's own Ctrl+D
+        Binding("ctrl+e", "export", "Export .md", priority=True),
     ]
 
     def __init__(self, history) -> None:
         super().__init__()
         self.history = history
+        self._armed: tuple[int, float] | None = None  # (conversation, when) of a first delete press
 
     def compose(self) -> ComposeResult:
         with Vertical(id="history"):
@@ -88,7 +95,7 @@ class HistoryScreen(ModalScreen[int | None]):
 
     def on_mount(self) -> None:
         self.fill()
-        self.query_one(OptionList).focus()
+        self.query_one(Input).focus()
 
     def fill(self, query: str = "") -> None:
         options = self.query_one(OptionList)
@@ -102,17 +109,27 @@ class HistoryScreen(ModalScreen[int | None]):
             for m, snippet in hits:
                 if m.conversation_id not in seen:
                     seen.append(m.conversation_id)
-                    options.add_option(Option(f"#{m.conversation_id}  {snippet}", id=str(m.conversation_id)))
-            return
-        for c in self.history.list(200):
-            when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
-            options.add_option(Option(f"#{c.id}  {when}  {c.n_messages:>3} msgs  {c.title}", id=str(c.id)))
+                    options.add_option(Option(Text(f"#{m.conversation_id:<5} {snippet}"), id=str(m.conversation_id)))
+        else:
+            for c in self.history.list(200):
+                when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
+                options.add_option(Option(Text(f"#{c.id:<5} {when}  {c.n_messages:>3} msgs  {c.title}"), id=str(c.id)))
+        if options.option_count:
+            options.highlighted = 0  # Enter, Ctrl+D and Ctrl+E act on a row at once
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.fill(event.value.strip())
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.query_one(OptionList).focus()
+        cid = self._selected()
+        if cid is not None:
+            self.dismiss(cid)
+
+    def action_move(self, step: int) -> None:
+        options = self.query_one(OptionList)
+        if options.option_count:
+            current = options.highlighted or 0
+            options.highlighted = max(0, min(options.option_count - 1, current + step))
 
     def _selected(self) -> int | None:
         options = self.query_one(OptionList)
@@ -125,17 +142,24 @@ class HistoryScreen(ModalScreen[int | None]):
 
     def action_delete(self) -> None:
         cid = self._selected()
-        if cid is not None:
-            self.history.delete(cid)
-            self.fill(self.query_one(Input).value.strip())
-            self.notify(f"Deleted conversation {cid}")
+        if cid is None:
+            return
+        now = time.monotonic()
+        if self._armed is None or self._armed[0] != cid or now - self._armed[1] > 5:
+            self._armed = (cid, now)
+            self.notify(f"Press Ctrl+D again to delete conversation #{cid}", severity="warning", markup=False)
+            return
+        self._armed = None
+        self.history.delete(cid)
+        self.fill(self.query_one(Input).value.strip())
+        self.notify(f"Deleted conversation #{cid}", markup=False)
 
     def action_export(self) -> None:
         cid = self._selected()
         if cid is not None:
             path = Path(f"conversation-{cid}.md")
             path.write_text(self.history.export_markdown(cid))
-            self.notify(f"Exported to {path.resolve()}")
+            self.notify(f"Exported to {path.resolve()}", markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
@@ -23,13 +24,13 @@ class ChatMessage(Vertical):
 
     def compose(self):
         who = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
-        yield Label(f"{who}  {self._label}".rstrip(), classes="message-label")
+        yield Label(escape(f"{who}  {self._label}".rstrip()), classes="message-label")  # user text is never markup
         yield Markdown(self.text, classes="message-body")
 
     def set_label(self, label: str) -> None:
         self._label = label
         who = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
-        self.query_one(".message-label", Label).update(f"{who}  {label}")
+        self.query_one(".message-label", Label).update(escape(f"{who}  {label}"))
 
     @property
     def label(self) -> str:
@@ -180,5 +181,5 @@ class StatusBar(Static):
         used, size = (eng.llama.n_tokens, eng.llama.n_ctx()) if eng.llama else (0, 0)
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
         model = eng.model_path.stem if len(eng.model_path.stem) <= 22 else eng.model_path.stem[:21] + "…"
-        self.update(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · adapters {resident:.1f} MB"
-                    + (f" · {note}" if note else ""))
+        self.update(escape(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · adapters {resident:.1f} MB"
+                           + (f" · {note}" if note else "")))

@@ -1,0 +1,120 @@
+"""What a newcomer found in the chat app: history window focus, markup in user text, Ctrl+Y from the
+input, the auto label, delete confirmation. Pilot on the real engine."""
+
+from __future__ import annotations
+
+from textual.widgets import Input, OptionList
+
+from edgelora.history import History
+from edgelora.tui.screens import HistoryScreen
+from edgelora.tui.widgets import ChatMessage, PromptInput
+
+from .test_tui import SIZE, idle, make_app, replies, roles_dir, type_and_send  # noqa: F401 (fixtures)
+
+
+def _history_with(tmp_path, *titles):
+    h = History(tmp_path / "history.sqlite3")
+    for t in titles:
+        cid = h.new()
+        h.add(cid, "user", t)
+        h.add(cid, "assistant", "ok", label="base · no adapter")
+    return h
+
+
+async def test_history_window_types_into_search_and_has_a_row_selected(make_app, tmp_path):
+    h = _history_with(tmp_path, "What is the [moon]?", "Tell me about ships")
+    app = make_app(history=h)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, HistoryScreen)
+        assert app.focused is screen.query_one(Input)  # typing searches at once
+        options = screen.query_one(OptionList)
+        assert options.highlighted == 0
+        await pilot.press(*"moon")
+        await pilot.pause()
+        assert screen.query_one(Input).value == "moon"
+        prompt = str(options.get_option_at_index(0).prompt)
+        assert "[moon]" in prompt  # the matched word, not swallowed as markup
+        await pilot.press("enter")  # resumes the highlighted row
+        await pilot.pause()
+        assert app.session.conversation == 1
+
+
+async def test_history_ids_are_aligned(make_app, tmp_path):
+    h = _history_with(tmp_path, *[f"q{i}" for i in range(11)])
+    app = make_app(history=h)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        options = app.screen.query_one(OptionList)
+        rows = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert len({row.index("20") for row in rows}) == 1  # the date column starts at one place
+
+
+async def test_delete_in_history_asks_first(make_app, tmp_path):
+    h = _history_with(tmp_path, "keep me", "and me")
+    app = make_app(history=h)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        assert len(h.list()) == 2  # one press only arms it
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        assert len(h.list()) == 1
+
+
+async def test_markup_in_user_text_and_labels_is_shown_as_typed(make_app):
+    app = make_app(max_tokens=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "What is [b]bold[/b] and [red]?", fast=True)
+        await idle(app, pilot)
+        app.notify("file [base].toml")  # notices quote file names with brackets
+        await pilot.pause()
+        reply = replies(app)[-1]
+        reply.set_label("role[x] · [b]×1")
+        await pilot.pause()
+        shown = str(reply.query_one(".message-label").render())
+        assert "role[x] · [b]×1" in shown  # not eaten as markup
+        note = [n for n in app._notifications if "[base].toml" in str(n.message)]
+        assert note and note[0].markup is False
+
+
+async def test_ctrl_y_copies_the_last_reply_from_the_input(make_app):
+    app = make_app(max_tokens=4)
+    copied = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "hi")
+        await idle(app, pilot)
+        assert isinstance(app.focused, PromptInput)
+        await pilot.press("ctrl+y")
+        await pilot.pause()
+        assert copied == [replies(app)[-1].text]
+
+
+async def test_auto_label_never_shows_the_previous_role_and_gives_the_reason(make_app, roles_dir, tmp_path):
+    (roles_dir / "a.toml").write_text((roles_dir / "a.toml").read_text() + '\n[routing]\nkeywords = ["alpha"]\n')
+    app = make_app(max_tokens=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.switch(["b"])
+        await app.switch(["auto"])
+        labels = []
+        real = ChatMessage.set_label
+
+        def spy(self, label):
+            labels.append(label)
+            real(self, label)
+
+        ChatMessage.set_label = spy
+        try:
+            await type_and_send(pilot, "tell me about alpha")
+            await idle(app, pilot)
+        finally:
+            ChatMessage.set_label = real
+        label = replies(app)[-1]._label
+        assert label.startswith("auto → a") and not any(l.startswith("b") for l in labels)
+        assert any("auto → a: keyword 'alpha'" in str(n.message) for n in app._notifications)
