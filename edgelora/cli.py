@@ -129,6 +129,9 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, extra=manifests, force=force)
+    if verbose:
+        for name, paths in roles.catalog.shadowed.items():
+            click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
     specs = [_role_name(s, roles) for s in role_specs] or ["base"]
     names = [_split_weight(s)[0] for s in specs]
     if len(set(names)) < len(names):
@@ -553,6 +556,9 @@ def adapters_verify(as_json):
 
     config, catalog = _catalog()
     report = verify_catalog(config, catalog.roles())
+    for name, paths in catalog.collisions().items():  # a role defined twice is a problem, not skipped
+        report += [(name, p, f"role '{name}' is defined more than once: {', '.join(map(str, paths))}") for p in paths]
+    report += [("?", Path(e.split(":", 1)[0]), e) for e in catalog.errors]  # manifests that do not load
     bad = [r for r in report if r[2] != "ok"]
     if as_json:
         click.echo(json.dumps([{"role": r, "file": str(f), "status": st} for r, f, st in report], indent=2))

@@ -6,8 +6,11 @@ is validated against the base. Either becomes a role in the user's roles folder.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .config import cache_dir
 from .convert import ConvertError, convert_peft
@@ -31,8 +34,39 @@ def _hub():
     return huggingface_hub
 
 
+REACH_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached now (None if it can, or if HF_HUB_OFFLINE says not to try).
+    One quick connection instead of huggingface_hub's retries (about 28 s with no network)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"cannot reach the Hugging Face Hub at {host}:{port} ({exc.strerror or exc}): no network?"
+    return None
+
+
+def _offline_or_cached(why: str, fetch):
+    """No network: the local cache only (huggingface_hub's local_files_only), else one clear line."""
+    try:
+        return fetch(local_files_only=True)
+    except Exception:
+        raise HubError(f"{why} It is not in the local cache either; retry online, or use HF_HUB_OFFLINE=1 "
+                       "with files already cached") from None
+
+
 def pull_model(repo: str, file: str | None = None, *, revision: str | None = None) -> Path:
     hub = _hub()
+    why = hub_unreachable()
+    if why is not None:
+        if file is None:
+            raise HubError(f"{why} Name the file to look for it in the local cache: models pull {repo} FILE.gguf")
+        return Path(_offline_or_cached(why, lambda **kw: hub.hf_hub_download(repo, file, revision=revision, **kw)))
     try:
         if file is None:
             ggufs = [f for f in hub.list_repo_files(repo, revision=revision) if f.endswith(".gguf")]
@@ -54,8 +88,16 @@ def pull_adapter(repo: str, *, name: str | None = None, revision: str | None = N
         raise HubError(f"--name {role_name!r} is not a valid role name")
     if catalog is not None and role_name in catalog.found:
         raise HubError(f"role '{role_name}' already exists ({catalog.found[role_name][0]}); pass --name")
+    patterns = ["*.json", "*.safetensors", "*.gguf", "*.sig"]
+    why = hub_unreachable()
     try:
-        folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.gguf", "*.sig"]))
+        if why is not None:
+            folder = Path(_offline_or_cached(why, lambda **kw: hub.snapshot_download(
+                repo, revision=revision, allow_patterns=patterns, **kw)))
+        else:
+            folder = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except HubError:
+        raise
     except Exception as exc:
         raise HubError(f"cannot pull {repo}: {exc}".splitlines()[0]) from None
     base_path = resolve_model(model)

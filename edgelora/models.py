@@ -38,7 +38,10 @@ def default_model_path() -> Path:
     """The embedded SmolLM2 GGUF, located through package metadata (its plugin code is never imported)."""
     env = os.environ.get("EDGELORA_MODEL")
     if env:
-        return resolve_model(env)
+        try:
+            return resolve_model(env)
+        except ModelError as exc:  # name the variable that set it
+            raise ModelError(f"EDGELORA_MODEL={env}: {exc}") from None
     try:
         dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -51,6 +54,36 @@ def default_model_path() -> Path:
     return path
 
 
+def from_installed_package(entry: CatalogEntry) -> Path | None:
+    """A catalog model shipped by an installed package: the file in it, or the file it assembles
+    from split parts (once, into the cache folder, checked against the catalog's sha256)."""
+    if not entry.source.startswith("pypi:"):
+        return None
+    dist_name = entry.source[5:]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    direct = Path(dist.locate_file(entry.file))
+    if direct.is_file():
+        return direct
+    module = importlib.import_module(dist_name.replace("-", "_"))
+    if not hasattr(module, "assemble"):
+        return None
+    from .config import cache_dir
+    from .trust import cached_sha256
+
+    target = cache_dir() / "models" / Path(entry.file).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    if cached_sha256(target) != entry.sha256:
+        raise ModelError(f"{target}: sha256 differs from the catalog's for {entry.name}; delete it and retry")
+    return target
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """None -> the embedded default; a catalog name -> its file; otherwise a path to a GGUF."""
     if model is None:
@@ -61,6 +94,9 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         entry = entries[text]
         if entry.source == f"pypi:{DEFAULT_MODEL_DIST}":
             return default_model_path()
+        found = from_installed_package(entry)
+        if found is not None:
+            return found
         raise ModelError(f"model {text!r} comes from {entry.source}; fetch it first and pass --model PATH")
     path = Path(text).expanduser()
     if not path.is_file():

@@ -184,10 +184,11 @@ class RoleCatalog:
         for folder in self.folders:
             for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
                 self._add(path, strict=False)
+        self.shadowed: dict[str, list[Path]] = {}  # catalog roles hidden by a manifest given by path
         for path in manifests:
-            self._add(Path(path), strict=True)
+            self._add(Path(path), strict=True, explicit=True)
 
-    def _add(self, path: Path, strict: bool) -> None:
+    def _add(self, path: Path, strict: bool, explicit: bool = False) -> None:
         try:
             role = load_manifest(path)
         except RoleError as exc:
@@ -196,6 +197,9 @@ class RoleCatalog:
             self.errors.append(str(exc))
             return
         self._roles[role.path] = role
+        if explicit and role.path not in self.found.get(role.name, [role.path]):
+            # a path names exactly one file: it wins over a catalog role of the same name
+            self.shadowed[role.name] = self.found.pop(role.name)
         paths = self.found.setdefault(role.name, [])
         if role.path not in paths:
             paths.append(role.path)
