@@ -79,11 +79,13 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
     roles = Roles(eng, config, force=force)
     roles.preload(preload)
     roles.use(list(role_specs) or ["base"])
-    history = History()
-    if cont:
+    history = History() if config.save_history else None
+    if cont and history is not None:
         latest = history.latest()
         resume = latest.id if latest else None
     if resume is not None:
+        if history is None:
+            raise EdgeloraError("save_history = false in the config: there is no history to resume")
         history.get(resume)  # a clear error before the screen opens
     run_app(ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens), resume=resume)
     eng.close()
@@ -149,6 +151,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     from .chat import ChatSession, role_specs_from_label
     from .history import History, HistoryError
 
+    no_log = no_log or not config.save_history
     history = None
     if cont or not no_log:
         try:
@@ -387,16 +390,20 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
-@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Repetitions (the median is reported).")
+@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Repetitions, the median is reported [default: 5; 1 with --quick].")
+@click.option("--quick", is_flag=True, help="One repetition and 32 tokens (about 1 minute for the core section instead of ~5).")
 @click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server"]),
               help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
                    "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT.")
-def bench(as_json, model, tokens, repeat, sections):
-    """Measure switching, attach, generation speed and time to first token."""
+def bench(as_json, model, tokens, repeat, sections, quick):
+    """Measure switching, attach, generation speed and time to first token (progress on stderr)."""
     from .bench import print_table, run_bench
 
-    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, progress=None if as_json else click.echo,
-                       sections=sections or None)
+    repeat = repeat or (1 if quick else 5)
+    tokens = 32 if quick and tokens == 128 else tokens
+    t0 = time.perf_counter()
+    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None,
+                       progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
 
 

@@ -47,6 +47,7 @@ class Config:
     trusted_keys: list[str] = field(default_factory=list)  # base64 raw ed25519 public keys
     route_threshold: float = 0.25
     cpu_extra_buffers: str = "auto"  # llama.cpp weight repacking/AMX: auto (probed per host), on, off
+    save_history: bool = True  # false: ask and the chat app save nothing (as --no-log always)
     threads: int | None = None  # CPU threads for generation; None = every core (cpu.py, README 'Threads')
     path: Path | None = None
 
@@ -65,6 +66,7 @@ _TYPES = {
     "route_threshold": (float, int),
     "cpu_extra_buffers": (str,),
     "threads": (int,),
+    "save_history": (bool,),
 }
 
 
