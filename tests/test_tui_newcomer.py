@@ -118,3 +118,22 @@ async def test_auto_label_never_shows_the_previous_role_and_gives_the_reason(mak
         label = replies(app)[-1]._label
         assert label.startswith("auto → a") and not any(l.startswith("b") for l in labels)
         assert any("auto → a: keyword 'alpha'" in str(n.message) for n in app._notifications)
+
+
+async def test_multiline_input_keeps_its_lines_and_ctx_follows_resume_and_new_chat(make_app, tmp_path):
+    from edgelora.tui.widgets import StatusBar
+
+    h = _history_with(tmp_path, "first line\nsecond line")
+    app = make_app(history=h)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await app.resume(1)
+        await pilot.pause()
+        user = [m for m in app.query(ChatMessage) if m.role == "user"][0]
+        body = user.query_one(".message-body")
+        assert "first line  \nsecond line" in body.source  # a hard break, not one joined line
+        status = str(app.query_one(StatusBar).render())
+        want = len(app.session.engine.render_chat(app.session.messages)[0])
+        assert f"ctx {want}/" in status  # right after the resume, before any send
+        await app.action_new_chat()
+        await pilot.pause()
+        assert "ctx 0/" in str(app.query_one(StatusBar).render())

@@ -70,7 +70,16 @@ class EdgeloraApp(App):
 
     def refresh_state(self, note: str = "") -> None:
         self.query_one(RolesPanel).refresh_roles(self.roles)
-        self.query_one(StatusBar).show(self.roles, self.last_speed, note)
+        self.query_one(StatusBar).show(self.roles, self.last_speed, note, used=self._context_used())
+
+    def _context_used(self) -> int:
+        """Tokens the current conversation fills, also right after a resume or a new chat."""
+        if not self.session.messages:
+            return 0
+        try:
+            return len(self.session.engine.render_chat(self.session.messages)[0])
+        except EdgeloraError:
+            return 0
 
     @property
     def generating(self) -> bool:

@@ -25,7 +25,8 @@ class ChatMessage(Vertical):
     def compose(self):
         who = {"user": "You", "assistant": "Assistant"}.get(self.role, self.role)
         yield Label(escape(f"{who}  {self._label}".rstrip()), classes="message-label")  # user text is never markup
-        yield Markdown(self.text, classes="message-body")
+        # a user's line breaks are kept (Markdown would join the lines of a paragraph)
+        yield Markdown(self.text.replace("\n", "  \n") if self.role == "user" else self.text, classes="message-body")
 
     def set_label(self, label: str) -> None:
         self._label = label
@@ -172,13 +173,16 @@ def _resident(roles, name: str) -> bool:
 class StatusBar(Static):
     """Model, device, active adapters, context used, speed, memory held by resident adapters."""
 
-    def show(self, roles, tokens_per_s: float | None = None, note: str = "") -> None:
+    def show(self, roles, tokens_per_s: float | None = None, note: str = "", used: int | None = None) -> None:
+        """``used``: tokens the conversation fills (default: what the KV cache holds now)."""
         eng = roles.engine
         adapters = ", ".join(f"{n}×{s:g}" for n, s in eng.active.items()) or "no adapter"
         if roles.auto:
             adapters = f"auto ({adapters})"
         resident = sum(a.size for a in eng.resident.values()) / 1e6
-        used, size = (eng.llama.n_tokens, eng.llama.n_ctx()) if eng.llama else (0, 0)
+        size = eng.llama.n_ctx() if eng.llama else 0
+        if used is None:
+            used = eng.llama.n_tokens if eng.llama else 0
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
         model = eng.model_path.stem if len(eng.model_path.stem) <= 22 else eng.model_path.stem[:21] + "…"
         self.update(escape(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · adapters {resident:.1f} MB"
