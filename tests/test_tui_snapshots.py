@@ -17,7 +17,7 @@ from edgelora.tui.screens import CompareScreen
 
 from .conftest import write_role
 
-SIZE = (80, 24)
+SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 35)], ids=["80x24", "120x35"])
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +40,34 @@ def app(fresh_engine, tmp_path, smol_adapters):
     history.add(cid, "user", "Say it like a pirate.")
     history.add(cid, "assistant", "Arr, matey! A lighthouse be a tower that guides yer ship. Yo ho ho!",
                 label="pirate · pirate×1 · 118 tok/s")
+    history.db.execute("UPDATE conversations SET created = 1790000000, updated = 1790000000")  # fixed dates
     roles = Roles(fresh_engine, Config(), catalog=RoleCatalog([d]))
     roles.use("pirate")
     return EdgeloraApp(ChatSession(roles, history, temperature=0.0), resume=cid)
 
 
-def test_main_screen(app, snap_compare):
-    assert snap_compare(app, terminal_size=SIZE)
+@SIZES
+def test_main_screen(app, snap_compare, size):
+    assert snap_compare(app, terminal_size=size)
 
 
-def test_roles_panel_focused(app, snap_compare):
+@SIZES
+def test_history_screen(app, snap_compare, size):
+    async def open_history(pilot):
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=open_history)
+
+
+@SIZES
+def test_roles_panel_focused(app, snap_compare, size):
     async def focus_roles(pilot):
         await pilot.press("ctrl+r")
         await pilot.press("down")
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=focus_roles)
+    assert snap_compare(app, terminal_size=size, run_before=focus_roles)
 
 
 class ScriptedSession:
@@ -86,7 +98,8 @@ class ScriptedRoles:
         self._ref[0]._role = specs[0]
 
 
-def test_compare_view(app, snap_compare):
+@SIZES
+def test_compare_view(app, snap_compare, size):
     async def open_compare(pilot):
         ref = [None]
         session = ScriptedSession(ScriptedRoles(app.roles, ref))
@@ -96,4 +109,4 @@ def test_compare_view(app, snap_compare):
         await screen._worker.wait()
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=open_compare)
+    assert snap_compare(app, terminal_size=size, run_before=open_compare)

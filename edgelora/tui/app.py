@@ -145,7 +145,9 @@ class EdgeloraApp(App):
         except EdgeloraError as exc:
             self.notify(str(exc), severity="error", timeout=8)
             return
-        self.refresh_state(f"now {self.roles.current.label if not self.roles.auto else 'auto'}")
+        self.refresh_state()
+        # a toast wraps; the one-line status bar would cut a long stack ('now pirate:0.5 +')
+        self.notify(f"now {self.roles.current.label if not self.roles.auto else 'auto'}", timeout=4)
 
     async def on_roles_panel_chosen(self, event: RolesPanel.Chosen) -> None:
         await self.switch([event.name])
