@@ -184,6 +184,6 @@ class StatusBar(Static):
         if used is None:
             used = eng.llama.n_tokens if eng.llama else 0
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
-        model = eng.model_path.stem if len(eng.model_path.stem) <= 22 else eng.model_path.stem[:21] + "…"
-        self.update(escape(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · adapters {resident:.1f} MB"
+        model = eng.model_path.stem if len(eng.model_path.stem) <= 18 else eng.model_path.stem[:17] + "…"
+        self.update(escape(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · {resident:.1f} MB resident"
                            + (f" · {note}" if note else "")))
