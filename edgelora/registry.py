@@ -60,9 +60,6 @@ class Registry:
                 f"{self.engine.model_path.name} is {self.base_sha256[:16]}… (--force to try anyway; shapes are still checked)"
             )
 
-    def verify_file(self, adapter: RoleAdapter) -> None:
-        verify_adapter_file(adapter, self.config)
-
     # -------------------------------------------------------------- residency
 
     @property
@@ -103,6 +100,15 @@ class Registry:
             self.check_base(role)
             self.ensure(adapter, role)
         self.evict()
+
+    def release(self, adapter: RoleAdapter) -> bool:
+        """Free one resident adapter now, unless it is active. Returns whether it was freed."""
+        name = self._lru.get(adapter.sha256)
+        if name is None or name in self.engine.active:
+            return False
+        del self._lru[adapter.sha256]
+        self.engine.free(name)
+        return True
 
     def evict(self) -> list[str]:
         """Free least-recently-used inactive adapters until within the count and byte budgets."""

@@ -424,21 +424,24 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
                 "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": model}
 
-    async def chat_completions(request: Request):
-        body = await read_json(request)
-        run = service.chat_job(body)
-        model = body.get("model") or service.model_id
+    async def respond(kind: str, body: dict, run):
+        """One JSON object, or SSE chunks ending in [DONE]; chat and completions differ only in the
+        shape of a choice."""
+        base = chunk_base(kind, body.get("model") or service.model_id)
+        chat = kind == "chat"
         if body.get("stream"):
-            base = chunk_base("chat", model)
             first = [True]
 
             def piece(text):
-                delta = {"role": "assistant", "content": text} if first[0] else {"content": text}
-                first[0] = False
-                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                choice = {"text": text}
+                if chat:
+                    choice = {"delta": {"role": "assistant", "content": text} if first[0] else {"content": text}}
+                    first[0] = False
+                return {**base, "choices": [{"index": 0, **choice, "finish_reason": None}]}
 
             def finish(result):
-                return {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}],
+                choice = {"delta": {}} if chat else {"text": ""}
+                return {**base, "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
                         "edgelora": result["edgelora"]}
 
             def usage(result):
@@ -447,34 +450,18 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             include = bool((body.get("stream_options") or {}).get("include_usage"))
             return EventSourceResponse(service.stream_job(run, piece, finish, usage, include), ping=15)
         result = await service.run_job(run)
-        return JSONResponse({
-            **chunk_base("chat", model), "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "finish_reason": result["finish_reason"]}],
-            "usage": result["usage"], "edgelora": result["edgelora"],
-        })
+        choice = {"message": {"role": "assistant", "content": result["text"]}} if chat else {"text": result["text"]}
+        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                             "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
+                             "usage": result["usage"], "edgelora": result["edgelora"]})
+
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        return await respond("chat", body, service.chat_job(body))
 
     async def completions(request: Request):
         body = await read_json(request)
-        run = service.completion_job(body)
-        model = body.get("model") or service.model_id
-        base = chunk_base("completion", model)
-        if body.get("stream"):
-            def piece(text):
-                return {**base, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
-
-            def finish(result):
-                return {**base, "choices": [{"index": 0, "text": "", "finish_reason": result["finish_reason"]}],
-                        "edgelora": result["edgelora"]}
-
-            def usage(result):
-                return {**base, "choices": [], "usage": result["usage"]}
-
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return EventSourceResponse(service.stream_job(run, piece, finish, usage, include), ping=15)
-        result = await service.run_job(run)
-        return JSONResponse({**base, "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"]}],
-                             "usage": result["usage"], "edgelora": result["edgelora"]})
+        return await respond("completion", body, service.completion_job(body))
 
     async def models(request: Request):
         rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
@@ -514,12 +501,8 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             if action == "preload":
                 service.roles.registry.preload(resolved)
             elif action == "evict":
-                active = service.engine.active
                 for adapter, _, _ in resolved.adapters:
-                    engine_name = service.roles.registry._lru.get(adapter.sha256)
-                    if engine_name is not None and engine_name not in active:
-                        service.roles.registry._lru.pop(adapter.sha256)
-                        service.engine.free(engine_name)
+                    service.roles.registry.release(adapter)
             else:
                 raise APIError(404, f"unknown action '{action}' (preload, evict)")
             return {"role": name, "action": action, "roles": service.role_report()}
