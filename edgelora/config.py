@@ -45,7 +45,7 @@ class Config:
     kv_cache_bytes: int = 256 << 20
     require_signatures: bool = False
     trusted_keys: list[str] = field(default_factory=list)  # base64 raw ed25519 public keys
-    route_threshold: float = 0.25
+    route_threshold: float | None = None  # None: the router's fitted threshold (router.py)
     cpu_extra_buffers: str = "auto"  # llama.cpp weight repacking/AMX: auto (probed per host), on, off
     save_history: bool = True  # false: ask and the chat app save nothing (as --no-log always)
     threads: int | None = None  # CPU threads for generation; None = every core (cpu.py, README 'Threads')

@@ -1,7 +1,11 @@
 """Pick a role for a prompt, with a reason: an explicit mention, then the manifests' keyword and
-regex rules, then similarity to each role's example prompts, else the base.
+regex rules, then similarity *of meaning* to each role's example prompts and description, else the
+base.
 
-Similarity is TF-IDF cosine over words (a local method: no model call, deterministic, instant)."""
+Meaning: sentence embeddings from a small local model (embedder.py: all-MiniLM-L6-v2 in numpy,
+loaded on first use, nothing downloaded). Without that package the older TF-IDF word overlap is
+used, and the reason says so. The threshold was fit on a labelled development set (`fit_threshold`,
+tests/routing/dev.toml), not chosen by hand; tests/routing/eval.toml measures it."""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import regex
 
+from .embedder import EmbedderMissing
 from .roles import BASE_ROLE, Role
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -30,7 +36,97 @@ def _terms(text: str) -> list[str]:
     return [w.rstrip("s") if len(w) > 3 else w for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
-def route(prompt: str, roles: list[Role], threshold: float = 0.25) -> Route:
+SEMANTIC_THRESHOLD = 0.17  # fit_threshold() on tests/routing/dev.toml (a test re-fits and compares)
+TFIDF_THRESHOLD = 0.25
+
+
+def route(prompt: str, roles: list[Role], threshold: float | None = None, *, method: str = "meaning") -> Route:
+    """``threshold``: least similarity that picks a role (default: the fitted one for the method)."""
+    rule = _rules(prompt, roles)
+    if rule is not None:
+        return rule
+    if method == "meaning":
+        try:
+            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold)
+        except EmbedderMissing as exc:
+            fallback = f" (word overlap; {exc})"
+    else:
+        fallback = ""
+    best = _most_similar(prompt, roles)
+    limit = TFIDF_THRESHOLD if threshold is None else threshold
+    if best and best[0] >= limit:
+        score, name, example = best
+        return Route(name, f"similar to example '{example}' ({score:.2f}){fallback}", score)
+    return Route(BASE_ROLE, f"no rule matched and no example is similar enough{fallback}", best[0] if best else 0.0)
+
+
+def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
+    best = most_similar_meaning(prompt, roles)
+    if best is None:
+        return Route(BASE_ROLE, "no rule matched and no role has examples", 0.0)
+    score, name, clause = best
+    if score >= threshold:
+        return Route(name, f"'{clause}' is close in meaning to {name}'s examples ({score:.2f})", score)
+    return Route(BASE_ROLE, f"nothing close enough: nearest is {name} for '{clause}' ({score:.2f} < {threshold:.2f})", score)
+
+
+_CLAUSE = re.compile(r"[:;,.!?]|\b(?:then|and then)\b")
+
+
+def clauses(prompt: str) -> list[str]:
+    """The prompt and its parts: an instruction ("One line only") and a topic ("what does a CPU
+    do?") often share one sentence, and the instruction is what picks a role."""
+    parts = [c.strip() for c in _CLAUSE.split(prompt) if c and c.strip()]
+    return list(dict.fromkeys([*parts, prompt.strip()]))[:8]
+
+
+def most_similar_meaning(prompt: str, roles: list[Role]) -> tuple[float, str, str] | None:
+    """(score, role, clause): the clause of the prompt closest to a role's centroid.
+
+    A role is the mean embedding of its examples and description; the mean over all roles is
+    subtracted from both sides, so what every example shares (being a question about some topic)
+    does not count, and what sets a role apart (its style) does."""
+    from .embedder import embed
+
+    texts = {r.name: [*r.examples, *([r.description] if r.description else [])] for r in roles}
+    texts = {n: t for n, t in texts.items() if t}
+    if not texts:
+        return None
+    shared = np.mean([embed(t) for ts in texts.values() for t in ts], axis=0)
+    centroids = {n: _unit(np.mean([embed(t) for t in ts], axis=0) - shared) for n, ts in texts.items()}
+    best = None
+    for clause in clauses(prompt):
+        q = _unit(embed(clause) - shared)
+        for name, c in centroids.items():
+            score = float(q @ c)
+            if best is None or score > best[0]:
+                best = (score, name, clause)
+    return best
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v) + 1e-12)
+
+
+def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
+    """The similarity threshold that routes the most of ``labelled`` (prompt, role) right; ties go
+    to the higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
+    scored = []
+    for prompt, want in labelled:
+        if _rules(prompt, roles) is None:
+            best = most_similar_meaning(prompt, roles)
+            if best is not None:
+                scored.append((best[0], best[1], want))
+    candidates = sorted({round(s, 2) for s, _, _ in scored} | {1.0})
+
+    def right(t: float) -> int:
+        return sum((name if s >= t else BASE_ROLE) == want for s, name, want in scored)
+
+    return max(candidates, key=lambda t: (right(t), t))
+
+
+def _rules(prompt: str, roles: list[Role]) -> Route | None:
+    """An explicit mention, then the manifests' regex and keyword rules."""
     low = prompt.lower()
     names = {r.name.lower(): r.name for r in roles}
     mention = re.search(r"(?:^|\s)@([a-z0-9][a-z0-9_.-]*)", low) or re.search(r"\b(?:as|in) (?:the |a )?([a-z0-9_.-]+) role\b", low)
@@ -50,12 +146,7 @@ def route(prompt: str, roles: list[Role], threshold: float = 0.25) -> Route:
     if hits:
         _, name, reason = max(hits)  # a regex rule, then the longest keyword, wins
         return Route(name, reason)
-
-    best = _most_similar(prompt, roles)
-    if best and best[0] >= threshold:
-        score, name, example = best
-        return Route(name, f"similar to example '{example}' ({score:.2f})", score)
-    return Route(BASE_ROLE, "no rule matched and no example is similar enough", best[0] if best else 0.0)
+    return None
 
 
 def _most_similar(prompt: str, roles: list[Role]) -> tuple[float, str, str] | None:

