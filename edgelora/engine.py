@@ -109,6 +109,7 @@ class Adapter:
     info: GGUFInfo
     handle: object  # llama_adapter_lora pointer
     serial: int = field(default_factory=lambda: next(_SERIALS))  # identity for KV keys (addresses get reused)
+    sha256: str | None = None  # the pin it was loaded under: a file rewritten in place is another version
 
     @property
     def size(self) -> int:
@@ -302,7 +303,7 @@ class Engine:
                 handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(data).encode())
             if not handle:
                 raise AdapterError(f"{path}: llama.cpp refused the adapter ({native_log.recent(1) or 'run with -v for its log'})")
-            adapter = Adapter(name, path, info, handle)
+            adapter = Adapter(name, path, info, handle, sha256=sha256)
             self._resident[name] = adapter
             return adapter
 

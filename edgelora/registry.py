@@ -77,7 +77,7 @@ class Registry:
             return name
         name = role.name if len(role.adapters) == 1 else f"{role.name}.{adapter.file.stem}"
         held = self.engine.resident.get(name)
-        if held is not None and held.path.resolve() == adapter.file.resolve():
+        if held is not None and held.path.resolve() == adapter.file.resolve() and held.sha256 == adapter.sha256:
             self._lru[adapter.sha256] = name  # loaded by another Roles on this engine: adopt it
             return name
         if held is not None:

@@ -31,16 +31,19 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import trust
 from .engine import Engine
 from .errors import EdgeloraError
+from .gguf_info import validate_adapter
 from .registry import verify_adapter_file
 from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError
 from .session import AUTO, Active, Roles, default_folders
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 MAX_STOP = 4
 
 
@@ -64,6 +67,7 @@ class Job:
 
     run: Callable[[Callable[[str], None]], dict]
     loop: asyncio.AbstractEventLoop
+    streaming: bool = False  # pieces are sent to the client as they come; otherwise only the result
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -116,17 +120,11 @@ class Worker:
                 self.current = job
             try:
                 with self.engine.session():
-                    result = job.run(lambda piece: job.put("piece", piece))
+                    result = job.run(lambda piece: job.put("piece", piece) if job.streaming else None)
                 job.finished.set()
                 job.put("done", result)
-            except APIError as exc:
-                job.put("error", exc)
-            except RoleError as exc:
-                code = 404 if str(exc).startswith("unknown role") else 400
-                job.put("error", APIError(code, str(exc), code="model_not_found" if code == 404 else None, param="model"))
-            except EdgeloraError as exc:
-                code = "context_length_exceeded" if "the context holds" in str(exc) else None
-                job.put("error", APIError(400, str(exc), code=code))
+            except (APIError, EdgeloraError) as exc:
+                job.put("error", api_error(exc))
             except Exception as exc:  # a bug of ours: say so, keep serving
                 job.put("error", APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
             finally:
@@ -134,6 +132,17 @@ class Worker:
                 with self._lock:
                     self.current = None
                     self.served += 1
+
+
+def api_error(exc: Exception) -> APIError:
+    """Our typed errors as OpenAI-style 4xx errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RoleError):
+        unknown = str(exc).startswith("unknown role")
+        return APIError(404 if unknown else 400, str(exc), code="model_not_found" if unknown else None, param="model")
+    code = "context_length_exceeded" if "the context holds" in str(exc) else None
+    return APIError(400, str(exc), code=code)
 
 
 # ---------------------------------------------------------------------------- request parsing
@@ -259,38 +268,60 @@ class Service:
         return roles.current
 
     def reload(self) -> dict:
-        """Re-read the roles folders. A role whose new version fails its checks keeps its old one."""
+        """Re-read the roles folders (worker thread: the request in flight has finished). A role
+        whose new version fails its checks, or whose manifest no longer parses, keeps its old
+        version; versions no role uses any more are freed."""
         old = self.roles.catalog
         new = RoleCatalog(default_folders(self.roles.config), manifests=self.extra)
         refused = {}
+        for name, paths in old.found.items():  # a manifest being rewritten, or broken: keep the old role
+            for path in paths:
+                if path not in new._roles and path.exists():
+                    refused[name] = next((e for e in new.errors if str(path) in e), f"{path}: no longer loads")
         for role in new.roles():
             try:
-                for adapter in role.adapters:
-                    verify_adapter_file(adapter, self.roles.config)
-                    self.roles.registry.check_base(role)
+                self.admit(role)
             except EdgeloraError as exc:
                 refused[role.name] = str(exc)
         for name in refused:
+            for path in new.found.pop(name, []):
+                new._roles.pop(path, None)
             if name in old.found and name not in old.collisions():
                 kept = old.get(name)
-                for path in new.found.pop(name, []):
-                    new._roles.pop(path, None)
                 new._roles[kept.path] = kept
                 new.found[name] = [kept.path]
-            else:
-                for path in new.found.pop(name, []):
-                    new._roles.pop(path, None)
         changed = sorted(n for n in new.names() if n not in refused and (
             n not in old.found or n in old.collisions() or _fingerprint(old.get(n)) != _fingerprint(new.get(n))))
+        ids = {i: a.sha256 for i, a, _ in self.adapter_table()}
         self.roles.catalog = new
+        # POST /lora-adapters scales follow their adapter, whatever its new id
+        by_sha = {a.sha256: i for i, a, _ in reversed(self.adapter_table())}
+        self.default_scales = {by_sha[ids[i]]: s for i, s in self.default_scales.items() if ids.get(i) in by_sha}
+        live = {a.sha256 for r in new.roles() for a in r.adapters}
+        for role in old.roles():
+            for adapter in role.adapters:
+                if adapter.sha256 not in live:
+                    self.roles.registry.release(adapter)  # an old version, unless still active
         return {"reloaded": changed, "refused": refused, "roles": new.names(), "problems": new.errors}
 
+    def admit(self, role) -> None:
+        """The checks a role's adapters pass when loaded (sha256 pin, signature, the base it was
+        made for, structure against the loaded base), run now so a bad version is refused at
+        reload, not at its first request. Loading checks it all again."""
+        registry = self.roles.registry
+        registry.check_base(role)
+        for adapter in role.adapters:
+            verify_adapter_file(adapter, self.roles.config)
+            info = validate_adapter(adapter.file, self.engine.base)
+            if not registry.force:
+                trust.check_base(info, self.engine.model_path, adapter.file)
+
     def role_report(self) -> list[dict]:
-        resident = {str(a.path.resolve()): name for name, a in self.engine.resident.items()}
+        resident = {a.sha256: name for name, a in self.engine.resident.items()}  # by version, not by path
         active = self.engine.active
         rows = []
         for role in self.roles.catalog.roles():
-            files = [resident.get(str(a.file.resolve())) for a in role.adapters]
+            files = [resident.get(a.sha256) for a in role.adapters]
             rows.append({"name": role.name, "description": role.description,
                          "resident": bool(files) and all(files), "active": bool(files) and all(f in active for f in files),
                          "adapters": [{"file": str(a.file), "sha256": a.sha256, "scale": a.scale} for a in role.adapters]})
@@ -298,7 +329,26 @@ class Service:
 
     # ------------------------------------------------------------ generation jobs
 
+    def check_request(self, body: dict) -> None:
+        """What can be refused before queueing: the field types, and a role the catalog does not
+        know (checked again when the request runs: a reload may come in between)."""
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise APIError(400, "'stream' must be true or false", param="stream")
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise APIError(400, "'stream_options' must be an object", param="stream_options")
+        model, lora = body.get("model"), body.get("lora")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, "'model' must be a string naming a role", param="model")
+        if lora is not None:
+            _lora_scales(lora)
+        elif model not in (None, "", self.model_id, "default", AUTO):
+            try:
+                self.roles.catalog.resolve([s.strip() for s in model.split("+")])
+            except RoleError as exc:
+                raise api_error(exc) from None
+
     def chat_job(self, body: dict) -> Callable:
+        self.check_request(body)
         messages = messages_from(body)
         sampling = sampling_from(body, self.engine.llama.n_ctx())
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -312,6 +362,7 @@ class Service:
         return run
 
     def completion_job(self, body: dict) -> Callable:
+        self.check_request(body)
         prompt = prompt_from(body)
         sampling = sampling_from(body, self.engine.llama.n_ctx())
 
@@ -338,30 +389,52 @@ class Service:
                          "ttft_s": round(out.ttft_s, 4), "tokens_per_s": round(out.tokens_per_s, 2)},
         }
 
-    async def run_job(self, run) -> dict:
-        """Queue a job and wait for its result (no streaming)."""
-        job = Job(run, asyncio.get_running_loop())
-        self.worker.submit(job)
+    async def _next_event(self, job: Job, request: Request | None) -> tuple[str, object] | None:
+        """The job's next event, or None when the client went away first (the job is cancelled:
+        dropped from the queue, or stopped within a token)."""
         try:
             while True:
-                kind, value = await job.events.get()
-                if kind == "done":
-                    return value
-                if kind == "error":
-                    raise value
+                try:
+                    return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        self.worker.cancel(job)
+                        return None
         except asyncio.CancelledError:
             self.worker.cancel(job)
             raise
 
-    def stream_job(self, run, make_chunk, finish_chunk, usage_chunk, include_usage: bool):
-        """Queue a job; an async generator of SSE data strings. A disconnect cancels the job."""
+    async def run_job(self, run, request: Request | None = None) -> dict | None:
+        """Queue a job and wait for its result (no streaming); None if the client went away."""
         job = Job(run, asyncio.get_running_loop())
+        self.worker.submit(job)
+        while True:
+            event = await self._next_event(job, request)
+            if event is None:
+                return None
+            kind, value = event
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+    async def stream_job(self, run, request: Request, make_chunk, finish_chunk, usage_chunk, include_usage: bool):
+        """Queue a job and wait for its first event, so that a refused request (adapter, context)
+        is still a 4xx; then an async generator of SSE data strings. A disconnect cancels the job."""
+        job = Job(run, asyncio.get_running_loop(), streaming=True)
         self.worker.submit(job)  # a full queue fails here, before the 200 is sent
+        first = await self._next_event(job, request)
+        if first is None:
+            return None
+        if first[0] == "error":
+            raise first[1]
 
         async def events():
+            event = first
             try:
                 while True:
-                    kind, value = await job.events.get()
+                    kind, value = event if event is not None else await job.events.get()
+                    event = None
                     if kind == "piece":
                         yield json.dumps(make_chunk(value))
                     elif kind == "done":
@@ -424,7 +497,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
                 "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": model}
 
-    async def respond(kind: str, body: dict, run):
+    async def respond(kind: str, request: Request, body: dict, run):
         """One JSON object, or SSE chunks ending in [DONE]; chat and completions differ only in the
         shape of a choice."""
         base = chunk_base(kind, body.get("model") or service.model_id)
@@ -448,8 +521,11 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
                 return {**base, "choices": [], "usage": result["usage"]}
 
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return EventSourceResponse(service.stream_job(run, piece, finish, usage, include), ping=15)
-        result = await service.run_job(run)
+            events = await service.stream_job(run, request, piece, finish, usage, include)
+            return EventSourceResponse(events, ping=15) if events is not None else Response(status_code=499)
+        result = await service.run_job(run, request)
+        if result is None:
+            return Response(status_code=499)  # the client went away: nobody reads this
         choice = {"message": {"role": "assistant", "content": result["text"]}} if chat else {"text": result["text"]}
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
@@ -457,11 +533,11 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
 
     async def chat_completions(request: Request):
         body = await read_json(request)
-        return await respond("chat", body, service.chat_job(body))
+        return await respond("chat", request, body, service.chat_job(body))
 
     async def completions(request: Request):
         body = await read_json(request)
-        return await respond("completion", body, service.completion_job(body))
+        return await respond("completion", request, body, service.completion_job(body))
 
     async def models(request: Request):
         rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
