@@ -68,9 +68,21 @@ class MiniLM:
 
     def embed(self, text: str) -> np.ndarray:
         """A unit vector (384) for one text."""
-        ids = np.array(self.tokenizer.encode(text).ids)
+        return self.embed_many([text])[0]
+
+    def embed_many(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors (len(texts), 384) in one pass over the weights.
+
+        The weights (91 MB) do not fit in the CPU cache, so reading them dominates the cost of a
+        short text; the texts' tokens are stacked into one sequence and attention is masked to
+        stay within each text, which equals embedding them one by one."""
+        encoded = [self.tokenizer.encode(t).ids for t in texts]
+        ids = np.concatenate([np.array(e, dtype=np.int64) for e in encoded])
+        positions = np.concatenate([np.arange(len(e)) for e in encoded])
+        segment = np.repeat(np.arange(len(encoded)), [len(e) for e in encoded])
+        mask = np.where(segment[:, None] == segment[None, :], 0.0, -np.inf).astype(np.float32)
         w = self.w
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][: len(ids)]
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][positions]
         x = self._ln(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
         n, d = x.shape
         hd = d // self.heads
@@ -78,7 +90,7 @@ class MiniLM:
             p = f"encoder.layer.{i}."
             q, k, v = (self._dense(x, p + f"attention.self.{m}").reshape(n, self.heads, hd).transpose(1, 0, 2)
                        for m in ("query", "key", "value"))
-            scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+            scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd) + mask
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             ctx = (scores / scores.sum(-1, keepdims=True)) @ v
             attn = self._dense(ctx.transpose(1, 0, 2).reshape(n, d), p + "attention.output.dense")
@@ -86,8 +98,11 @@ class MiniLM:
             h = self._dense(x, p + "intermediate.dense")
             h = 0.5 * h * (1 + _erf(h / math.sqrt(2)))  # exact GELU, as BERT
             x = self._ln(x + self._dense(h, p + "output.dense"), p + "output.LayerNorm")
-        pooled = x.mean(0)
-        return pooled / (np.linalg.norm(pooled) + 1e-12)
+        counts = np.bincount(segment, minlength=len(encoded))[:, None]
+        pooled = np.zeros((len(encoded), d), dtype=np.float32)
+        np.add.at(pooled, segment, x)  # mean pooling per text
+        pooled /= counts
+        return pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -103,7 +118,25 @@ def embedder() -> MiniLM:
     return MiniLM(model_dir())
 
 
-@functools.lru_cache(maxsize=4096)
+_CACHE: dict[str, np.ndarray] = {}
+_CACHE_MAX = 4096
+
+
+def embed_many(texts: list[str]) -> np.ndarray:
+    """Unit vectors for ``texts``; each text is computed once per process (a role's examples are
+    embedded on the first `auto` prompt, then only the new prompt's pieces are)."""
+    missing = list(dict.fromkeys(t for t in texts if t not in _CACHE))
+    if missing:
+        if len(_CACHE) + len(missing) > _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE.update(zip(missing, embedder().embed_many(missing)))
+    return np.array([_CACHE[t] for t in texts]).reshape(len(texts), -1)
+
+
 def embed(text: str) -> np.ndarray:
-    """Cached: a role's examples are embedded once per process."""
-    return embedder().embed(text)
+    return embed_many([text])[0]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    embedder.cache_clear()

@@ -4,6 +4,7 @@ used for fitting) is routed well, better than the old TF-IDF router on the same 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -14,6 +15,7 @@ import pytest
 
 from edgelora import router
 from edgelora._toml import tomllib
+from edgelora.neutral_prompts import NEUTRAL_PROMPTS
 from edgelora.roles import RoleCatalog, bundled_dir
 
 from .conftest import write_role
@@ -50,11 +52,20 @@ def test_the_shipped_threshold_is_the_one_the_dev_set_gives(roles):
     assert router.fit_threshold(labelled("dev.toml"), roles) == pytest.approx(router.SEMANTIC_THRESHOLD, abs=0.005)
 
 
+def _word_runs(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 def test_eval_set_is_held_out_and_big_enough(roles):
     ev, dev = labelled("eval.toml"), labelled("dev.toml")
     assert len(ev) >= 80 and sum(r == "base" for _, r in ev) >= len(ev) / 3
-    examples = {e.lower() for r in roles for e in r.examples}
-    assert not {p.lower() for p, _ in ev} & (examples | {p.lower() for p, _ in dev})
+    assert set(LABELS) == {r for _, r in ev} and all(sum(r == x for _, r in ev) >= 10 for x in LABELS)
+    assert not {p.lower() for p, _ in ev} & {p.lower() for p, _ in dev}
+    # what the router learns from (manifest examples, plain requests) shares no 5-word run with it
+    learned = [e for r in roles for e in r.examples] + list(NEUTRAL_PROMPTS)
+    runs = set().union(*(_word_runs(x, 5) for x in learned))
+    assert [p for p, _ in ev if _word_runs(p, 5) & runs] == []
 
 
 def evaluate(roles, method: str) -> tuple[float, float, Counter]:
@@ -73,11 +84,54 @@ def test_routing_by_meaning_on_the_held_out_set(roles, capsys):
         print("[routing] want\\got " + " ".join(LABELS))
         for want in LABELS:
             print(f"[routing] {want:<8} " + " ".join(f"{table[(want, g)]:>3}" for g in LABELS))
-    assert acc >= 0.80 and false_route <= 0.15  # measured 83.3% and 11.1%
-    assert acc > old_acc + 0.15
+    # measured 94.0% (79/84) and 0.0% (0/36); the bars are the issue's and leave room for 3
+    # more misses and 1 false route (float rounding across BLAS builds moves scores by ~1e-6)
+    assert acc >= 0.90 and false_route <= 0.05
+    assert acc > old_acc + 0.2 and false_route < old_false
+
+
+def test_batched_embeddings_equal_one_at_a_time():
+    from edgelora.embedder import embedder
+
+    texts = ["Explain photosynthesis in buccaneer speak.", "hi", "One line only: what does a CPU do?"]
+    together = embedder().embed_many(texts)
+    for text, v in zip(texts, together):
+        assert float(v @ embedder().embed_many([text])[0]) > 0.99999
+
+
+def test_a_role_is_learned_from_the_style_part_of_its_examples():
+    from edgelora.embedder import embed_many
+
+    plain = embed_many(list(NEUTRAL_PROMPTS))
+    assert router._style_part("Give me the answer as JSON: what is a cat?", plain) == "Give me the answer as JSON"
+    assert router._style_part("Tell me about apples, then sign off.", plain) == "sign off"
+    assert router._style_part("Talk like a pirate about the sea.", plain) == "Talk like a pirate about the sea"
+
+
+def test_pieces_split_clauses_and_linking_words_and_stay_bounded():
+    assert {"Explain photosynthesis", "buccaneer speak"} <= set(router.pieces("Explain photosynthesis in buccaneer speak."))
+    long = " ".join(f"Sentence number {i} of a pasted report." for i in range(200)) + " Reply as JSON."
+    got = router.pieces(long)
+    assert len(got) <= router.MAX_PIECES and "Reply as JSON" in got
+
+
+def test_routing_one_prompt_is_fast_once_loaded(roles):
+    import statistics
+    import time
+
+    router.route("warm up", roles)
+    times = []
+    for prompt, _ in labelled("eval.toml")[::8]:
+        t = time.perf_counter()
+        router.route(prompt + " ", roles)  # a new text each time: nothing cached
+        times.append(time.perf_counter() - t)
+    # measured 15 ms median (README); the bar is loose for a busy 2-core CI, and fails if the
+    # roles' examples were embedded again on every prompt (~0.5 s)
+    assert statistics.median(times) < 0.1
 
 
 @pytest.mark.parametrize("prompt, role", [
+    ("Could you answer like Blackbeard: why is the sky blue?", "pirate"),
     ("One line only: what does a CPU do?", "terse"),
     ("Quick answer, no details: is tomato a fruit?", "terse"),
     ("How does a refrigerator keep food cold?", "base"),
@@ -85,6 +139,9 @@ def test_routing_by_meaning_on_the_held_out_set(roles, capsys):
 def test_the_issue_s_prompts(roles, prompt, role):
     chosen = router.route(prompt, roles)
     assert chosen.role == role and chosen.reason
+    if role != "base":  # the reason names the role's closest example and the score
+        example = chosen.reason.split("example '")[1].split("' (")[0]
+        assert example in next(r for r in roles if r.name == role).examples and f"{chosen.score:.2f}" in chosen.reason
 
 
 def test_a_manifest_adds_examples_without_code(tmp_path, smol_adapters):
@@ -101,14 +158,13 @@ def test_without_the_model_package_word_overlap_is_used_and_said(roles, monkeypa
         raise embedder.EmbedderMissing("the routing model is not installed")
 
     monkeypatch.setattr(embedder, "model_dir", missing)
-    embedder.embedder.cache_clear()
-    embedder.embed.cache_clear()
+    embedder.clear_cache()
+    router._SPACES.clear()
     try:
         chosen = router.route("What is the capital of Peru?", roles)
         assert chosen.role == "base" and "word overlap" in chosen.reason
     finally:
-        embedder.embedder.cache_clear()
-        embedder.embed.cache_clear()
+        embedder.clear_cache()
 
 
 def test_the_model_loads_only_when_auto_is_used():

@@ -1,0 +1,90 @@
+"""Figures for the README's routing section: `python tests/routing/measure.py [--json]`.
+
+Accuracy, neutral->style false routes and a confusion table on the held-out set (eval.toml) for
+the meaning router and the old TF-IDF router (same prompts, same manifests); the time to route
+one prompt (each eval prompt once, after the model is loaded); the model's load time, resident
+memory and package size."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).parent
+LABELS = ["pirate", "json", "terse", "signoff", "base"]
+
+
+def labelled(name: str) -> list[tuple[str, str]]:
+    from edgelora._toml import tomllib
+
+    data = tomllib.loads((HERE / name).read_text())
+    return [(p, role) for role, prompts in data.items() for p in prompts]
+
+
+def evaluate(roles, method: str, data) -> dict:
+    from edgelora import router
+
+    got = [(want, router.route(p, roles, method=method).role) for p, want in data]
+    neutral = [g for w, g in got if w == "base"]
+    table = Counter(got)
+    return {"accuracy": sum(w == g for w, g in got) / len(got),
+            "neutral_to_style": sum(g != "base" for g in neutral) / len(neutral),
+            "confusion": {w: {g: table[(w, g)] for g in LABELS} for w in LABELS}}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _package_mb() -> float:
+    from edgelora.embedder import model_dir
+
+    return sum(f.stat().st_size for f in model_dir().parent.rglob("*") if f.is_file()) / 1e6
+
+
+def main() -> dict:
+    from edgelora import embedder, router
+    from edgelora.roles import RoleCatalog, bundled_dir
+
+    roles = RoleCatalog([bundled_dir()]).roles()
+    data = labelled("eval.toml")
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    embedder.embedder()
+    router.route("warm up: load the model and embed the roles", roles)
+    load_s = time.perf_counter() - t0
+    rss1 = _rss_mb()
+    times = []
+    for prompt, _ in data:
+        t = time.perf_counter()
+        router.route(prompt, roles)
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {"eval_prompts": len(data), "neutral_prompts": sum(w == "base" for _, w in data),
+            "meaning": evaluate(roles, "meaning", data), "tfidf": evaluate(roles, "tfidf", data),
+            "threshold": router.SEMANTIC_THRESHOLD,
+            "route_ms": {"median": round(statistics.median(times), 1), "p95": round(times[int(0.95 * len(times))], 1),
+                         "max": round(times[-1], 1)},
+            "first_use_s": round(load_s, 2), "rss_added_mb": round(rss1 - rss0), "weights_mb": round(embedder.embedder().nbytes / 1e6),
+            "package_mb": round(_package_mb()), "load_average": os.getloadavg()[0]}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent.parent))
+    r = main()
+    if "--json" in sys.argv:
+        print(json.dumps(r, indent=1))
+    else:
+        for name in ("meaning", "tfidf"):
+            m = r[name]
+            print(f"{name}: accuracy {m['accuracy']:.1%}, neutral->style {m['neutral_to_style']:.1%}")
+            print("  want\\got " + " ".join(f"{g:>7}" for g in LABELS))
+            for w in LABELS:
+                print(f"  {w:<8} " + " ".join(f"{m['confusion'][w][g]:>7}" for g in LABELS))
+        print({k: v for k, v in r.items() if k not in ("meaning", "tfidf")})
