@@ -60,17 +60,22 @@ def main() -> dict:
     router.route("warm up: load the model and embed the roles", roles)
     load_s = time.perf_counter() - t0
     rss1 = _rss_mb()
-    times = []
+    times, by_meaning = [], []
     for prompt, _ in data:
         t = time.perf_counter()
         router.route(prompt, roles)
         times.append((time.perf_counter() - t) * 1e3)
+        if router._rules(prompt, roles) is None:  # reached the embedding model
+            by_meaning.append(times[-1])
     times.sort()
+    by_meaning.sort()
     return {"eval_prompts": len(data), "neutral_prompts": sum(w == "base" for _, w in data),
             "meaning": evaluate(roles, "meaning", data), "tfidf": evaluate(roles, "tfidf", data),
             "threshold": router.SEMANTIC_THRESHOLD,
             "route_ms": {"median": round(statistics.median(times), 1), "p95": round(times[int(0.95 * len(times))], 1),
                          "max": round(times[-1], 1)},
+            "route_ms_by_meaning": {"n": len(by_meaning), "median": round(statistics.median(by_meaning), 1),
+                                    "p95": round(by_meaning[int(0.95 * len(by_meaning))], 1)},
             "first_use_s": round(load_s, 2), "rss_added_mb": round(rss1 - rss0), "weights_mb": round(embedder.embedder().nbytes / 1e6),
             "package_mb": round(_package_mb()), "load_average": os.getloadavg()[0]}
 
