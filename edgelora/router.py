@@ -63,11 +63,12 @@ def route(prompt: str, roles: list[Role], threshold: float | None = None, *, met
 def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
     best = most_similar_meaning(prompt, roles)
     if best is None:
-        return Route(BASE_ROLE, "no rule matched and no role has examples", 0.0)
+        return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
+    piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
     if best.score >= threshold:
-        return Route(best.role, f"'{best.piece}' is similar to {best.role}'s example '{best.example}' "
+        return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
                                 f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
-    return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{best.piece}' "
+    return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
                             f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
 
 
@@ -93,7 +94,7 @@ def pieces(prompt: str) -> list[str]:
         parts = [p.strip() for p in _LINK.split(clause) if p and len(p.split()) >= 2]
         if len(parts) > 1:
             out += parts
-    out = list(dict.fromkeys(out))
+    out = [p for p in dict.fromkeys(out) if _WORD.search(p.lower())]  # "?" alone says nothing
     return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
 
 
@@ -165,9 +166,9 @@ def most_similar_meaning(prompt: str, roles: list[Role]) -> Match | None:
     from .embedder import embed_many
 
     space = _space(roles)
-    if space is None:
-        return None
     ps = pieces(prompt)
+    if space is None or not ps:
+        return None
     raw = embed_many(ps)
     q = raw - space.shared
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12

@@ -115,6 +115,11 @@ def test_pieces_split_clauses_and_linking_words_and_stay_bounded():
     assert len(got) <= router.MAX_PIECES and "Reply as JSON" in got
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "?!", "..."])
+def test_a_prompt_without_words_stays_on_base(roles, prompt):
+    assert router.route(prompt, roles).role == "base"
+
+
 def test_routing_one_prompt_is_fast_once_loaded(roles):
     import statistics
     import time
