@@ -44,20 +44,21 @@ class MiniLM:
     def __init__(self, folder: Path):
         import json
 
-        from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         self.config = json.loads((folder / "config.json").read_text())
-        # dense weights stored transposed once, so each layer is one contiguous matmul
-        self.w = {k: np.ascontiguousarray(v.T if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k else v,
-                                          dtype=np.float32)
-                  for k, v in load_file(str(folder / "model.safetensors")).items() if v.dtype != np.int64}
+        # The word table (47 MB) stays memory-mapped: a prompt reads a few of its 30522 rows.
+        # Dense weights are copied once, transposed, so each layer is one contiguous matmul.
+        self.w = {k: v if k == "embeddings.word_embeddings.weight" else
+                  np.ascontiguousarray(v.T if v.ndim == 2 and "embeddings" not in k else v)
+                  for k, v in _map_float32(folder / "model.safetensors").items()}
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()  # one text at a time: padding would enter the mean pooling
         self.tokenizer.enable_truncation(MAX_TOKENS)
         self.heads = int(self.config["num_attention_heads"])
         self.eps = float(self.config.get("layer_norm_eps", 1e-12))
-        self.nbytes = sum(v.nbytes for v in self.w.values())
+        self.nbytes = sum(v.nbytes for v in self.w.values())  # mapped table included
+
 
     def _ln(self, x, name):
         mu = x.mean(-1, keepdims=True)
@@ -115,6 +116,25 @@ class MiniLM:
         np.add.at(pooled, segment, x)  # mean pooling per text
         pooled /= counts
         return pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12)
+
+
+def _map_float32(path: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of a safetensors file as read-only memory maps (format: 8-byte header
+    length, JSON header of dtype/shape/byte offsets, then the data)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    start = 8 + size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] != "F32":
+            continue  # position_ids (int64) is not a weight
+        begin, _ = info["data_offsets"]
+        out[name] = np.memmap(path, dtype="<f4", mode="r", offset=start + begin, shape=tuple(info["shape"]))
+    return out
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
