@@ -147,7 +147,12 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def embedder() -> MiniLM:
-    return MiniLM(model_dir())
+    folder = model_dir()
+    try:
+        return MiniLM(folder)
+    except Exception as exc:  # a damaged install (truncated, wrong header): fall back, say why
+        raise EmbedderMissing(f"the routing model in {folder} is unreadable ({type(exc).__name__}: {exc}); "
+                              f"reinstall it: `{INSTALL_HINT}`") from None
 
 
 _CACHE: dict[str, np.ndarray] = {}

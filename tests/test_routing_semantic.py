@@ -171,6 +171,25 @@ def test_without_the_model_package_word_overlap_is_used_and_said(roles, monkeypa
         embedder.clear_cache()
 
 
+def test_a_damaged_model_package_falls_back_to_word_overlap_and_says_why(roles, monkeypatch, tmp_path):
+    import shutil
+
+    from edgelora import embedder
+
+    good = embedder.model_dir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(good / name, tmp_path / name)
+    (tmp_path / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:4096])  # truncated
+    monkeypatch.setattr(embedder, "model_dir", lambda: tmp_path)
+    embedder.clear_cache()
+    router._SPACES.clear()
+    try:
+        chosen = router.route("What is the capital of Peru?", roles)
+        assert chosen.role == "base" and "word overlap" in chosen.reason and "unreadable" in chosen.reason
+    finally:
+        embedder.clear_cache()
+
+
 def test_the_model_loads_only_when_auto_is_used():
     code = ("from edgelora import Engine, Roles, embedder; e = Engine(); r = Roles(e); r.use('pirate'); "
             "r.chat([{'role': 'user', 'content': 'hi'}], max_tokens=2); print(embedder.embedder.cache_info().currsize); "
