@@ -387,6 +387,34 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 
 
 @cli.command()
+@click.argument("role_specs", nargs=-1, required=True, metavar="ROLE...")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write (created if missing).")
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True)
+@click.option("--hf-base", metavar="PATH_OR_REPO", help="The base in Hugging Face form, for vLLM (default: the repository the GGUF names).")
+@click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
+@_model_option
+def export(role_specs, to, fmt, hf_base, role_dirs, model):
+    """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, or a stack a:0.7+b:0.3)."""
+    from .export import export_roles
+    from .models import resolve_model
+
+    config, catalog = _catalog()
+    if role_dirs:
+        from .roles import RoleCatalog
+        from .session import default_folders
+
+        catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)])
+    base_path = resolve_model(model or config.default_model)
+    doc = export_roles(list(role_specs), Path(to), catalog, base_path, hf_base=hf_base,
+                       progress=lambda msg: click.echo(msg, err=True))
+    for name, role in doc["roles"].items():
+        click.echo(f"{name:<24} {Path(to) / role['adapter']}  rank {role['rank']}  ({role['method']})")
+    hf = doc["base"]["hf"]
+    click.echo(f"wrote {Path(to) / 'roles.json'} and {Path(to) / 'launch-vllm.sh'}; HF base: "
+               + (f"{hf} (from {doc['base']['hf_from']})" if hf else "unknown: set HF_BASE or pass --hf-base"))
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")

@@ -25,6 +25,7 @@ class CatalogEntry:
     architecture: str
     license: str
     description: str = ""
+    hf_repo: str = ""  # the Hugging Face repository of the same weights (for `edgelora export`)
 
 
 def catalog() -> dict[str, CatalogEntry]:

@@ -130,3 +130,115 @@ def test_f16_bf16_q8_0_outputs_stay_faithful(reference):
         convert_peft(folder, reference.f32, path, outtype=outtype)
         for corr, rel in reference.compare(with_peft, reference.llama_logits(path)):
             assert corr >= MIN_CORR and rel <= MAX_REL_ERR, outtype
+
+
+# ------------------------------------------------------------------ the way back: GGUF -> PEFT (export)
+
+from edgelora.convert import to_peft  # noqa: E402
+from edgelora.convert.peft_source import read_peft  # noqa: E402
+from edgelora.roles import RoleCatalog, bundled_dir  # noqa: E402
+
+ROUND_TRIP_MAX_REL = 2e-3  # the GGUF holds f16: ~5e-4 relative per element
+
+
+def _products(folder) -> dict[str, np.ndarray]:
+    """module -> what PEFT adds to its weight (scaling * B @ A), by PEFT's rules (rank/alpha patterns, rsLoRA)."""
+    return {m.module: m.scaling * (m.b.astype(np.float64) @ m.a.astype(np.float64)) for m in read_peft(folder).modules}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_peft_gguf_peft_gives_back_every_product(reference, variant, capsys):
+    folder, _ = reference.peft_adapter(f"rt-{variant}", VARIANTS[variant], seed=5)
+    gguf_path = reference.workdir / f"rt-{variant}.gguf"
+    convert_peft(folder, reference.f32, gguf_path, outtype="f16")
+    back = reference.workdir / f"rt-{variant}-back"
+    exported = to_peft.export_peft([(gguf_path, 1.0)], reference.f32, back)
+    want, got = _products(folder), _products(back)
+    assert set(got) == set(want)
+    worst = max(float(np.linalg.norm(got[m] - want[m]) / np.linalg.norm(want[m])) for m in want)
+    with capsys.disabled():
+        print(f"\n[round trip] {reference.arch:<8} {variant:<9} modules={len(want)} rank={exported.rank} "
+              f"worst relerr={worst:.2e}")
+    assert worst <= ROUND_TRIP_MAX_REL
+
+
+@pytest.mark.parametrize("reference", ["smollm2"], indirect=True)
+def test_round_trip_needs_the_inverse_permutation(reference, monkeypatch):
+    """The round trip can fail: without undoing the q/k RoPE permutation the products differ."""
+    folder, _ = reference.peft_adapter("rt-qk", dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]), seed=6)
+    convert_peft(folder, reference.f32, reference.workdir / "rt-qk.gguf", outtype="f16")
+    monkeypatch.setattr(to_peft, "ROPE_PERMUTED", set())
+    to_peft.export_peft([(reference.workdir / "rt-qk.gguf", 1.0)], reference.f32, reference.workdir / "rt-qk-back")
+    want, got = _products(folder), _products(reference.workdir / "rt-qk-back")
+    assert all(np.linalg.norm(got[m] - want[m]) / np.linalg.norm(want[m]) > 0.5 for m in want)
+
+
+def _peft_logits(reference, folder):
+    model = peft.PeftModel.from_pretrained(reference.hf, str(folder))
+    try:
+        return reference.hf_logits(model)
+    finally:
+        reference.hf = model.unload()
+
+
+def _llama_stack_logits(reference, adapters):
+    names = [reference.engine.attach(path, name=f"stack-{i}", scale=scale, force=True) for i, (path, scale) in enumerate(adapters)]
+    try:
+        return [reference.engine.logits(t) for t in reference.tokens]
+    finally:
+        for n in names:
+            reference.engine.detach(n, free=True)
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns", "embedding"])
+def test_exported_adapter_changes_peft_logits_as_the_gguf_changes_llama_cpp(reference, variant, capsys):
+    folder, _ = reference.peft_adapter(f"fx-{variant}", VARIANTS[variant], seed=7)
+    gguf_path = reference.workdir / f"fx-{variant}.gguf"
+    convert_peft(folder, reference.f32, gguf_path, outtype="f16")
+    back = reference.workdir / f"fx-{variant}-back"
+    to_peft.export_peft([(gguf_path, 1.0)], reference.f32, back)
+    figures = reference.compare(_peft_logits(reference, back), _llama_stack_logits(reference, [(gguf_path, 1.0)]))
+    with capsys.disabled():
+        print(f"\n[export fidelity] {reference.arch:<8} {variant:<9} " + "  ".join(f"corr={c:.5f} relerr={r:.4f}" for c, r in figures))
+    for corr, rel in figures:
+        assert corr >= MIN_CORR and rel <= MAX_REL_ERR
+
+
+def test_stacked_adapters_exported_as_one_lora_match_the_stack(reference, capsys):
+    """a:0.7 + b:0.3 (different ranks and modules) in llama.cpp == one exported PEFT LoRA of rank r1+r2."""
+    fa, _ = reference.peft_adapter("st-a", VARIANTS["plain"], seed=8)
+    fb, _ = reference.peft_adapter("st-b", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]), seed=9)
+    stack = []
+    for folder, scale in ((fa, 0.7), (fb, 0.3)):
+        convert_peft(folder, reference.f32, folder.with_suffix(".gguf"), outtype="f16")
+        stack.append((folder.with_suffix(".gguf"), scale))
+    back = reference.workdir / "st-back"
+    exported = to_peft.export_peft(stack, reference.f32, back)
+    assert exported.rank == 8 + 4  # q and v carry both adapters
+    figures = reference.compare(_peft_logits(reference, back), _llama_stack_logits(reference, stack))
+    with capsys.disabled():
+        print(f"\n[export fidelity] {reference.arch:<8} stack 0.7+0.3 rank {exported.rank} "
+              + "  ".join(f"corr={c:.5f} relerr={r:.4f}" for c, r in figures))
+    for corr, rel in figures:
+        assert corr >= MIN_CORR and rel <= MAX_REL_ERR
+
+
+@pytest.mark.parametrize("reference", ["smollm2"], indirect=True)
+def test_exported_bundled_roles_match_their_gguf_roles(reference, tmp_path, capsys):
+    """`edgelora export pirate pirate:0.7+terse:0.3`: the source-exported role and the stack summed into
+    one LoRA change PEFT's logits as the GGUF roles change llama.cpp's."""
+    from edgelora.export import export_roles
+
+    catalog = RoleCatalog([bundled_dir()])
+    doc = export_roles(["pirate", "pirate:0.7+terse:0.3"], tmp_path, catalog, reference.f32)
+    assert doc["roles"]["pirate"]["method"] == "peft source"
+    assert doc["roles"]["pirate:0.7+terse:0.3"]["method"] == "from gguf"
+    cases = {"pirate": [(bundled_dir() / "pirate.gguf", 1.0)],
+             "pirate:0.7+terse:0.3": [(bundled_dir() / "pirate.gguf", 0.7), (bundled_dir() / "terse.gguf", 0.3)]}
+    for name, stack in cases.items():
+        folder = tmp_path / doc["roles"][name]["adapter"]
+        figures = reference.compare(_peft_logits(reference, folder), _llama_stack_logits(reference, stack))
+        with capsys.disabled():
+            print(f"\n[export fidelity] bundled {name:<22} " + "  ".join(f"corr={c:.5f} relerr={r:.4f}" for c, r in figures))
+        for corr, rel in figures:
+            assert corr >= MIN_CORR and rel <= MAX_REL_ERR

