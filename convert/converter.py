@@ -63,6 +63,11 @@ class ConversionPlan:
     tensors: list[PlannedTensor] = field(default_factory=list)
     _arrays: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
+    @property
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(lora_a, lora_b) of each planned tensor, as they will be written."""
+        return self._arrays
+
     def describe(self) -> str:
         lines = [
             f"source: {self.source.path} (base_model_name_or_path: {self.source.base_model or '?'})",

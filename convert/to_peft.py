@@ -227,14 +227,19 @@ def peft_tensors(export: PeftExport, dtype=np.float32) -> dict[str, np.ndarray]:
     return out
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Only an empty folder or an earlier PEFT adapter folder may be replaced."""
+    if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / CONFIG).is_file()):
+        if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise ConvertError(f"{out_dir} exists and is not a PEFT adapter folder; refusing to replace it")
+
+
 def write_peft(export: PeftExport, out_dir: str | Path, *, base_model_name_or_path: str = "",
                metadata: dict[str, str] | None = None) -> Path:
     """Write the folder atomically: a temp folder beside it, renamed into place (an old one replaced)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists() and not (out_dir / CONFIG).is_file():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise ConvertError(f"{out_dir} exists and is not a PEFT adapter folder; refusing to replace it")
+    check_replaceable(out_dir)
     for m in export.modules:
         if not (np.isfinite(m.a).all() and np.isfinite(m.b).all()):
             raise ConvertError(f"{m.module}: NaN or Inf in the exported weights")

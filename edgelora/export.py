@@ -26,7 +26,7 @@ import numpy as np
 from .convert import ConvertError, plan_conversion
 from .convert.gguf_header import read_header
 from .convert.peft_source import CONFIG, WEIGHTS
-from .convert.to_peft import plan_peft, read_gguf_lora, write_peft
+from .convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, write_peft
 from .errors import EdgeloraError
 from .gguf_info import sha256_file
 from .models import catalog as model_catalog
@@ -68,7 +68,7 @@ def base_provenance(base_path: Path, base_sha: str, adapters: list[Path] = ()) -
             return re.sub(r"^https?://huggingface\.co/", "", value).rstrip("/"), f"the GGUF's {key}"
     for entry in model_catalog().values():
         if entry.sha256 == base_sha and entry.hf_repo:
-            return entry.hf_repo, f"the model catalog ({entry.name}, same sha256)"
+            return entry.hf_repo, f"model catalog: {entry.name}, same sha256"
     for path in adapters:  # our converter records the PEFT config's base_model_name_or_path
         value = read_header(path).get("edgelora.source.base_model_name_or_path")
         if value:
@@ -88,7 +88,7 @@ def _source_folder(gguf_path: Path, base_path: Path) -> Path | None:
         return None
     if stored.alpha is None or not np.isclose(stored.alpha, plan.alpha) or len(stored.tensors) != len(plan.tensors):
         return None
-    for t, (a, b) in zip(plan.tensors, plan._arrays):
+    for t, (a, b) in zip(plan.tensors, plan.arrays):
         if t.target not in stored.tensors:
             return None
         sa, sb = stored.tensors[t.target]
@@ -117,15 +117,18 @@ def export_roles(specs: list[str], to: Path, catalog: RoleCatalog, base_path: Pa
         resolved[spec] = catalog.resolve(parts)  # RoleError names the unknown role
         if not resolved[spec].adapters:
             raise ExportError(f"role '{spec}' has no adapter to export")
+        for role_adapter, _, role in resolved[spec].adapters:  # export only what the manifests pin
+            if not role_adapter.file.is_file():
+                raise ExportError(f"{role.path}: adapter {role_adapter.file} does not exist")
+            if sha256_file(role_adapter.file) != role_adapter.sha256:
+                raise ExportError(f"{role_adapter.file}: sha256 differs from the one {role.path.name} pins; "
+                                  "the file changed since the role was made")
     to.mkdir(parents=True, exist_ok=True)
     base_sha = sha256_file(base_path)
     exported: list[Exported] = []
     for spec, res in resolved.items():
         name = folder_name(spec)
         adapters = [(a.file, scale) for a, scale, _ in res.adapters]
-        for role_adapter, _, role in res.adapters:
-            if not role_adapter.file.is_file():
-                raise ExportError(f"{role.path}: adapter {role_adapter.file} does not exist")
         source = _source_folder(adapters[0][0], base_path) if len(adapters) == 1 and adapters[0][1] == 1.0 else None
         if source is not None:
             progress(f"{spec}: PEFT source {source} (its conversion equals {adapters[0][0].name})")
@@ -150,6 +153,10 @@ def export_roles(specs: list[str], to: Path, catalog: RoleCatalog, base_path: Pa
 
 
 def _copy_source(source: Path, out: Path) -> int:
+    try:
+        check_replaceable(out)
+    except ConvertError as exc:
+        raise ExportError(str(exc)) from None
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         for f in (CONFIG, WEIGHTS):

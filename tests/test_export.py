@@ -118,6 +118,10 @@ def test_a_folder_in_the_way_is_not_replaced(tmp_path, capsys):
     assert main(["export", "pirate:0.7+terse:0.3", "--to", str(out)]) == 2
     assert "is not a PEFT adapter folder" in capsys.readouterr().err
     assert (out / "pirate@0.7+terse@0.3" / "notes.txt").read_text() == "mine"
+    (out / "pirate").mkdir()  # a role exported from its PEFT source is guarded the same way
+    (out / "pirate" / "notes.txt").write_text("mine too")
+    assert main(["export", "pirate", "--to", str(out)]) == 2
+    assert (out / "pirate" / "notes.txt").read_text() == "mine too"
     (tmp_path / "afile").write_text("x")
     assert main(["export", "pirate", "--to", str(tmp_path / "afile")]) == 2
 
@@ -131,3 +135,20 @@ def test_an_adapter_for_another_architecture_is_refused(tmp_path, smol_path, cap
     path = gf.write_lora(tmp_path / "other.gguf", lora, alpha=4.0, arch="gemma3")
     with pytest.raises(ConvertError, match="adapter is for gemma3"):
         to_peft.plan_peft([(path, 1.0)], smol_path)
+
+
+def test_a_changed_adapter_file_is_not_exported(tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "p.gguf"
+    shutil.copy(bundled_dir() / "pirate.gguf", adapter)
+    write_role(tmp_path / "roles", "mine", adapter)
+    with open(adapter, "r+b") as fh:  # one flipped byte in the weights after the role pinned the file
+        fh.seek(-100, 2)
+        byte = fh.read(1)
+        fh.seek(-100, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "export"
+    assert main(["export", "mine", "--to", str(out), "--role-dir", str(tmp_path / "roles")]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    assert not out.exists()

@@ -89,7 +89,8 @@ def server(exported, tmp_path_factory):
              "--max-model-len", "1024", "--dtype", "float32"],
             stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT_S
     try:
         while True:
             if proc.poll() is not None:
@@ -101,6 +102,7 @@ def server(exported, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"vLLM did not answer in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
                 time.sleep(2)
+        print(f"\n[vllm] server answering after {time.monotonic() - started:.0f} s")
         yield client, models
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
