@@ -38,6 +38,7 @@ from ..config import Config, load_config
 from ..errors import EdgeloraError
 from ..gguf_info import read_gguf, sha256_file
 from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
+from ..registry import verify_adapter_file
 from ..roles import Role, RoleCatalog, RoleError, bundled_dir
 from ..session import default_folders
 from ..storage import install_role
@@ -183,13 +184,7 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
         stem = re.sub(r"\.(tar\.gz|tgz)$", "", out.name) if archive else out.name
         root = work / stem if archive else work
         root.mkdir(exist_ok=True)
-        extra = [d for d in wheels.NO_DEPS if d != DEFAULT_MODEL_DIST or any(m.embedded for m in chosen)]
-        house = wheels.collect(root / "wheels", python, find_links=[Path(d) for d in find_links], extra=extra,
-                               progress=progress)
-        (root / "requirements.txt").write_text("".join(f"wheels/{n}\n" for n in house["requirements"]))
-        (root / "no-deps.txt").write_text("".join(f"wheels/{n}\n" for n in house["no_deps"]))
-
-        model_rows = []
+        model_rows = []  # the local, quick parts first: a bad model or role fails before any download
         for m in chosen:
             progress(f"model {m.name}: {m.path} ({m.path.stat().st_size / 1e6:.0f} MB)")
             sha = sha256_file(m.path)
@@ -206,11 +201,19 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
         role_rows = []
         for role in user_roles:
             progress(f"role {role.name}: {role.path}")
+            for adapter in role.adapters:
+                verify_adapter_file(adapter, config)  # its sha256 pin (and signature policy), named if wrong
             install_role(role, root / "roles")  # adapters (+ .sig) copied and re-checked, manifest rewritten
             role_rows.append({"name": role.name, "manifest": f"roles/{role.name}.toml"})
             if role.base_sha256 and role.base_sha256 not in shas:
                 progress(f"warning: role '{role.name}' was made for base sha256 {role.base_sha256[:16]}…, "
                          "which is not in this bundle (it will need --model and --force there)")
+
+        extra = [d for d in wheels.NO_DEPS if d != DEFAULT_MODEL_DIST or any(m.embedded for m in chosen)]
+        house = wheels.collect(root / "wheels", python, find_links=[Path(d) for d in find_links], extra=extra,
+                               progress=progress)
+        (root / "requirements.txt").write_text("".join(f"wheels/{n}\n" for n in house["requirements"]))
+        (root / "no-deps.txt").write_text("".join(f"wheels/{n}\n" for n in house["no_deps"]))
 
         version = importlib.metadata.version("edgelora")
         info = {
