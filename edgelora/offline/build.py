@@ -226,6 +226,7 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
             "models": model_rows,
             "roles": {"bundled": bundled_roles, "user": role_rows},
             "wheels": house["requirements"] + house["no_deps"],
+            "tools": house["tools"],  # pip, for the pipx route; install.sh leaves it alone
         }
         (root / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
         (root / "install.sh").write_text(render_install_sh(python, version))

