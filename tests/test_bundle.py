@@ -134,3 +134,22 @@ def test_models_dir_does_not_shadow_a_real_path(tmp_path, isolated_home, tiny, m
     shutil.copyfile(tiny["merged1"], tmp_path / "x.gguf")
     assert resolve_model("x.gguf") == Path("x.gguf")  # a file here wins
     assert resolve_model("x") == isolated_home / "models" / "x.gguf"
+
+
+def test_place_warns_when_this_cpu_lacks_what_the_build_cpu_had(tmp_path, isolated_home, tiny):
+    b = fake_bundle(tmp_path, tiny["base"], None)
+    info = json.loads((b / "bundle.json").read_text())
+    here = place.cpu_flags()
+    if here is None:
+        pytest.skip("no /proc/cpuinfo flags on this OS")
+    lines = []
+    place.place(b, out=lines.append)  # no cpu_flags recorded: nothing to compare
+    assert not any(l.startswith("warning") for l in lines)
+    (b / "bundle.json").write_text(json.dumps({**info, "cpu_flags": here}))
+    lines.clear()
+    place.place(b, out=lines.append)
+    assert not any(l.startswith("warning") for l in lines)  # same CPU
+    (b / "bundle.json").write_text(json.dumps({**info, "cpu_flags": [*here, "avx9000"]}))
+    lines.clear()
+    place.place(b, out=lines.append)
+    assert lines[0].startswith("warning") and "lacks avx9000," in lines[0] and "Illegal instruction" in lines[0]

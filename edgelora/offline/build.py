@@ -43,6 +43,7 @@ from ..roles import Role, RoleCatalog, RoleError, bundled_dir
 from ..session import default_folders
 from ..storage import install_role
 from . import wheels
+from .place import cpu_flags
 
 FORMAT = 1
 MANIFEST = "SHA256SUMS"
@@ -222,6 +223,7 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
             "python": python,
             "platform": sysconfig.get_platform(),
             "machine": platform.machine(),
+            "cpu_flags": cpu_flags(),  # llama.cpp here may be built for this CPU (GGML_NATIVE); place.py compares
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "models": model_rows,
             "roles": {"bundled": bundled_roles, "user": role_rows},

@@ -21,6 +21,29 @@ from ..session import user_roles_dir
 from ..storage import install_role
 
 
+# x86 instruction sets a llama.cpp built with GGML_NATIVE (llama-cpp-python's default) may use.
+SIMD_FLAGS = ("ssse3", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_int8", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str] | None:
+    """The SIMD flags of this CPU (Linux /proc/cpuinfo); None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return sorted(f for f in SIMD_FLAGS if f in have) if have else None
+
+
+def missing_cpu_flags(info: dict) -> list[str]:
+    built_on, here = info.get("cpu_flags"), cpu_flags()
+    if not built_on or here is None:
+        return []
+    return [f for f in built_on if f not in here]
+
+
 def place_model(src: Path, dest: Path, sha256: str) -> str:
     if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256:
         return "unchanged"
@@ -53,6 +76,11 @@ def set_default_model(path: Path) -> str:
 def place(bundle: Path, out=print) -> None:
     info = json.loads((bundle / "bundle.json").read_text("utf-8"))
     width = 10
+    missing = missing_cpu_flags(info)
+    if missing:
+        out(f"{'warning':<{width}}  this CPU lacks {' '.join(missing)}, which the machine that built this bundle has: its "
+            "llama.cpp may be compiled for that CPU and stop with 'Illegal instruction'; if so, build the bundle on a "
+            "machine like this one (packaging/README.md)")
     out(f"{'data':<{width}}  {data_dir()}")
     placed_default = None
     for m in info["models"]:
