@@ -207,7 +207,7 @@ def test_tui_session_offline(installed):
 def test_bench_and_chat_defaults_download_nothing(installed):
     """The rest of what edgelora does by default, once, with the network off."""
     home, _, _ = installed
-    bench = offline(["edgelora", "bench", "--quick", "--only", "core", "--json"], home, timeout=400)
+    bench = offline(["edgelora", "bench", "--quick", "--tokens", "8", "--only", "core", "--json"], home, timeout=400)
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert json.loads(bench.stdout)
     piped = offline(["edgelora", "ask", "--max-tokens", "8", "Summarize in three words."], home,

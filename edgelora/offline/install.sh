@@ -54,7 +54,8 @@ fi
 cd "$here"
 [ -f SHA256SUMS ] || die "$here/SHA256SUMS is missing: not an edgelora bundle, or an incomplete copy"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/edgelora-install.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT INT TERM
+trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf "$tmp"; exit 130' INT TERM
 total=$(wc -l < SHA256SUMS | tr -d ' ')
 say "edgelora @VERSION@ bundle: checking $total files against SHA256SUMS"
 n=0
