@@ -473,6 +473,35 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     eng.close()
 
 
+@cli.command()
+@click.argument("out", type=click.Path())
+@click.option("-m", "--model", "models", multiple=True, metavar="NAME|PATH",
+              help="Base model to carry (repeatable; catalog name or GGUF path) [default: the embedded default].")
+@click.option("--role", "roles", multiple=True, metavar="NAME",
+              help="Role to carry, with the roles it includes (repeatable) [default: all of yours; bundled roles always travel].")
+@click.option("--python", metavar="3.X", help="Python version of the target [default: this one's].")
+@click.option("--find-links", multiple=True, metavar="DIR", help="Extra folder of wheels to take wheels from (repeatable).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
+def bundle(out, models, roles, python, find_links, force, as_json):
+    """Write an offline bundle to OUT (a folder; OUT.tar.gz writes an archive): wheels, models, roles,
+    SHA256SUMS and install.sh. Copy it to a machine with no network and run `sh install.sh` there."""
+    from .offline.build import build_bundle
+
+    t0 = time.perf_counter()
+    result = build_bundle(out, models=models, roles=roles, python=python, find_links=find_links, force=force,
+                          progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    roles_text = ", ".join([*result["roles"]["bundled"], *(r["name"] for r in result["roles"]["user"])]) or "none"
+    click.echo(f"wrote {result['path']}: {result['size_bytes'] / 1e6:.0f} MB, {len(result['wheels'])} wheels, "
+               f"models {', '.join(m['name'] for m in result['models'])}, roles {roles_text} "
+               f"(Python {result['python']}, {result['platform']}; {result['build_s']:.0f} s)")
+    click.echo(f"install it offline: sh {Path(result['path']).name}/install.sh" if not result["path"].endswith(("gz",))
+               else f"install it offline: tar xzf {Path(result['path']).name} && sh <folder>/install.sh")
+
+
 # ---------------------------------------------------------------------------- roles
 
 

