@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from .converter import ROPE_PERMUTED
 from .errors import ConvertError
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_header
-from .peft_source import CONFIG, WEIGHTS
+from .peft_source import CONFIG, WEIGHTS, _natural
 
 EMBEDDING = "token_embd.weight"
 # HF module names of the models llama.cpp applies LoRA to (llama, gemma, qwen, mistral...):
@@ -188,12 +188,6 @@ def _to_peft_orientation(target, a, b, header: GGUFHeader, arch: str) -> tuple[n
     return a, b
 
 
-def _natural(s: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
 def peft_config(export: PeftExport, base_model_name_or_path: str = "") -> dict:
     return {
         "peft_type": "LORA",
@@ -247,8 +241,18 @@ def write_peft(export: PeftExport, out_dir: str | Path, *, base_model_name_or_pa
     try:
         (tmp / CONFIG).write_text(json.dumps(peft_config(export, base_model_name_or_path), indent=2) + "\n")
         save_file(peft_tensors(export), str(tmp / WEIGHTS), metadata={"format": "pt", **(metadata or {})})
-        for f in (CONFIG, WEIGHTS):
-            os.chmod(tmp / f, 0o644)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, out_dir)
+    return out_dir
+
+
+def replace_folder(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp folder ``tmp`` to ``out_dir``, replacing an earlier one."""
+    try:
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)  # mkdtemp made it private; the folder is an ordinary one
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -260,7 +264,6 @@ def write_peft(export: PeftExport, out_dir: str | Path, *, base_model_name_or_pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def export_peft(adapters: list[tuple[str | Path, float]], base: str | Path, out_dir: str | Path, *,

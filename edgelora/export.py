@@ -26,7 +26,7 @@ import numpy as np
 from .convert import ConvertError, plan_conversion
 from .convert.gguf_header import read_header
 from .convert.peft_source import CONFIG, WEIGHTS
-from .convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, write_peft
+from .convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, replace_folder, write_peft
 from .errors import EdgeloraError
 from .gguf_info import sha256_file
 from .models import catalog as model_catalog
@@ -161,13 +161,10 @@ def _copy_source(source: Path, out: Path) -> int:
     try:
         for f in (CONFIG, WEIGHTS):
             shutil.copyfile(source / f, tmp / f)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, out)
     config = json.loads((out / CONFIG).read_text())
     return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
 
