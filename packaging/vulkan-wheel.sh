@@ -1,0 +1,102 @@
+#!/bin/sh
+# Build llama-cpp-python with llama.cpp's Vulkan backend, once per machine, and print the folder
+# to put on PYTHONPATH (the venv keeps its CPU build):
+#
+#   PYTHONPATH=$(sh packaging/vulkan-wheel.sh) GGML_VK_VISIBLE_DEVICES=0 .venv/bin/python -m pytest -q -m gpu
+#
+# Debian 12 (root, apt): installs the Vulkan loader, Mesa's drivers (llvmpipe: a software Vulkan
+# device) and the shader compilers if missing. Debian 12's Vulkan headers (1.3.239) are too old for
+# ggml-vulkan.cpp ('LayerSettingEXT' is not a member of 'vk'), so the headers of Debian 13's
+# libvulkan-dev are fetched with apt-get download from a private apt state folder (the system's
+# apt sources are not touched) and unpacked into the cache.
+#
+# Portable across x86-64 hosts with AVX2 (GGML_NATIVE=OFF): no AVX512 kernels (hosts without it
+# would die with SIGILL) and no AMX kernels (llama.cpp issue 20824; edgelora's CPU probe still
+# decides the remaining extra buffers per host).
+#
+# Cached in $EDGELORA_VULKAN_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/vulkan-wheel),
+# one folder per llama-cpp-python version + build flags: the wheel, build.json (build time, wheel
+# size) and site/ (the installed package). A later run finds site/.complete and prints it at once.
+# Everything but the site folder goes to stderr and to build.log in that folder.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+python=${PYTHON:-$root/.venv/bin/python}
+version=${LLAMA_CPP_PYTHON_VERSION:-$("$python" -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))" 2>/dev/null || echo 0.3.36)}
+flags="-DGGML_VULKAN=on -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
+key="$version-$(printf %s "$flags" | sha256sum | cut -c1-12)"
+top=${EDGELORA_VULKAN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/vulkan-wheel}
+cache="$top/$key"
+
+if [ -f "$cache/site/.complete" ]; then
+    echo "vulkan-wheel: reusing $cache" >&2
+    echo "$cache/site"
+    exit 0
+fi
+
+mkdir -p "$cache"
+log="$cache/build.log"
+say() { echo "vulkan-wheel: $*" | tee -a "$log" >&2; }
+
+# 1. System packages (Debian 12): loader, llvmpipe, shader compilers.
+packages="libvulkan-dev glslc glslang-tools spirv-headers mesa-vulkan-drivers vulkan-tools"
+missing=""
+for p in $packages; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    say "installing$missing"
+    if [ "$(id -u)" != 0 ]; then
+        say "not root: install these first: apt-get install -y$missing"
+        exit 2
+    fi
+    apt-get update -q >>"$log" 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >>"$log" 2>&1
+fi
+
+# 2. Newer Vulkan headers (Debian 13's libvulkan-dev), from a private apt state folder.
+headers="$top/headers"
+if [ ! -f "$headers/usr/include/vulkan/vulkan.hpp" ]; then
+    apt=$(mktemp -d)
+    mkdir -p "$apt/state/lists/partial" "$apt/cache/archives/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" >"$apt/sources.list"
+    opts="-o Dir::Etc::sourcelist=$apt/sources.list -o Dir::Etc::sourceparts=/nonexistent -o Dir::State=$apt/state -o Dir::Cache=$apt/cache -o Dir::State::status=/var/lib/dpkg/status"
+    say "fetching Debian 13 libvulkan-dev headers (private apt state in $apt)"
+    apt-get $opts update -q >>"$log" 2>&1
+    (cd "$apt" && apt-get $opts download libvulkan-dev >>"$log" 2>&1)
+    rm -rf "$headers.tmp" && dpkg -x "$apt"/libvulkan-dev_*.deb "$headers.tmp"
+    rm -rf "$headers" && mv "$headers.tmp" "$headers"
+    basename "$apt"/libvulkan-dev_*.deb >"$headers/deb"
+    rm -rf "$apt"
+fi
+say "headers: $(cat "$headers/deb" 2>/dev/null || echo "$headers")"
+
+# 3. The wheel: built once, shrunk (each library stored once or twice, not three times).
+wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$wheel" ]; then
+    build=$(mktemp -d)
+    say "building llama-cpp-python $version with $flags (log: $log; ~30 min on 2 busy cores)"
+    start=$(date +%s)
+    (cd "$build" && "$python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d . >>"$log" 2>&1)
+    CMAKE_ARGS="$flags -DVulkan_INCLUDE_DIR=$headers/usr/include" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        nice -n 10 "$python" -m pip wheel -v --no-deps -w "$build/out" "$build"/llama_cpp_python-"$version".tar.gz >>"$log" 2>&1
+    seconds=$(( $(date +%s) - start ))
+    built=$(ls "$build"/out/*.whl)
+    wheel="$cache/$(basename "$built")"
+    "$python" "$here/shrink_wheel.py" wheel "$built" "$wheel.tmp"
+    printf '{"version": "%s", "flags": "%s", "headers": "%s", "build_s": %s, "wheel_bytes_built": %s, "wheel_bytes": %s, "cores": %s, "cpu": "%s", "when": "%s"}\n' \
+        "$version" "$flags" "$(cat "$headers/deb")" "$seconds" "$(wc -c <"$built")" "$(wc -c <"$wheel.tmp")" "$(nproc)" \
+        "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$cache/build.json"
+    mv "$wheel.tmp" "$wheel"
+    rm -rf "$build"
+    say "built in ${seconds} s: $(cat "$cache/build.json")"
+fi
+
+# 4. Installed beside the venv, not into it.
+rm -rf "$cache/site"
+"$python" -m pip install -q --no-deps --no-index --target "$cache/site" "$wheel" >>"$log" 2>&1
+"$python" "$here/shrink_wheel.py" link "$cache/site/llama_cpp/lib" 2>>"$log"
+touch "$cache/site/.complete"
+echo "$cache/site"
