@@ -96,12 +96,7 @@ def plan_conversion(
     if outtype not in OUTTYPES:
         raise ConvertError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     source = read_peft(peft_dir)
-    try:
-        header = read_header(base)
-    except GGUFHeaderError as exc:
-        raise ConvertError(f"base {exc}") from None
-    if header.get("general.type") == "adapter":
-        raise ConvertError(f"{base} is an adapter; --base needs the base model GGUF")
+    header = read_base(base)
     arch = header.architecture
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         raise ConvertError(f"{base}: architecture {arch!r} is unknown to the installed gguf package")
@@ -146,6 +141,17 @@ def plan_conversion(
         plan.tensors.append(PlannedTensor(m.module, target, a.shape, b.shape, m.rank, m.scaling, fold, permuted))
         plan._arrays.append((a, b))
     return plan
+
+
+def read_base(base) -> GGUFHeader:
+    """The base model's GGUF header; an adapter given as the base is refused."""
+    try:
+        header = read_header(base)
+    except GGUFHeaderError as exc:
+        raise ConvertError(f"base {exc}") from None
+    if header.get("general.type") == "adapter":
+        raise ConvertError(f"{base} is an adapter; --base needs the base model GGUF")
+    return header
 
 
 def _gguf_name(module: str, names: gguf.TensorNameMap) -> str | None:

@@ -25,9 +25,9 @@ import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
-from .converter import ROPE_PERMUTED
+from .converter import ROPE_PERMUTED, read_base
 from .errors import ConvertError
-from .gguf_header import GGUFHeader, GGUFHeaderError, read_header
+from .gguf_header import GGUFHeader
 from .peft_source import CONFIG, WEIGHTS, _natural
 
 EMBEDDING = "token_embd.weight"
@@ -117,7 +117,6 @@ class PeftModule:
 class PeftExport:
     rank: int
     modules: list[PeftModule]
-    sources: list[tuple[Path, float]]
 
     @property
     def target_modules(self) -> list[str]:
@@ -126,7 +125,7 @@ class PeftExport:
 
 def plan_peft(adapters: list[tuple[str | Path, float]], base: str | Path | GGUFHeader) -> PeftExport:
     """The weighted sum of GGUF LoRA ``adapters`` (path, user scale) on ``base`` as one PEFT LoRA."""
-    header = base if isinstance(base, GGUFHeader) else _read_base(base)
+    header = base if isinstance(base, GGUFHeader) else read_base(base)
     arch = header.architecture
     n_blocks = int(header.get(f"{arch}.block_count", 0))
     hf_names = hf_module_names(arch, n_blocks)
@@ -157,17 +156,7 @@ def plan_peft(adapters: list[tuple[str | Path, float]], base: str | Path | GGUFH
             a = np.concatenate([a, np.zeros((pad, a.shape[1]), np.float32)], axis=0)
             b = np.concatenate([b, np.zeros((b.shape[0], pad), np.float32)], axis=1)
         modules.append(PeftModule(hf_names[target], target == EMBEDDING, a, b))
-    return PeftExport(rank, modules, [(Path(p), float(s)) for p, s in adapters])
-
-
-def _read_base(base) -> GGUFHeader:
-    try:
-        header = read_header(base)
-    except GGUFHeaderError as exc:
-        raise ConvertError(f"base {exc}") from None
-    if header.get("general.type") == "adapter":
-        raise ConvertError(f"{base} is an adapter; the base model GGUF is needed")
-    return header
+    return PeftExport(rank, modules)
 
 
 def _to_peft_orientation(target, a, b, header: GGUFHeader, arch: str) -> tuple[np.ndarray, np.ndarray]:
