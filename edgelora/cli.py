@@ -130,6 +130,8 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     t0 = time.perf_counter()
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+    if n_gpu_layers and not eng.gpu_layers:
+        click.echo(f"edgelora: note: --n-gpu-layers {n_gpu_layers}: nothing offloaded ({_why_no_offload()}); running on the CPU", err=True)
     roles = Roles(eng, config, extra=manifests, force=force)
     if verbose:
         for name, paths in roles.catalog.shadowed.items():
@@ -199,6 +201,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             "adapters": out.adapters,
             "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
+            "offload": eng.offload.as_dict(),
             "usage": out.usage,
             "timings": {
                 "load_s": round(load_s, 4),
@@ -262,9 +265,11 @@ def _role_name(spec: str, roles) -> str:
 
 @cli.command()
 @_model_option
+@click.option("--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
+              help="Also load the model with this many layers offloaded and report where llama.cpp put them.")
 @click.option("--json", "as_json", is_flag=True)
-def doctor(model, as_json):
-    """Versions, llama.cpp backend build, GPU offload support, and the default model."""
+def doctor(model, n_gpu_layers, as_json):
+    """Versions, llama.cpp backend build, GPU devices and offload, and the default model."""
     import importlib.metadata
     import platform
 
@@ -281,6 +286,7 @@ def doctor(model, as_json):
         "backend": b.build,
         "ggml_backends": list(b.backends),
         "gpu_offload": b.gpu_offload,
+        "devices": [d.as_dict() for d in b.devices],
         "system_info": b.system_info,
     }
     try:
@@ -294,6 +300,8 @@ def doctor(model, as_json):
             "size_bytes": info.size,
             "sha256": sha256_file(path),
         }
+        if n_gpu_layers:
+            report["offload"] = _offload_report(path, n_gpu_layers)
     except EdgeloraError as exc:
         report["model"] = {"error": str(exc)}
     if as_json:
@@ -301,6 +309,8 @@ def doctor(model, as_json):
         return
     width = max(map(len, report))
     for key, value in report.items():
+        if key == "devices":
+            value = [f"{d['name']} ({d['description']}, {d['type']}, {d['memory_total_mib']} MiB)" for d in value]
         if isinstance(value, dict):
             for k, v in value.items():
                 click.echo(f"{(key + '.' + k):<{width + 16}}  {v}")
@@ -310,6 +320,31 @@ def doctor(model, as_json):
         click.echo(f"\nllama.cpp's extra CPU buffers (weight repacking, AMX) are off: {report['cpu']['reason']}.")
     if not b.gpu_offload:
         click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
+    elif not b.offload_devices:
+        click.echo(f"\nThis llama.cpp build ({b.build}) sees no GPU device, so layers stay on the CPU"
+                   + ("; a software Vulkan device (llvmpipe) is used only with GGML_VK_VISIBLE_DEVICES=0." if "Vulkan" in b.backends else "."))
+
+
+def _why_no_offload() -> str:
+    from .backend import backend_info
+
+    b = backend_info()
+    if not b.gpu_offload:
+        return "this llama.cpp build is CPU-only; README 'GPU offload'"
+    if "Vulkan" in b.backends and not b.offload_devices:
+        return "no Vulkan GPU visible; a software device (llvmpipe) needs GGML_VK_VISIBLE_DEVICES=0"
+    return f"llama.cpp's {b.build} build found no usable device"
+
+
+def _offload_report(model_path, n_gpu_layers) -> dict:
+    """Load the model with n_gpu_layers and report what llama.cpp did (devices, layers, buffers)."""
+    from . import Engine
+
+    eng = Engine(model_path, n_gpu_layers=n_gpu_layers, n_ctx=256)
+    try:
+        return {"requested": n_gpu_layers, **eng.offload.as_dict()}
+    finally:
+        eng.close()
 
 
 def _cpu_report(model_path, info) -> dict:

@@ -31,8 +31,7 @@ import jinja2
 import llama_cpp
 import numpy as np
 
-from . import cpu, native_log, trust
-from .backend import backend_info
+from . import cpu, gpu_adapters, native_log, offload, trust
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from .gate import Gate
 from .gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
@@ -202,10 +201,12 @@ class Engine:
         self.last: Completion | None = None
         t0 = time.perf_counter()
         try:
-            with cpu.extra_buffers(self.cpu_path.extra_buffers):
+            with cpu.extra_buffers(self.cpu_path.extra_buffers), native_log.capture() as load_log:
                 self.llama = llama_cpp.Llama(
                     model_path=str(self.model_path),
                     n_gpu_layers=n_gpu_layers,
+                    # A GPU build otherwise ships big CPU-side batches to the device: 0 layers means CPU.
+                    op_offload=n_gpu_layers != 0,
                     n_ctx=n_ctx,
                     n_threads=n_threads,
                     n_threads_batch=n_threads,
@@ -219,6 +220,8 @@ class Engine:
         except jinja2.TemplateError as exc:  # llama-cpp-python compiles the model's chat templates at load
             raise ModelError(f"{self.model_path}: its chat template does not compile ({exc})") from None
         self.load_s = time.perf_counter() - t0
+        self._gpu_adapters_checked = False
+        self.offload = offload.parse(load_log)  # what llama.cpp did with n_gpu_layers, from its own log
         self._formatter = self._chat_formatter()
 
     def _check_ctx(self, n_ctx: int | None) -> int:
@@ -248,18 +251,13 @@ class Engine:
 
     @property
     def gpu_layers(self) -> int:
-        """Layers actually offloaded: 0 when the llama.cpp build cannot offload."""
-        if self.n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
-            return 0
-        n = self.n_layers
-        return n if self.n_gpu_layers < 0 else min(self.n_gpu_layers, n)
+        """Layers llama.cpp actually put on a device (0 on a CPU-only build or with no visible device)."""
+        return self.offload.layers if self.offload.on_device else 0
 
     @property
     def device(self) -> str:
-        """'CPU', or e.g. 'CUDA (30/30 layers)'."""
-        if not self.gpu_layers:
-            return "CPU"
-        return f"{backend_info().build} ({self.gpu_layers}/{self.n_layers} layers)"
+        """'CPU', or e.g. 'Vulkan0 (llvmpipe): 31/31 layers' (llama.cpp's count includes the output layer)."""
+        return self.offload.label
 
     # ------------------------------------------------------------------ adapters
 
@@ -300,6 +298,10 @@ class Engine:
                 info.path = path
                 if not force:
                     trust.check_base(info, self.model_path, path)
+                if self.gpu_layers and not self._gpu_adapters_checked:
+                    # Adapter tensors go to the device; on some drivers the next decode kills the process.
+                    gpu_adapters.check(self.model_path, self.n_gpu_layers, list(self.offload.devices), path)
+                    self._gpu_adapters_checked = True
                 handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(data).encode())
             if not handle:
                 raise AdapterError(f"{path}: llama.cpp refused the adapter ({native_log.recent(1) or 'run with -v for its log'})")

@@ -7,18 +7,22 @@ for the whole process routes every line here instead; errors can quote the recen
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 
 import llama_cpp
 
 _recent: collections.deque[str] = collections.deque(maxlen=64)
 _verbose = False
+_captures: list[list[str]] = []  # open capture() blocks, innermost last
 
 
 @llama_cpp.llama_log_callback
 def _on_log(level: int, text: bytes, user_data) -> None:
     line = text.decode("utf-8", errors="replace")
     _recent.append(line)
+    for lines in _captures:
+        lines.append(line)
     if _verbose:
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -31,6 +35,18 @@ def install() -> None:
 def set_verbose(verbose: bool) -> None:
     global _verbose
     _verbose = verbose
+
+
+@contextlib.contextmanager
+def capture():
+    """Every line llama.cpp logs inside the block, in a list (what a model load reports about its
+    devices and offloaded layers is only said there)."""
+    lines: list[str] = []
+    _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        _captures.remove(lines)
 
 
 def recent(n: int = 5) -> str:

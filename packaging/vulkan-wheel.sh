@@ -1,8 +1,9 @@
 #!/bin/sh
 # Build llama-cpp-python with llama.cpp's Vulkan backend, once per machine, and print the folder
-# to put on PYTHONPATH (the venv keeps its CPU build):
+# to put on PYTHONPATH (the venv keeps its CPU build), or with --env the shell lines that set up
+# the software Vulkan device (llvmpipe) for it:
 #
-#   PYTHONPATH=$(sh packaging/vulkan-wheel.sh) GGML_VK_VISIBLE_DEVICES=0 .venv/bin/python -m pytest -q -m gpu
+#   eval "$(sh packaging/vulkan-wheel.sh --env)" && .venv/bin/python -m pytest -q -m gpu
 #
 # Debian 12 (root, apt): installs the Vulkan loader, Mesa's drivers (llvmpipe: a software Vulkan
 # device) and the shader compilers if missing. Debian 12's Vulkan headers (1.3.239) are too old for
@@ -19,6 +20,8 @@
 # size) and site/ (the installed package). A later run finds site/.complete and prints it at once.
 # Everything but the site folder goes to stderr and to build.log in that folder.
 set -eu
+mode=${1:-site}
+case $mode in site|--env) ;; *) echo "usage: sh packaging/vulkan-wheel.sh [--env]" >&2; exit 2 ;; esac
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -29,10 +32,21 @@ key="$version-$(printf %s "$flags" | sha256sum | cut -c1-12)"
 top=${EDGELORA_VULKAN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/vulkan-wheel}
 cache="$top/$key"
 
+# What this script prints: the site folder, or (--env) the environment that uses it.
+finish() {
+    if [ "$mode" = --env ]; then
+        echo "export PYTHONPATH='$cache/site'\${PYTHONPATH:+:\$PYTHONPATH}"
+        echo "export GGML_VK_VISIBLE_DEVICES=0"  # llama.cpp skips CPU-type Vulkan devices unless named
+        [ -f "$top/mesa/lvp_icd.json" ] && echo "export VK_ICD_FILENAMES='$top/mesa/lvp_icd.json'"
+    else
+        echo "$cache/site"
+    fi
+    exit 0
+}
+
 if [ -f "$cache/site/.complete" ]; then
     echo "vulkan-wheel: reusing $cache" >&2
-    echo "$cache/site"
-    exit 0
+    finish
 fi
 
 mkdir -p "$cache"
@@ -99,4 +113,4 @@ rm -rf "$cache/site"
 "$python" -m pip install -q --no-deps --no-index --target "$cache/site" "$wheel" >>"$log" 2>&1
 "$python" "$here/shrink_wheel.py" link "$cache/site/llama_cpp/lib" 2>>"$log"
 touch "$cache/site/.complete"
-echo "$cache/site"
+finish

@@ -1,0 +1,171 @@
+"""Whether LoRA adapters may be used on the GPU device the model was offloaded to, decided in a
+child process, because when they may not, llama.cpp does not fail: it kills the process.
+
+With layers offloaded, llama.cpp puts each adapter tensor beside the weight it modifies, on the
+device, and rebuilds its compute graph and buffers on the next decode after the adapter set
+changes. On Mesa 22.3's software Vulkan driver (llvmpipe, Debian 12) that first decode corrupts
+the heap in the driver's worker thread most of the time (README 'GPU offload'); other drivers may
+have bugs of their own. So before the first adapter is loaded on a device, a child process loads
+the model the same way, attaches the adapter, switches it off and on and decodes after each
+switch. If the child dies, adapters are refused on that device with one line that says what to
+do, and the user's process, its model and its conversation live on.
+
+The verdict is kept per (llama.cpp build, devices, driver libraries) in the cache folder.
+EDGELORA_GPU_ADAPTERS=on skips the probe, =off refuses adapters on a device without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from .errors import AdapterError, EdgeloraError
+
+ENV = "EDGELORA_GPU_ADAPTERS"
+SETTINGS = ("auto", "on", "off")
+PROBE_TIMEOUT_S = 300.0
+PROBE_ROUNDS = 3  # the llvmpipe crash came in 4 of 5 single switches; 3 rounds miss it < 1% of the time
+PROBE_PROMPT = "Name three colours."
+
+
+def setting() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in SETTINGS:
+        raise EdgeloraError(f"{ENV}: must be one of {', '.join(SETTINGS)}, got {value!r}")
+    return value
+
+
+def _driver_libraries() -> list[str]:
+    """The GPU driver libraries mapped into this process (a Vulkan ICD, CUDA's driver...), with
+    their sizes: two Mesa versions describe llvmpipe the same way, their libraries differ."""
+    seen: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split(None, 5)[-1] if line.count(" ") >= 5 else ""
+            name = os.path.basename(path)
+            if name.startswith(("libvulkan_", "libcuda.", "libnvidia-", "libamdhip", "libze_")) and path not in seen:
+                with contextlib.suppress(OSError):
+                    seen[path] = os.path.getsize(path)
+    return [f"{p}:{n}" for p, n in sorted(seen.items())]
+
+
+def probe_key(devices: list[tuple[str, str]]) -> str:
+    parts = [llama_cpp.__file__, _build_id(), *(f"{n}={d}" for n, d in devices), *_driver_libraries()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _build_id() -> str:
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    with contextlib.suppress(OSError):
+        return ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(lib.glob("lib*.so*")))
+    return ""
+
+
+def verdicts_path() -> Path:
+    from .config import cache_dir
+
+    return cache_dir() / "gpu-adapter-probe.json"
+
+
+def _read_verdicts() -> dict:
+    try:
+        data = json.loads(verdicts_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verdict(key: str, verdict: dict) -> None:
+    path = verdicts_path()
+    with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**_read_verdicts(), key: verdict}, indent=1))
+        tmp.replace(path)
+
+
+def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], adapter_path: Path) -> None:
+    """Raise AdapterError (one line) unless adapters are known or found safe on these devices."""
+    where = ", ".join(f"{n} ({d})" for n, d in devices)
+    mode = setting()
+    if mode == "on":
+        return
+    if mode == "off":
+        raise AdapterError(f"{adapter_path}: adapters on {where} are off ({ENV}=off); "
+                           "run with --n-gpu-layers 0 to use adapters on the CPU")
+    key = probe_key(devices)
+    verdict = _read_verdicts().get(key)
+    if not (isinstance(verdict, dict) and isinstance(verdict.get("safe"), bool)):
+        safe, reason, seconds = run_probe(model_path, n_gpu_layers, adapter_path)
+        if safe is None:  # timed out or failed for an ordinary reason: decide nothing for later runs
+            raise AdapterError(f"{adapter_path}: could not check adapters on {where}: {reason}; "
+                               f"run with --n-gpu-layers 0, or {ENV}=on to skip the check")
+        verdict = {"safe": safe, "reason": reason, "probe_s": round(seconds, 3), "devices": where,
+                   "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_verdict(key, verdict)
+    if not verdict["safe"]:
+        raise AdapterError(f"{adapter_path}: LoRA adapters crash llama.cpp on {where} ({verdict['reason']}); "
+                           f"run with --n-gpu-layers 0 to use adapters on the CPU, or {ENV}=on to try anyway")
+
+
+def probe_argv(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> list[str]:
+    """The child's command (tests replace it with one that crashes, to check the refusal anywhere)."""
+    code = "import sys; from edgelora.gpu_adapters import _probe_main; sys.exit(_probe_main(*sys.argv[1:]))"
+    return [sys.executable, "-c", code, str(model_path), str(n_gpu_layers), str(adapter_path)]
+
+
+def run_probe(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> tuple[bool | None, str, float]:
+    """(safe, reason, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        child = subprocess.run(probe_argv(model_path, n_gpu_layers, adapter_path), stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"the probe timed out after {PROBE_TIMEOUT_S:g} s", time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if child.returncode == 0 and child.stdout.strip().endswith(b"ok"):
+        return True, f"a child process switched an adapter {PROBE_ROUNDS}x and decoded safely", seconds
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        return False, f"a child process died with {name} decoding after an adapter switch", seconds
+    if child.returncode == 134 or b"double free" in child.stderr or b"corrupted" in child.stderr:
+        return False, "a child process aborted (heap corruption) decoding after an adapter switch", seconds
+    tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {child.returncode}"]
+    return None, f"the probe failed ({tail[0][:160]})", seconds
+
+
+def _probe_main(model_path: str, n_gpu_layers: str, adapter_path: str) -> int:
+    """Child side: what the engine does on a switch, a few times: set adapters, decode, unset, decode."""
+    from . import native_log  # noqa: F401  (keeps llama.cpp's log off the child's stderr)
+
+    llama = llama_cpp.Llama(model_path=model_path, n_gpu_layers=int(n_gpu_layers), n_ctx=256, n_batch=64,
+                            op_offload=True, verbose=False)
+    adapter = llama_cpp.llama_adapter_lora_init(llama._model.model, adapter_path.encode())
+    if not adapter:
+        print("llama.cpp refused the adapter", file=sys.stderr)
+        return 3
+    tokens = llama.tokenize(PROBE_PROMPT.encode())
+    handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(1.0)
+    for _ in range(PROBE_ROUNDS):
+        for on in (True, False):
+            if on:
+                llama_cpp.llama_set_adapters_lora(llama._ctx.ctx, handles, 1, scales)
+            else:
+                llama_cpp.llama_set_adapters_lora(llama._ctx.ctx, None, 0, None)
+            llama.reset()
+            llama.eval(tokens)
+            llama.eval([llama.sample(temp=0.0)])
+    llama.close()
+    print("ok")
+    return 0
