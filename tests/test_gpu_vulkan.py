@@ -108,8 +108,9 @@ def test_all_layers_are_on_the_device(device_engine):
     name, description = off.devices[0]
     assert name.startswith(tuple(backend_info().backends)) and name != "CPU"
     assert device_engine.device.startswith(f"{name} (") and device_engine.device.endswith(f"{off.of}/{off.of} layers")
-    # the weights are in the device's buffer, not in mapped CPU memory
-    assert off.buffers_mib.get(name, 0) > 0.9 * sum(off.buffers_mib.values())
+    # the weights are in the device's buffer; only the token embedding table stays in mapped CPU
+    # memory (llama.cpp looks its rows up on the CPU): 92.1 of 120.8 MiB for SmolLM2 Q4_1
+    assert off.buffers_mib.get(name, 0) > 0.7 * sum(off.buffers_mib.values())
 
 
 def test_partial_offload_puts_that_many_layers_on_the_device(smol_path):

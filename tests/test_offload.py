@@ -135,3 +135,21 @@ def test_engine_with_zero_layers_keeps_ops_on_the_cpu(engine):
     assert engine.llama.context_params.op_offload is False
     with Engine(engine.model_path, n_gpu_layers=-1, n_ctx=64) as eng:
         assert eng.llama.context_params.op_offload is True
+
+
+def test_a_native_crash_demotes_a_safe_gpu_verdict(guard_cache):
+    """The probe can miss a rare crash: once a run dies natively, adapters on the device are refused."""
+    import os
+    import signal
+
+    env = {**os.environ, "EDGELORA_CACHE_DIR": str(guard_cache.parent)}
+    crash = subprocess.run([sys.executable, "-c", (
+        "from edgelora import crashnote; crashnote.start('ask'); "
+        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")], env=env, capture_output=True)
+    assert crash.returncode == -signal.SIGSEGV
+    gpu_adapters._write_verdict("k", {"safe": True, "reason": "probe decoded"})
+    after = subprocess.run([sys.executable, "-m", "edgelora", "config", "show"], env=env, capture_output=True, text=True)
+    assert after.returncode == 0
+    notes = [line for line in after.stderr.splitlines() if "native crash" in line]
+    assert len(notes) == 1 and f"{gpu_adapters.ENV}=on" in notes[0]
+    assert json.loads(guard_cache.read_text())["k"]["safe"] is False
