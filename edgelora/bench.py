@@ -208,7 +208,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-SECTIONS = ("core", "cpu", "server")
+SECTIONS = ("core", "cpu", "server", "gpu")
 
 
 def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callable[[str], None] | None = None,
@@ -227,6 +227,10 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
         from .bench_server import bench_server
 
         result["server"] = bench_server(model_path, repeat, say)
+    if "gpu" in sections:
+        from .bench_gpu import bench_gpu
+
+        result["gpu"] = bench_gpu(model_path, repeat, say)
     return result
 
 
@@ -330,6 +334,10 @@ def print_table(r: dict) -> str:
         from .bench_server import server_rows
 
         rows += server_rows(r["server"])
+    if "gpu" in r:
+        from .bench_gpu import gpu_rows
+
+        rows += gpu_rows(r["gpu"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -455,9 +455,10 @@ def export(role_specs, to, fmt, hf_base, role_dirs, model):
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=None, help="Repetitions, the median is reported [default: 5; 1 with --quick].")
 @click.option("--quick", is_flag=True, help="One repetition and 32 tokens (about 1 minute for the core section instead of ~5).")
-@click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server"]),
+@click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server", "gpu"]),
               help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
-                   "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT.")
+                   "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT; "
+                   "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
 def bench(as_json, model, tokens, repeat, sections, quick):
     """Measure switching, attach, generation speed and time to first token (progress on stderr)."""
     from .bench import print_table, run_bench

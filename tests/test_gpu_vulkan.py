@@ -131,13 +131,15 @@ def test_device_logits_agree_with_the_cpu(device_engine, engine):
     assert float(diff.max()) > 0  # a real other device: if these were equal, nothing ran there
 
 
-def test_adapter_changes_the_answer_and_detach_restores_the_base(gpu, smol_adapters, fresh_on_device):
+def test_adapter_changes_the_answer_and_detach_restores_the_base(gpu, fresh_on_device):
+    from edgelora.roles import bundled_dir
+
     base_text, base_logits = fresh_on_device()
     assert _answer(gpu) == base_text
-    gpu.attach(smol_adapters["a"], name="a")
-    a_text = _answer(gpu)
-    assert a_text != base_text
-    gpu.detach("a")
+    gpu.attach(bundled_dir() / "pirate.gguf", name="pirate")  # a trained adapter: "Arr..." from the first token
+    pirate = _answer(gpu)
+    assert pirate != base_text and pirate.split()[0].lower().startswith("arr"), pirate
+    gpu.detach("pirate")
     assert _answer(gpu) == base_text
     _close(gpu.logits(_prompt_tokens(gpu)), base_logits, SAME_DEVICE_TOL)
 
@@ -165,7 +167,7 @@ def test_kv_state_saved_and_restored_on_the_device_matches_a_fresh_evaluation(gp
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a river?"}]
     gpu.set_adapters({"b": 1.0})
     gpu.chat(history, max_tokens=2, **GREEDY)  # B's turn: A's KV state is saved off the device
-    assert len(gpu.kv_states) == 1
+    assert any(key and key[0][0] == "a" for key in gpu.kv_states._states)
     gpu.set_adapters({"a": 1.0})
     again = gpu.chat(history, max_tokens=4, **GREEDY)  # A's state is put back on the device
     assert again.cached_tokens >= first.prompt_tokens  # restored, not re-evaluated
