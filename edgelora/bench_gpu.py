@@ -67,14 +67,18 @@ def bench_gpu(model_path: Path, repeat: int, say) -> dict:
             tokens = engines["cpu"].render_chat([{"role": "user", "content": prompt}])[0]
             cpu_logits, dev_logits = engines["cpu"].logits(tokens), engines["device"].logits(tokens)
             d = np.abs(cpu_logits - dev_logits)
+            top2 = np.sort(cpu_logits)[-2:]
             diffs.append({"adapter": bool(adapters), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
                           "top1_same": int(np.argmax(cpu_logits)) == int(np.argmax(dev_logits)),
+                          "cpu_top2_gap": float(top2[1] - top2[0]),  # a near-tie may flip between devices
                           "logit_range": float(cpu_logits.max() - cpu_logits.min())})
     result["logits"] = {
         "cases": len(diffs),
         "max_abs": [round(min(x["max_abs"] for x in diffs), 3), round(max(x["max_abs"] for x in diffs), 3)],
         "mean_abs": [round(min(x["mean_abs"] for x in diffs), 3), round(max(x["mean_abs"] for x in diffs), 3)],
         "top1_agree": sum(x["top1_same"] for x in diffs),
+        "top1_disagree_cpu_gaps": [round(x["cpu_top2_gap"], 3) for x in diffs if not x["top1_same"]],
+        "per_case": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in diffs],
         "largest_logit_range": round(max(x["logit_range"] for x in diffs), 1),
     }
 
@@ -102,7 +106,9 @@ def gpu_rows(r: dict) -> list[tuple[str, str]]:
         ("gpu device", r["device"]),
         ("  logits vs CPU, max |Δ|", f"{lg['max_abs'][0]}–{lg['max_abs'][1]} (mean {lg['mean_abs'][0]}–{lg['mean_abs'][1]}; "
                                     f"logits span up to {lg['largest_logit_range']})"),
-        ("  same top token as CPU", f"{lg['top1_agree']}/{lg['cases']} (base and with an adapter)"),
+        ("  same top token as CPU", f"{lg['top1_agree']}/{lg['cases']} (base and with an adapter)"
+                                    + (f"; where not, the CPU's top-2 gap was {lg['top1_disagree_cpu_gaps']}"
+                                       if lg["top1_disagree_cpu_gaps"] else "")),
         ("  generation, device / CPU", f"{r['device_gen_tok_s']} / {r['cpu_gen_tok_s']} tok/s ({r['gen_ratio_device_vs_cpu']}x)"),
         ("  prompt, device / CPU", f"{r['device_prompt_tok_s']} / {r['cpu_prompt_tok_s']} tok/s ({r['prompt_ratio_device_vs_cpu']}x)"),
         ("  load + first prompt, device / CPU", f"{r['device_load_and_first_prompt_s']} / {r['cpu_load_and_first_prompt_s']} s"),
