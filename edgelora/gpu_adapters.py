@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from . import verdicts
 from .errors import AdapterError, EdgeloraError
 
 ENV = "EDGELORA_GPU_ADAPTERS"
@@ -82,11 +82,7 @@ def verdicts_path() -> Path:
 
 
 def _read_verdicts() -> dict:
-    try:
-        data = json.loads(verdicts_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return verdicts.read(verdicts_path())
 
 
 def _write_verdict(key: str, verdict: dict) -> None:
@@ -94,12 +90,7 @@ def _write_verdict(key: str, verdict: dict) -> None:
 
 
 def _write_verdicts(data: dict) -> None:
-    path = verdicts_path()
-    with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
+    verdicts.write(verdicts_path(), data)
 
 
 def demote_after_crash(note: str) -> int:
