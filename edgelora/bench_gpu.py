@@ -8,6 +8,7 @@ say whether the offload path computes the same model."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from .backend import backend_info
 from .engine import Engine
+from .errors import AdapterError
 
 PROMPTS = [
     "Write one sentence about the sea.",
@@ -30,7 +32,7 @@ LONG = "The lighthouse keeper wrote the weather, the ships and the oil left in t
 def bench_gpu(model_path: Path, repeat: int, say) -> dict:
     b = backend_info()
     if not b.offload_devices:
-        why = "CPU-only llama.cpp build" if not b.gpu_offload else f"the {b.build} build sees no GPU device"
+        why = "CPU-only llama.cpp build" if b.build == "CPU" else f"the {b.build} build sees no GPU device"
         return {"skipped": why}
     from .bench import write_synthetic_adapter
 
@@ -56,43 +58,48 @@ def bench_gpu(model_path: Path, repeat: int, say) -> dict:
         engines[where] = eng
     result["device"] = engines["device"].device
 
-    say("gpu: logits, device vs CPU...")
-    diffs = []
-    for adapters in ({}, {"a": 1.0}):
-        for eng in engines.values():
-            if adapters and "a" not in eng.resident:
-                eng.load(adapter, name="a")
-            eng.set_adapters(adapters)
-        for prompt in PROMPTS:
-            tokens = engines["cpu"].render_chat([{"role": "user", "content": prompt}])[0]
-            cpu_logits, dev_logits = engines["cpu"].logits(tokens), engines["device"].logits(tokens)
-            d = np.abs(cpu_logits - dev_logits)
-            top2 = np.sort(cpu_logits)[-2:]
-            diffs.append({"adapter": bool(adapters), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-                          "top1_same": int(np.argmax(cpu_logits)) == int(np.argmax(dev_logits)),
-                          "cpu_top2_gap": float(top2[1] - top2[0]),  # a near-tie may flip between devices
-                          "logit_range": float(cpu_logits.max() - cpu_logits.min())})
-    result["logits"] = {
-        "cases": len(diffs),
-        "max_abs": [round(min(x["max_abs"] for x in diffs), 3), round(max(x["max_abs"] for x in diffs), 3)],
-        "mean_abs": [round(min(x["mean_abs"] for x in diffs), 3), round(max(x["mean_abs"] for x in diffs), 3)],
-        "top1_agree": sum(x["top1_same"] for x in diffs),
-        "top1_disagree_cpu_gaps": [round(x["cpu_top2_gap"], 3) for x in diffs if not x["top1_same"]],
-        "per_case": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in diffs],
-        "largest_logit_range": round(max(x["logit_range"] for x in diffs), 1),
-    }
+    try:
+        say("gpu: logits, device vs CPU...")
+        diffs = []
+        for adapters in ({}, {"a": 1.0}):
+            for eng in engines.values():
+                if adapters and "a" not in eng.resident:
+                    eng.load(adapter, name="a")
+                eng.set_adapters(adapters)
+            for prompt in PROMPTS:
+                tokens = engines["cpu"].render_chat([{"role": "user", "content": prompt}])[0]
+                cpu_logits, dev_logits = engines["cpu"].logits(tokens), engines["device"].logits(tokens)
+                d = np.abs(cpu_logits - dev_logits)
+                top2 = np.sort(cpu_logits)[-2:]
+                diffs.append({"adapter": bool(adapters), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                              "top1_same": int(np.argmax(cpu_logits)) == int(np.argmax(dev_logits)),
+                              "cpu_top2_gap": float(top2[1] - top2[0]),  # a near-tie may flip between devices
+                              "logit_range": float(cpu_logits.max() - cpu_logits.min())})
+        result["logits"] = {
+            "cases": len(diffs),
+            "max_abs": [round(min(x["max_abs"] for x in diffs), 3), round(max(x["max_abs"] for x in diffs), 3)],
+            "mean_abs": [round(min(x["mean_abs"] for x in diffs), 3), round(max(x["mean_abs"] for x in diffs), 3)],
+            "top1_agree": sum(x["top1_same"] for x in diffs),
+            "top1_disagree_cpu_gaps": [round(x["cpu_top2_gap"], 3) for x in diffs if not x["top1_same"]],
+            "per_case": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in diffs],
+            "largest_logit_range": round(max(x["logit_range"] for x in diffs), 1),
+        }
 
-    say("gpu: adapter switch on the device...")
-    dev = engines["device"]
-    switch = []
-    for i in range(2 * repeat):
-        t0 = time.perf_counter()
-        dev.set_adapters({"a": 1.0} if i % 2 == 0 else {})
-        dev.complete("The sea is", max_tokens=1, temperature=0.0)
-        switch.append(time.perf_counter() - t0)
-    result["device_switch_plus_first_token_ms"] = round(1000 * float(np.median(switch)), 1)
-    for eng in engines.values():
-        eng.close()
+        say("gpu: adapter switch on the device...")
+        dev = engines["device"]
+        switch = []
+        for i in range(2 * repeat):
+            t0 = time.perf_counter()
+            dev.set_adapters({"a": 1.0} if i % 2 == 0 else {})
+            dev.complete("The sea is", max_tokens=1, temperature=0.0)
+            switch.append(time.perf_counter() - t0)
+        result["device_switch_plus_first_token_ms"] = round(1000 * float(np.median(switch)), 1)
+    except AdapterError as exc:  # the adapter check refused this device: say so, keep the rest
+        result["adapters"] = f"refused: {exc}"
+    finally:
+        for eng in engines.values():
+            eng.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     result["gen_ratio_device_vs_cpu"] = round(result["device_gen_tok_s"] / result["cpu_gen_tok_s"], 3)
     result["prompt_ratio_device_vs_cpu"] = round(result["device_prompt_tok_s"] / result["cpu_prompt_tok_s"], 3)
     return result
@@ -101,6 +108,8 @@ def bench_gpu(model_path: Path, repeat: int, say) -> dict:
 def gpu_rows(r: dict) -> list[tuple[str, str]]:
     if "skipped" in r:
         return [("gpu", f"skipped: {r['skipped']}")]
+    if "logits" not in r:
+        return [("gpu device", r["device"]), ("  adapters", r.get("adapters", ""))]
     lg = r["logits"]
     return [
         ("gpu device", r["device"]),

@@ -313,12 +313,16 @@ def doctor(model, n_gpu_layers, as_json):
             value = [f"{d['name']} ({d['description']}, {d['type']}, {d['memory_total_mib']} MiB)" for d in value]
         if isinstance(value, dict):
             for k, v in value.items():
+                if k == "devices" and isinstance(v, list):  # offload.devices
+                    v = ", ".join(f"{d['name']} ({d['description']})" for d in v) or "none"
+                elif isinstance(v, dict):  # offload.model_buffers_mib
+                    v = ", ".join(f"{name} {size} MiB" for name, size in v.items())
                 click.echo(f"{(key + '.' + k):<{width + 16}}  {v}")
         else:
             click.echo(f"{key:<{width + 16}}  {', '.join(value) if isinstance(value, list) else value}")
     if "cpu" in report and not report["cpu"]["extra_buffers"]:
         click.echo(f"\nllama.cpp's extra CPU buffers (weight repacking, AMX) are off: {report['cpu']['reason']}.")
-    if not b.gpu_offload:
+    if b.build == "CPU":
         click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
     elif not b.offload_devices:
         click.echo(f"\nThis llama.cpp build ({b.build}) sees no GPU device, so layers stay on the CPU"
@@ -329,7 +333,7 @@ def _why_no_offload() -> str:
     from .backend import backend_info
 
     b = backend_info()
-    if not b.gpu_offload:
+    if b.build == "CPU":  # no GPU backend registered (gpu_offload is also false for a GPU build with no device)
         return "this llama.cpp build is CPU-only; README 'GPU offload'"
     if "Vulkan" in b.backends and not b.offload_devices:
         return "no Vulkan GPU visible; a software device (llvmpipe) needs GGML_VK_VISIBLE_DEVICES=0"

@@ -86,10 +86,10 @@ def report_previous_crashes(echo) -> None:
     if not notes:
         return
     demoted = cpu.demote_after_crash("a previous run crashed natively with them on; set cpu_extra_buffers = \"on\" to retry")
-    gpu_demoted = gpu_adapters.demote_after_crash("a previous run crashed natively")
+    gpu_forgotten = gpu_adapters.forget_after_crash()
     for note in notes:
         fix = ("llama.cpp's extra CPU buffers are now off on this host; " if demoted else "") + (
-            f"adapters on the GPU device are refused until {gpu_adapters.ENV}=on; " if gpu_demoted else "") + (
+            "adapters on a GPU device will be checked again before use; " if gpu_forgotten else "") + (
             f"if it happens again, set {cpu.ENV}=off (or cpu_extra_buffers = \"off\" in the config) "
             "and run with -v to see llama.cpp's log")
         echo(f"edgelora: note: {note}; {fix}")

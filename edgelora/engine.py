@@ -32,6 +32,7 @@ import llama_cpp
 import numpy as np
 
 from . import cpu, gpu_adapters, native_log, offload, trust
+from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from .gate import Gate
 from .gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
@@ -254,6 +255,13 @@ class Engine:
         """Layers llama.cpp actually put on a device (0 on a CPU-only build or with no visible device)."""
         return self.offload.layers if self.offload.on_device else 0
 
+    def _adapters_may_go_to_a_device(self) -> bool:
+        """Layers are on a device, or may be: a GPU build asked for layers whose log did not say where
+        they went (a llama.cpp that words it differently) is checked as if they were."""
+        if self.gpu_layers:
+            return True
+        return bool(self.n_gpu_layers) and not self.offload.reported and bool(backend_info().offload_devices)
+
     @property
     def device(self) -> str:
         """'CPU', or e.g. 'Vulkan0 (llvmpipe): 31/31 layers' (llama.cpp's count includes the output layer)."""
@@ -298,7 +306,7 @@ class Engine:
                 info.path = path
                 if not force:
                     trust.check_base(info, self.model_path, path)
-                if self.gpu_layers and not self._gpu_adapters_checked:
+                if self._adapters_may_go_to_a_device() and not self._gpu_adapters_checked:
                     # Adapter tensors go to the device; on some drivers the next decode kills the process.
                     gpu_adapters.check(self.model_path, self.n_gpu_layers, list(self.offload.devices), path)
                     self._gpu_adapters_checked = True

@@ -31,6 +31,8 @@ from . import verdicts
 from .errors import AdapterError, EdgeloraError
 
 ENV = "EDGELORA_GPU_ADAPTERS"
+# What a driver bug kills a process with; SIGKILL, SIGTERM or SIGINT come from outside and decide nothing.
+CRASH_SIGNALS = {s.value for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP)}
 SETTINGS = ("auto", "on", "off")
 PROBE_TIMEOUT_S = 300.0
 # Each switch rebuilds llama.cpp's compute buffers. On Mesa 22.3 llvmpipe a process either dies in
@@ -93,12 +95,13 @@ def _write_verdicts(data: dict) -> None:
     verdicts.write(verdicts_path(), data)
 
 
-def demote_after_crash(note: str) -> int:
-    """A run died natively: stop trusting 'safe' verdicts (the probe can miss a rare crash)."""
+def forget_after_crash() -> int:
+    """A run died natively: forget 'safe' verdicts, so the next adapter on a device is checked again
+    (the probe can miss a rare crash; whether this one came from a device is not known)."""
     data = _read_verdicts()
     safe = [k for k, v in data.items() if isinstance(v, dict) and v.get("safe") is True]
     for key in safe:
-        data[key] = {**data[key], "safe": False, "reason": note}
+        del data[key]
     if safe:
         _write_verdicts(data)
     return len(safe)
@@ -112,20 +115,20 @@ def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], a
         return
     if mode == "off":
         raise AdapterError(f"{adapter_path}: adapters on {where} are off ({ENV}=off); "
-                           "run with --n-gpu-layers 0 to use adapters on the CPU")
+                           "load the model with n_gpu_layers=0 (--n-gpu-layers 0) to use adapters on the CPU")
     key = probe_key(devices)
     verdict = _read_verdicts().get(key)
     if not (isinstance(verdict, dict) and isinstance(verdict.get("safe"), bool)):
         safe, reason, seconds = run_probe(model_path, n_gpu_layers, adapter_path)
         if safe is None:  # timed out or failed for an ordinary reason: decide nothing for later runs
             raise AdapterError(f"{adapter_path}: could not check adapters on {where}: {reason}; "
-                               f"run with --n-gpu-layers 0, or {ENV}=on to skip the check")
+                               f"load the model with n_gpu_layers=0 (--n-gpu-layers 0), or set {ENV}=on to skip the check")
         verdict = {"safe": safe, "reason": reason, "probe_s": round(seconds, 3), "devices": where,
                    "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_verdict(key, verdict)
     if not verdict["safe"]:
         raise AdapterError(f"{adapter_path}: LoRA adapters crash llama.cpp on {where} ({verdict['reason']}); "
-                           f"run with --n-gpu-layers 0 to use adapters on the CPU, or {ENV}=on to try anyway")
+                           f"load the model with n_gpu_layers=0 (--n-gpu-layers 0) to use adapters on the CPU, or set {ENV}=on to try anyway")
 
 
 def probe_argv(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> list[str]:
@@ -146,9 +149,11 @@ def run_probe(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> tuple[
         seconds = time.perf_counter() - t0
         if child.returncode == 0 and child.stdout.strip().endswith(b"ok"):
             continue
-        if child.returncode < 0:
+        if -child.returncode in CRASH_SIGNALS:
             name = signal.Signals(-child.returncode).name
             return False, f"a child process died with {name} decoding after an adapter switch", seconds
+        if child.returncode < 0:  # killed from outside (OOM killer, Ctrl-C, a service stop): no verdict
+            return None, f"the probe was killed by signal {-child.returncode}", seconds
         tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {child.returncode}"]
         return None, f"the probe failed ({tail[0][:160]})", seconds
     return True, (f"{PROBE_CHILDREN} child processes switched adapters {PROBE_SWITCHES} times each "

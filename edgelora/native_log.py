@@ -46,7 +46,7 @@ def capture():
     try:
         yield lines
     finally:
-        _captures.remove(lines)
+        _captures[:] = [c for c in _captures if c is not lines]  # by identity: equal lists are not the same block
 
 
 def recent(n: int = 5) -> str:

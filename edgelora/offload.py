@@ -28,6 +28,7 @@ class Offload:
     of: int = 0  # layers the model has, by llama.cpp's count (blocks + output)
     devices: tuple[tuple[str, str], ...] = ()  # (name, description) llama.cpp said it uses
     buffers_mib: dict[str, float] = field(default_factory=dict)  # model weights per buffer type
+    reported: bool = False  # llama.cpp logged a layer count (it does whenever a GPU device can be used)
 
     @property
     def on_device(self) -> bool:
@@ -61,12 +62,13 @@ def parse(lines: list[str]) -> Offload:
     text = "".join(lines).splitlines()
     devices: list[tuple[str, str]] = []
     layers = of = 0
+    reported = False
     buffers: dict[str, float] = {}
     for line in text:
         if m := _USING.search(line):
             devices.append((m.group(1), m.group(2)))
         elif m := _OFFLOADED.search(line):
-            layers, of = int(m.group(1)), int(m.group(2))
+            layers, of, reported = int(m.group(1)), int(m.group(2)), True
         elif m := _BUFFER.search(line):
             buffers[m.group(1)] = buffers.get(m.group(1), 0.0) + float(m.group(2))
-    return Offload(layers, of, tuple(devices), buffers)
+    return Offload(layers, of, tuple(devices), buffers, reported)

@@ -33,12 +33,13 @@ top=${EDGELORA_VULKAN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora/vulkan-whe
 cache="$top/$key"
 
 # What this script prints: the site folder, or (--env) the environment that uses it.
+quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }  # safe to eval, whatever the path holds
 finish() {
     if [ "$mode" = --env ]; then
-        echo "export PYTHONPATH='$cache/site'\${PYTHONPATH:+:\$PYTHONPATH}"
+        printf 'export PYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\n' "$(quote "$cache/site")"
         echo "export GGML_VK_VISIBLE_DEVICES=0"  # llama.cpp skips CPU-type Vulkan devices unless named
         if [ -f "$top/mesa/lvp_icd.json" ]; then
-            echo "export VK_ICD_FILENAMES='$top/mesa/lvp_icd.json'"
+            printf 'export VK_ICD_FILENAMES=%s\n' "$(quote "$top/mesa/lvp_icd.json")"
             # LLVM's optimisation of ggml's matmul shaders takes Mesa 25's llvmpipe ~100 s per shader
             # variant (the first 9-token prompt); without it 5.5 s, and decoding is as fast.
             echo "export GALLIVM_PERF=no_opt"

@@ -1,7 +1,7 @@
 """Switch adapters, then decode, many times on the GPU device, each run in its own process, and
 count the runs that die: the investigation behind edgelora/gpu_adapters.py (README 'GPU offload').
 
-    eval "$(sh packaging/vulkan-wheel.sh --env)"
+    vk=$(sh packaging/vulkan-wheel.sh --env) && eval "$vk"
     .venv/bin/python tests/gpu_stress.py --runs 10 --switches 6
 
 Each run: load SmolLM2 with every layer on the device, load two random adapters, then per switch

@@ -4,7 +4,7 @@ compute buffers live in that device's buffers.
 
 Run with a Vulkan build of llama-cpp-python (README 'GPU offload'):
 
-    eval "$(sh packaging/vulkan-wheel.sh --env)" && .venv/bin/python -m pytest -q -m gpu
+    vk=$(sh packaging/vulkan-wheel.sh --env) && eval "$vk" && .venv/bin/python -m pytest -q -m gpu
 
 The tests skip, saying why, where no GPU device is visible; with EDGELORA_REQUIRE_GPU=1 (CI) they
 fail instead. The device is slow (about 1.5 tokens/s), so token counts are small.
@@ -46,7 +46,7 @@ def _require_device():
     b = backend_info()
     if b.offload_devices:
         return
-    if not b.gpu_offload:
+    if b.build == "CPU":
         why = "this llama.cpp build is CPU-only: eval \"$(sh packaging/vulkan-wheel.sh --env)\" first"
     else:
         why = f"the {b.build} build sees no GPU device (a software Vulkan device needs GGML_VK_VISIBLE_DEVICES=0)"
@@ -220,6 +220,17 @@ def test_adapters_are_refused_in_one_line_where_the_probe_dies(smol_path, smol_a
         assert eng.chat(PROMPT, max_tokens=3, **GREEDY).text == before  # the model keeps working
     verdicts = json.loads((tmp_path / "gpu-adapter-probe.json").read_text())
     assert [v["safe"] for v in verdicts.values()] == [False]
+
+
+def test_a_gpu_build_that_sees_no_device_says_how_to_show_llvmpipe():
+    _require_device()
+    env = {k: v for k, v in os.environ.items() if k != "GGML_VK_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-m", "edgelora", "ask", "Say hi.", "--n-gpu-layers", "-1",
+                          "--max-tokens", "2", "--json", "--no-log"], env=env,
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["device"] == "CPU"
+    assert "nothing offloaded" in out.stderr and "GGML_VK_VISIBLE_DEVICES=0" in out.stderr
 
 
 def test_ask_json_reports_the_device(smol_path):

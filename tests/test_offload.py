@@ -31,10 +31,10 @@ def test_a_vulkan_load_log_reads_as_the_device_and_its_layers():
     assert off.buffers_mib == {"Vulkan0": 103.43, "CPU_Mapped": 28.12}
 
 
-def test_a_gpu_build_with_no_visible_device_is_reported_as_cpu():
-    # llama.cpp prints "offloaded 31/31" whenever the build can offload, even with no device to use
+def test_layers_counted_without_a_device_named_are_not_on_a_device():
     off = offload.parse([line for line in VULKAN_LOG if "using device" not in line and "Vulkan0" not in line])
-    assert off.layers == 31 and not off.on_device and off.label == "CPU"
+    assert off.layers == 31 and off.reported and not off.on_device and off.label == "CPU"
+    assert not offload.parse(VULKAN_LOG[-1:]).reported  # a CPU-only load says nothing about layers
 
 
 def test_the_cpu_engine_reports_cpu_from_its_real_load_log(engine):
@@ -111,6 +111,15 @@ def test_an_ordinary_probe_failure_decides_nothing(guard_cache, monkeypatch, smo
     assert not guard_cache.exists()
 
 
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_probe_killed_from_outside_decides_nothing(guard_cache, monkeypatch, smol_path, smol_adapters, sig):
+    # the OOM killer, a service stop or Ctrl-C says nothing about the driver
+    _child(monkeypatch, f"import os, signal; os.kill(os.getpid(), signal.{sig})")
+    with pytest.raises(AdapterError, match="could not check adapters on Vulkan0.*killed by signal"):
+        gpu_adapters.check(smol_path, -1, DEVICES, smol_adapters["a"])
+    assert not guard_cache.exists()
+
+
 def test_the_setting_skips_or_forbids_the_probe(guard_cache, monkeypatch, smol_path, smol_adapters):
     calls = _child(monkeypatch, "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     monkeypatch.setenv(gpu_adapters.ENV, "on")
@@ -137,8 +146,8 @@ def test_engine_with_zero_layers_keeps_ops_on_the_cpu(engine):
         assert eng.llama.context_params.op_offload is True
 
 
-def test_a_native_crash_demotes_a_safe_gpu_verdict(guard_cache):
-    """The probe can miss a rare crash: once a run dies natively, adapters on the device are refused."""
+def test_a_native_crash_makes_the_adapter_check_run_again(guard_cache):
+    """The probe can miss a rare crash: once a run dies natively, a 'safe' verdict is forgotten."""
     import os
     import signal
 
@@ -148,8 +157,9 @@ def test_a_native_crash_demotes_a_safe_gpu_verdict(guard_cache):
         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")], env=env, capture_output=True)
     assert crash.returncode == -signal.SIGSEGV
     gpu_adapters._write_verdict("k", {"safe": True, "reason": "probe decoded"})
+    gpu_adapters._write_verdict("bad", {"safe": False, "reason": "probe died"})
     after = subprocess.run([sys.executable, "-m", "edgelora", "config", "show"], env=env, capture_output=True, text=True)
     assert after.returncode == 0
     notes = [line for line in after.stderr.splitlines() if "native crash" in line]
-    assert len(notes) == 1 and f"{gpu_adapters.ENV}=on" in notes[0]
-    assert json.loads(guard_cache.read_text())["k"]["safe"] is False
+    assert len(notes) == 1 and "checked again" in notes[0]
+    assert json.loads(guard_cache.read_text()) == {"bad": {"safe": False, "reason": "probe died"}}
