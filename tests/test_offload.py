@@ -114,7 +114,9 @@ def test_an_ordinary_probe_failure_decides_nothing(guard_cache, monkeypatch, smo
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_probe_killed_from_outside_decides_nothing(guard_cache, monkeypatch, smol_path, smol_adapters, sig):
     # the OOM killer, a service stop or Ctrl-C says nothing about the driver
-    _child(monkeypatch, f"import os, signal; os.kill(os.getpid(), signal.{sig})")
+    # SIG_DFL: die by the signal itself (Python would turn SIGINT into KeyboardInterrupt, later)
+    reset = "" if sig == "SIGKILL" else f"signal.signal(signal.{sig}, signal.SIG_DFL); "
+    _child(monkeypatch, f"import os, signal, time; {reset}os.kill(os.getpid(), signal.{sig}); time.sleep(30)")
     with pytest.raises(AdapterError, match="could not check adapters on Vulkan0.*killed by signal"):
         gpu_adapters.check(smol_path, -1, DEVICES, smol_adapters["a"])
     assert not guard_cache.exists()
