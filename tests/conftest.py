@@ -42,18 +42,20 @@ def engine(smol_path):
     eng.close()
 
 
+def reset_engine(eng) -> None:
+    """Nothing attached or resident, a new conversation (shared engines between tests)."""
+    eng.detach_all()
+    for name in list(eng.resident):
+        eng.free(name)
+    eng.new_conversation()
+
+
 @pytest.fixture
 def clean_engine(engine):
     """The shared engine with nothing attached or resident, before and after the test."""
-    def clean():
-        engine.detach_all()
-        for name in list(engine.resident):
-            engine.free(name)
-        engine.new_conversation()
-
-    clean()
+    reset_engine(engine)
     yield engine
-    clean()
+    reset_engine(engine)
 
 
 @pytest.fixture(scope="session")

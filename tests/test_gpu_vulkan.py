@@ -24,7 +24,7 @@ from edgelora import Engine
 from edgelora.backend import backend_info
 from edgelora.errors import AdapterError
 
-from .conftest import GREEDY
+from .conftest import GREEDY, reset_engine
 
 pytestmark = pytest.mark.gpu
 
@@ -66,15 +66,9 @@ def device_engine(smol_path):
 @pytest.fixture
 def gpu(device_engine):
     """The device engine with nothing attached or resident, before and after the test."""
-    def clean():
-        device_engine.detach_all()
-        for name in list(device_engine.resident):
-            device_engine.free(name)
-        device_engine.new_conversation()
-
-    clean()
+    reset_engine(device_engine)
     yield device_engine
-    clean()
+    reset_engine(device_engine)
 
 
 def _answer(eng) -> str:
