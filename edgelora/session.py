@@ -77,7 +77,17 @@ class Roles:
             self.registry.preload(self.catalog.resolve([spec]))
 
     def route(self, prompt: str) -> Route:
-        return route(prompt, self.catalog.roles(), self.config.route_threshold)
+        """Choose among the roles that fit the loaded base; say so when the best match did not."""
+        roles = self.catalog.roles()
+        misfits = {r.name: why for r in roles if (why := self.registry.base_mismatch(r)) is not None}
+        chosen = route(prompt, [r for r in roles if r.name not in misfits], self.config.route_threshold)
+        if misfits:
+            unfiltered = route(prompt, roles, self.config.route_threshold)
+            if unfiltered.role in misfits:
+                why = misfits[unfiltered.role].split(" (--force")[0]
+                return Route(chosen.role, f"{chosen.reason}; skipped '{unfiltered.role}' ({unfiltered.reason}): "
+                                          f"it {why}", chosen.score)
+        return chosen
 
     def _prepare(self, messages: Sequence[dict], sampling: dict) -> tuple[list[dict], dict]:
         if self.auto:

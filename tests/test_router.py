@@ -69,3 +69,38 @@ def test_regex_rules_win_over_keywords():
     roles = [Role("a", None, keywords=["weather"]), Role("b", None, regex=[r"\bforecast\b"])]
     assert route("weather forecast for today", roles).role == "b"
     assert route("the weather today", roles).role == "a"
+
+
+def _roles_for_another_base(folder, adapter):
+    """'sea' was made for a gemma3 base, 'pinned' for another llama GGUF, 'harbour' fits SmolLM2."""
+    from .conftest import write_role
+
+    write_role(folder, "sea", adapter, base='architecture = "gemma3"', routing='keywords = ["ahoy"]')
+    write_role(folder, "pinned", adapter, base=f'architecture = "llama"\nsha256 = "{"0" * 64}"',
+               routing='keywords = ["matey"]')
+    write_role(folder, "harbour", adapter, base='architecture = "llama"', routing='keywords = ["ship"]')
+    return RoleCatalog([folder])
+
+
+def test_auto_only_chooses_roles_made_for_the_loaded_base_and_says_which_it_skipped(clean_engine, smol_adapters,
+                                                                                     tmp_path):
+    from edgelora.session import Roles
+
+    roles = Roles(clean_engine, Config(), catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
+    chosen = roles.route("ahoy, what is a ship?")
+    assert chosen.role == "harbour"
+    assert "skipped 'sea'" in chosen.reason and "gemma3" in chosen.reason
+    pinned = roles.route("matey, what is rum?")
+    assert pinned.role == "base" and "skipped 'pinned'" in pinned.reason and "sha256" in pinned.reason
+    roles.use("auto")  # the turn itself routes, applies and answers: no "made for a gemma3 base" error
+    roles.chat([{"role": "user", "content": "ahoy, what is a ship?"}], max_tokens=2, temperature=0.0)
+    assert roles.current.label == "harbour" and "skipped 'sea'" in roles.current.route.reason
+
+
+def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, smol_adapters, tmp_path):
+    from edgelora.session import Roles
+
+    roles = Roles(clean_engine, Config(), force=True,
+                  catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
+    chosen = roles.route("ahoy, what is a ship?")
+    assert chosen.role == "sea" and "skipped" not in chosen.reason
