@@ -62,7 +62,13 @@ def test_pull_model_from_cache_and_offline_miss(isolated_home, smol_path):
     os.symlink(smol_path, snap / "model.gguf")
     result = run_cli("models", "pull", "someone/tiny-model", "model.gguf")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("model.gguf")
+    assert result.stdout.startswith("model: ") and "edgelora ask -m model" in result.stdout  # a short name
+    listed = json.loads(run_cli("models", "list", "--json").stdout)
+    assert {r["name"]: r["path"] for r in listed}["model"] == str(isolated_home / "models" / "model.gguf")
+    assert run_cli("ask", "-m", "model", "hi", "--max-tokens", "2", "--no-log").returncode == 0
+    removed = run_cli("models", "rm", "model", "--yes")
+    assert removed.returncode == 0 and not (isolated_home / "models" / "model.gguf").exists()
+    assert smol_path.exists()  # the short name went, never a file outside the Hub cache
     missing = run_cli("models", "pull", "someone/not-cached", "model.gguf")
     assert missing.returncode == 2 and "cannot pull someone/not-cached" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
