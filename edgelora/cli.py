@@ -485,15 +485,19 @@ def bench(as_json, model, tokens, repeat, sections, quick):
 @click.option("--max-queue", type=click.IntRange(1, 1024), default=16, show_default=True, help="Requests waiting before 503.")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @click.option("--no-prefix-reuse", is_flag=True, help="Evaluate every prompt from scratch: greedy answers repeat exactly (README 'Reproducibility').")
+@click.option("--fallback-role", metavar="ROLE", help="Answer requests naming an unknown model (e.g. gpt-4o-mini) with this role "
+              "instead of 404 (config key fallback_role).")
+@click.option("--quiet", is_flag=True, help="No per-request log line on stderr.")
 @_engine_options
-def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, no_prefix_reuse, model, n_gpu_layers,
-          n_ctx, n_threads, verbose):
+def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, no_prefix_reuse, fallback_role, quiet,
+          model, n_gpu_layers, n_ctx, n_threads, verbose):
     """OpenAI-compatible HTTP server: the request's `model` names the role (base, auto, pirate, a:0.7+b:0.3)."""
     import uvicorn
 
     from .config import load_config
     from .engine import Engine
     from .server import Service, build_app, is_loopback, loopback_hosts
+    from .server_extras import check_fallback_role
     from .session import Roles
 
     if not is_loopback(host) and not api_key:
@@ -504,11 +508,18 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose, reuse_prefix=not no_prefix_reuse)
     roles = Roles(eng, config, force=force)
     roles.preload(preload)
-    service = Service(eng, roles, max_queue=max_queue)
+    fallback_role = fallback_role or config.fallback_role
+    try:
+        check_fallback_role(roles.catalog, fallback_role)
+    except EdgeloraError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fallback-role / config fallback_role") from None
+    service = Service(eng, roles, max_queue=max_queue, fallback_role=fallback_role)
     app = build_app(service, api_key=api_key, allowed_hosts=loopback_hosts(host) if is_loopback(host) else None,
-                    cors_origins=list(cors_origins) or None)
+                    cors_origins=list(cors_origins) or None, request_log=not quiet)
     names = ", ".join(["base", "auto", *roles.catalog.names()])
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
+    click.echo(f"web page: http://{host}:{port}/" + (f"  unknown models answered by: {fallback_role}" if fallback_role else ""),
+               err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
     eng.close()
 

@@ -50,6 +50,7 @@ class Config:
     cpu_extra_buffers: str = "auto"  # llama.cpp weight repacking/AMX: auto (probed per host), on, off
     save_history: bool = True  # false: ask and the chat app save nothing (as --no-log always)
     threads: int | None = None  # CPU threads for generation; None = every core (cpu.py, README 'Threads')
+    fallback_role: str | None = None  # `serve`: the role answering unknown model names (None: 404)
     path: Path | None = None
 
     def as_dict(self) -> dict:
@@ -68,6 +69,7 @@ _TYPES = {
     "cpu_extra_buffers": (str,),
     "threads": (int,),
     "save_history": (bool,),
+    "fallback_role": (str,),
 }
 
 

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import trust
+from . import server_extras, trust
 from .engine import Engine
 from .errors import EdgeloraError
 from .gguf_info import validate_adapter
@@ -170,7 +170,8 @@ def sampling_from(body: dict, n_ctx: int) -> dict:
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop)):
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
     sampling = {
-        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 1, n_ctx, integer=True),
+        # above the room left in the context: the engine stops there, finish_reason "length"
+        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 1, 1 << 24, integer=True),
         "temperature": _number(body, "temperature", 0, 2),
         "top_p": _number(body, "top_p", 0, 1),
         "top_k": _number(body, "top_k", 0, 1 << 20, integer=True),
@@ -217,8 +218,10 @@ def prompt_from(body: dict) -> str:
 class Service:
     """The HTTP surface's state: engine, roles, worker, llama-server-style default scales."""
 
-    def __init__(self, engine: Engine, roles: Roles, *, max_queue: int = 16, extra_manifests=()):
+    def __init__(self, engine: Engine, roles: Roles, *, max_queue: int = 16, extra_manifests=(),
+                 fallback_role: str | None = None):
         self.engine = engine
+        self.fallback_role = fallback_role  # answers for model names no role has (server_extras.fallback_note)
         self.roles = roles
         self.extra = list(extra_manifests)
         self.worker = Worker(engine, max_queue)
@@ -345,39 +348,43 @@ class Service:
             try:
                 self.roles.catalog.resolve([s.strip() for s in model.split("+")])
             except RoleError as exc:
-                raise api_error(exc) from None
+                raise server_extras.with_fallback_hint(api_error(exc)) from None
 
     def chat_job(self, body: dict) -> Callable:
-        self.check_request(body)
+        served, fallback = server_extras.with_fallback(self, body)
+        self.check_request(served)
         messages = messages_from(body)
         sampling = sampling_from(body, self.engine.llama.n_ctx())
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
         def run(emit):
-            active = self.select(body.get("model"), body.get("lora"), last_user)
+            active = self.select(served.get("model"), body.get("lora"), last_user)
+            server_extras.note_answer(body, active, fallback)
             for piece in self.roles.stream_chat(messages, **sampling):
                 emit(piece)
-            return self._result(active)
+            return self._result(active, fallback)
 
         return run
 
     def completion_job(self, body: dict) -> Callable:
-        self.check_request(body)
+        served, fallback = server_extras.with_fallback(self, body)
+        self.check_request(served)
         prompt = prompt_from(body)
         sampling = sampling_from(body, self.engine.llama.n_ctx())
 
         def run(emit):
-            active = self.select(body.get("model"), body.get("lora"), prompt)
+            active = self.select(served.get("model"), body.get("lora"), prompt)
+            server_extras.note_answer(body, active, fallback)
             merged = {**active.resolved.sampling, **sampling}
             for piece in self.engine.stream_complete(prompt, **merged):
                 emit(piece)
-            return self._result(active)
+            return self._result(active, fallback)
 
         return run
 
-    def _result(self, active: Active) -> dict:
+    def _result(self, active: Active, fallback: dict | None = None) -> dict:
         out = self.engine.last
-        return {
+        result = {
             "text": out.text,
             "finish_reason": "length" if out.finish_reason == "length" else "stop",
             "cancelled": out.finish_reason == "cancelled",
@@ -388,6 +395,9 @@ class Service:
                          "route": {"role": active.route.role, "reason": active.route.reason} if active.route else None,
                          "ttft_s": round(out.ttft_s, 4), "tokens_per_s": round(out.tokens_per_s, 2)},
         }
+        if fallback:
+            result["edgelora"]["fallback"] = fallback
+        return result
 
     async def _next_event(self, job: Job, request: Request | None) -> tuple[str, object] | None:
         """The job's next event, or None when the client went away first (the job is cancelled:
@@ -491,7 +501,7 @@ async def read_json(request: Request) -> dict:
 
 
 def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
-              cors_origins: list[str] | None = None) -> Starlette:
+              cors_origins: list[str] | None = None, request_log: bool = False) -> Starlette:
     def chunk_base(kind: str, model) -> dict:
         return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -506,6 +516,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             first = [True]
 
             def piece(text):
+                base["model"] = server_extras.response_model(body, base["model"])  # 'auto': the routed role
                 choice = {"text": text}
                 if chat:
                     choice = {"delta": {"role": "assistant", "content": text} if first[0] else {"content": text}}
@@ -513,6 +524,8 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
                 return {**base, "choices": [{"index": 0, **choice, "finish_reason": None}]}
 
             def finish(result):
+                server_extras.log_answer(service, request, result)
+                base["model"] = server_extras.response_model(body, base["model"])
                 choice = {"delta": {}} if chat else {"text": ""}
                 return {**base, "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
                         "edgelora": result["edgelora"]}
@@ -526,6 +539,8 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         result = await service.run_job(run, request)
         if result is None:
             return Response(status_code=499)  # the client went away: nobody reads this
+        server_extras.log_answer(service, request, result)
+        base["model"] = server_extras.response_model(body, base["model"])
         choice = {"message": {"role": "assistant", "content": result["text"]}} if chat else {"text": result["text"]}
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
@@ -577,8 +592,8 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             if action == "preload":
                 service.roles.registry.preload(resolved)
             elif action == "evict":
-                for adapter, _, _ in resolved.adapters:
-                    service.roles.registry.release(adapter)
+                evicted = server_extras.evict_role(service, resolved)  # says what stayed resident and why
+                return {"role": name, "action": action, **evicted, "roles": service.role_report()}
             else:
                 raise APIError(404, f"unknown action '{action}' (preload, evict)")
             return {"role": name, "action": action, "roles": service.role_report()}
@@ -602,8 +617,11 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         Route("/v1/roles", roles_list, methods=["GET"]),
         Route("/v1/roles/reload", roles_reload, methods=["POST"]),
         Route("/v1/roles/{name}/{action}", role_action, methods=["POST"]),
+        *server_extras.extra_routes(service),  # llama-server's native endpoints, /v1/models/{id}, the web page
     ]
     middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)]
+    if request_log:
+        middleware.insert(0, Middleware(server_extras.RequestLog))
     if cors_origins:
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                         allow_headers=["Authorization", "Content-Type"]))
