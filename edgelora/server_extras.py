@@ -249,7 +249,7 @@ def extra_routes(service) -> list[Route]:
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
                                                     for t in tokens):
             raise _api_error(400, f"'tokens' must be a list of token ids from 0 to {n_vocab - 1}", param="tokens")
-        text = engine.llama.detokenize(tokens).decode("utf-8", errors="replace")
+        text = engine.llama.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         return JSONResponse({"content": text})
 
     async def completion(request: Request):
@@ -273,7 +273,7 @@ async def _body(request: Request) -> dict:
 
 
 def _piece(engine, token: int) -> str:
-    return engine.llama.detokenize([token]).decode("utf-8", errors="replace")
+    return engine.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
 
 def _default_params() -> dict:
