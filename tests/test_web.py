@@ -58,6 +58,7 @@ def _answers(browser: Browser, col: int, count: int) -> list[dict]:
                             f" meta: e.querySelector('.meta') ? e.querySelector('.meta').textContent : ''}}))")
 
 
+@pytest.mark.slow  # ~30 s on a busy 2-core machine: five streamed answers
 @needs_chromium
 def test_in_chromium_the_page_lists_roles_streams_answers_stacks_routes_and_compares(server, browser):
     browser.call("Page.navigate", url=server.url + "/")
@@ -108,3 +109,6 @@ def test_in_chromium_the_page_lists_roles_streams_answers_stacks_routes_and_comp
     assert browser.evaluate("document.querySelector('#column-0 .message.user').textContent") == "What is the moon?"
     assert browser.evaluate("document.getElementById('error').textContent") == ""
     assert browser.console_errors() == []
+    browser.evaluate("console.error('probe')")  # the check above can see an error when there is one
+    browser.evaluate("1")
+    assert any("probe" in e for e in browser.console_errors())
