@@ -53,6 +53,8 @@ def fallback_note(service, model: object) -> dict | None:
 
 def with_fallback(service, body: dict) -> tuple[dict, dict | None]:
     """The body to serve (model replaced by the fallback role when it applies) and the note."""
+    if body.get("lora") is not None:  # llama-server's per-request adapters decide, not the name
+        return body, None
     note = fallback_note(service, body.get("model"))
     return ({**body, "model": note["role"]}, note) if note else (body, None)
 
@@ -147,9 +149,11 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_and_note)
-        finally:
-            if not state.get("edgelora_logged"):  # the client went away mid-stream
-                self._write(scope, status[0] or 499, state, t0)
+        except Exception:
+            status[0] = status[0] or 500
+            raise
+        finally:  # no final body sent: the client went away (499), or the app failed (500)
+            self._write(scope, status[0] or 499, state, t0)
 
     def _write(self, scope, status: int, state: dict, t0: float) -> None:
         if state.get("edgelora_logged"):
