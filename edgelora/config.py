@@ -86,9 +86,10 @@ _HELP = {
     "cpu_extra_buffers": "llama.cpp weight repacking/AMX: auto (probed per host), on, off",
     "save_history": "false: ask and the chat app save nothing",
     "threads": "CPU threads for generation (unset: edgelora's default)",
+    "fallback_role": "serve: the role that answers model names no role has, e.g. gpt-4o-mini (unset: 404)",
 }
 # What an unset key is shown as, commented out: an example of the value's form.
-_EXAMPLES = {"default_model": "gemma3-270m", "route_threshold": 0.14, "threads": 2}
+_EXAMPLES = {"default_model": "gemma3-270m", "route_threshold": 0.14, "threads": 2, "fallback_role": "base"}
 
 
 def toml_value(value) -> str:
