@@ -206,16 +206,23 @@ def test_force_replaces_only_an_earlier_bundle_never_your_folder_or_file(tmp_pat
     notes = tmp_path / "notes.tar.gz"
     notes.write_text("not an archive")
     one_line_error(bundle_cli(str(notes), "--force", "--role", "broken"), str(notes), "not an edgelora bundle")
-    link = tmp_path / "link"
-    link.symlink_to(thesis)
-    one_line_error(bundle_cli(str(link), "--force", "--role", "broken"), str(link), "symbolic link")
     assert (thesis / "thesis.tex").read_text() == "four years" and notes.read_text() == "not an archive"
-    # an earlier bundle (folder or archive) passes the check: the build goes on (and fails on the role)
+
+
+def test_force_recognizes_an_earlier_bundle_folder_or_archive_and_refuses_links(tmp_path):
+    from edgelora.offline.build import BundleError, check_out
+
     old = write_earlier_bundle(tmp_path / "old")
-    one_line_error(bundle_cli(str(old), "--force", "--role", "broken"), "sha256")
+    check_out(old, archive=False, force=True)
     with tarfile.open(tmp_path / "old.tar.gz", "w:gz") as tar:
         tar.add(old, arcname="old")
-    one_line_error(bundle_cli(str(tmp_path / "old.tar.gz"), "--force", "--role", "broken"), "sha256")
+    check_out(tmp_path / "old.tar.gz", archive=True, force=True)
+    (tmp_path / "link").symlink_to(old)
+    with pytest.raises(BundleError, match="symbolic link"):
+        check_out(tmp_path / "link", archive=False, force=True)
+    (old / "bundle.json").write_text('{"title": "my thesis"}')  # a bundle.json that is not ours
+    with pytest.raises(BundleError, match="not an edgelora bundle"):
+        check_out(old, archive=False, force=True)
 
 
 def test_sigterm_during_a_build_leaves_no_temp_folder(tmp_path, tiny):
