@@ -532,15 +532,17 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
               help="Role to carry, with the roles it includes (repeatable) [default: all of yours; bundled roles always travel].")
 @click.option("--python", metavar="3.X", help="Python version of the target [default: this one's].")
 @click.option("--find-links", multiple=True, metavar="DIR", help="Extra folder of wheels to take wheels from (repeatable).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier bundle (nothing else is replaced).")
+@click.option("--sign", metavar="KEY.pem", help="Sign SHA256SUMS with this ed25519 key (`adapters keygen`); "
+              "install.sh --trust KEY.pub checks it.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
-def bundle(out, models, roles, python, find_links, force, as_json):
+def bundle(out, models, roles, python, find_links, force, sign, as_json):
     """Write an offline bundle to OUT (a folder; OUT.tar.gz writes an archive): wheels, models, roles,
     SHA256SUMS and install.sh. Copy it to a machine with no network and run `sh install.sh` there."""
-    from .offline.build import build_bundle
+    from .offline.build import build_bundle, install_hint
 
     t0 = time.perf_counter()
-    result = build_bundle(out, models=models, roles=roles, python=python, find_links=find_links, force=force,
+    result = build_bundle(out, models=models, roles=roles, python=python, find_links=find_links, force=force, sign=sign,
                           progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -549,8 +551,7 @@ def bundle(out, models, roles, python, find_links, force, as_json):
     click.echo(f"wrote {result['path']}: {result['size_bytes'] / 1e6:.0f} MB, {len(result['wheels'])} wheels, "
                f"models {', '.join(m['name'] for m in result['models'])}, roles {roles_text} "
                f"(Python {result['python']}, {result['platform']}; {result['build_s']:.0f} s)")
-    click.echo(f"install it offline: sh {Path(result['path']).name}/install.sh" if not result["path"].endswith(("gz",))
-               else f"install it offline: tar xzf {Path(result['path']).name} && sh <folder>/install.sh")
+    click.echo(install_hint(result["path"]))
 
 
 # ---------------------------------------------------------------------------- roles
