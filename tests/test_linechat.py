@@ -83,3 +83,41 @@ def test_a_bad_command_in_piped_input_stops_with_one_line_and_keeps_what_was_sai
     (conv,) = conversations(isolated_home)
     assert [m.content for m in conv if m.role == "user"] == ["Say hi."]
     assert [m.role for m in conv] == ["user", "assistant"]
+
+
+def test_at_a_terminal_there_is_a_prompt_and_a_bad_command_does_not_end_the_chat(isolated_home):
+    import os
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin and stdout are the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "edgelora", "chat", "--plain", *GREEDY])
+
+    def read_until(text: str, timeout: float = 120.0) -> str:
+        seen, end = "", time.monotonic() + timeout
+        while text not in seen and time.monotonic() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 4096).decode(errors="replace")
+        assert text in seen, seen
+        return seen
+
+    try:
+        read_until(">>> ")
+        os.write(fd, b"/role nosuchrole\n")
+        assert "edgelora: error: unknown role 'nosuchrole'" in read_until(">>> ")
+        os.write(fd, b"Say hi.\n")
+        read_until(">>> ")
+        os.write(fd, b"\x04")  # Ctrl+D
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    (conv,) = conversations(isolated_home)
+    assert [m.role for m in conv] == ["user", "assistant"] and conv[0].content == "Say hi."
