@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import click
 
+from .completion import complete_model, complete_role
 from .errors import EdgeloraError
 
 EXIT_USER_ERROR = 2
+COMPLETE_VAR = "_EDGELORA_COMPLETE"  # click's shell completion switch for prog_name "edgelora"
 
 
 def parse_spec(spec: str, flag: str) -> tuple[str, float]:
@@ -29,7 +32,7 @@ def parse_spec(spec: str, flag: str) -> tuple[str, float]:
 
 
 def _model_option(f):
-    return click.option("-m", "--model", metavar="MODEL", help="GGUF path or catalog name (default: embedded SmolLM2).")(f)
+    return click.option("-m", "--model", metavar="MODEL", shell_complete=complete_model, help="GGUF path or catalog name (default: embedded SmolLM2).")(f)
 
 
 def _engine_options(f):
@@ -43,7 +46,7 @@ def _engine_options(f):
     return _model_option(f)
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgelora")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -55,23 +58,26 @@ def cli(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", help="Role(s) to start with; 'auto' routes per prompt.")
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", shell_complete=complete_role,
+              help="Role(s) to start with; 'auto' routes per prompt.")
 @click.option("--resume", type=int, metavar="ID", help="Resume a saved conversation (see `edgelora history list`).")
 @click.option("-c", "--continue", "cont", is_flag=True, help="Resume the latest conversation.")
-@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
+@click.option("--preload", multiple=True, metavar="ROLE", shell_complete=complete_role, help="Load these roles' adapters at start.")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens per answer [default: 256].")
+@click.option("--plain", is_flag=True, help="A line-by-line chat instead of the app (automatic when stdin or stdout is not a terminal).")
 @_engine_options
 def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temperature=None, max_tokens=None,
-         model=None, n_gpu_layers=0, n_ctx=4096, n_threads=None, verbose=False):
-    """Open the chat app: chat with the local model and switch roles mid-conversation."""
+         plain=False, model=None, n_gpu_layers=0, n_ctx=4096, n_threads=None, verbose=False):
+    """Open the chat app: chat with the local model and switch roles mid-conversation.
+
+    With --plain, or when stdin or stdout is not a terminal, a line chat: one prompt or /command per line."""
     from .chat import ChatSession
     from .config import load_config
     from .engine import Engine
     from .history import History
     from .session import Roles
-    from .tui.app import run_app
 
     config = load_config()
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
@@ -87,24 +93,39 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
         if history is None:
             raise EdgeloraError("save_history = false in the config: there is no history to resume")
         history.get(resume)  # a clear error before the screen opens
-    run_app(ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens), resume=resume)
+    session = ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens)
+    if plain or not (_is_tty(sys.stdin) and _is_tty(sys.stdout)):
+        from .linechat import run_line_chat
+
+        if resume is not None:
+            session.resume(resume)
+        run_line_chat(session)
+    else:
+        from .tui.app import run_app
+
+        run_app(session, resume=resume)
     eng.close()
+
+
+def _is_tty(stream) -> bool:
+    return stream is not None and stream.isatty()
 
 
 @cli.command()
 @click.argument("prompt", required=False)
 @click.option("-s", "--system", help="System prompt (replaces the role's).")
-@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]",
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", shell_complete=complete_role,
               help="Role to answer as (repeatable, stacked with weights); 'auto' picks one per prompt; a .toml path loads that manifest.")
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH[:SCALE]", help="Attach a GGUF LoRA adapter (repeatable).")
-@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start (resident, not active).")
+@click.option("--preload", multiple=True, metavar="ROLE", shell_complete=complete_role,
+              help="Load these roles' adapters at start (resident, not active).")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @_engine_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
-@click.option("--top-k", type=click.IntRange(min=0), default=None)
-@click.option("--min-p", type=click.FloatRange(0, 1), default=None)
-@click.option("--repeat-penalty", type=click.FloatRange(min=0), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="Nucleus sampling: keep the likeliest tokens up to this total probability.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Sample among the K likeliest tokens (0 = all).")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=None, help="Drop tokens less likely than this fraction of the likeliest.")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0), default=None, help="Penalty for repeating tokens (1 = none).")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate [default: 256].")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
@@ -267,7 +288,7 @@ def _role_name(spec: str, roles) -> str:
 @_model_option
 @click.option("--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
               help="Also load the model with this many layers offloaded and report where llama.cpp put them.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable field names).")
 def doctor(model, n_gpu_layers, as_json):
     """Versions, llama.cpp backend build, GPU devices and offload, and the default model."""
     import importlib.metadata
@@ -304,6 +325,7 @@ def doctor(model, n_gpu_layers, as_json):
             report["offload"] = _offload_report(path, n_gpu_layers)
     except EdgeloraError as exc:
         report["model"] = {"error": str(exc)}
+    report["routing_model"] = _routing_model_report()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -317,16 +339,37 @@ def doctor(model, n_gpu_layers, as_json):
                     v = ", ".join(f"{d['name']} ({d['description']})" for d in v) or "none"
                 elif isinstance(v, dict):  # offload.model_buffers_mib
                     v = ", ".join(f"{name} {size} MiB" for name, size in v.items())
-                click.echo(f"{(key + '.' + k):<{width + 16}}  {v}")
+                click.echo(f"{(key + '.' + k):<{width + 16}}  {_doctor_text(key + '.' + k, v)}")
         else:
             click.echo(f"{key:<{width + 16}}  {', '.join(value) if isinstance(value, list) else value}")
     if "cpu" in report and not report["cpu"]["extra_buffers"]:
         click.echo(f"\nllama.cpp's extra CPU buffers (weight repacking, AMX) are off: {report['cpu']['reason']}.")
+    if not report["routing_model"]["installed"]:
+        click.echo(f"\n--role auto routes by word overlap only: {report['routing_model']['error']}.")
     if b.build == "CPU":
         click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
     elif not b.offload_devices:
         click.echo(f"\nThis llama.cpp build ({b.build}) sees no GPU device, so layers stay on the CPU"
                    + ("; a software Vulkan device (llvmpipe) is used only with GGML_VK_VISIBLE_DEVICES=0." if "Vulkan" in b.backends else "."))
+
+
+# Text mode only: what an unset value means (--json keeps null and "").
+DOCTOR_UNSET_TEXT = {"cpu.probe_s": "not run", "cpu.omp_wait_policy": "default (unset)",
+                     "cpu.gomp_spincount": "default (unset)"}
+
+
+def _doctor_text(key: str, value):
+    return DOCTOR_UNSET_TEXT[key] if value in (None, "") and key in DOCTOR_UNSET_TEXT else value
+
+
+def _routing_model_report() -> dict:
+    """Whether the sentence-embedding model `--role auto` routes with is installed (nothing is loaded)."""
+    from .embedder import DIST, EmbedderMissing, model_dir
+
+    try:
+        return {"installed": True, "package": DIST, "path": str(model_dir())}
+    except EmbedderMissing as exc:
+        return {"installed": False, "package": DIST, "error": str(exc)}
 
 
 def _why_no_offload() -> str:
@@ -365,9 +408,11 @@ def _cpu_report(model_path, info) -> dict:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def inspect(file, as_json):
-    """Metadata and tensors of a GGUF file (model or adapter)."""
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor and its shape.")
+@click.option("--metadata", "show_metadata", is_flag=True, help="Also list every metadata key.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything (metadata, tensors) as one JSON object.")
+def inspect(file, show_tensors, show_metadata, as_json):
+    """What a GGUF file is (model or adapter): type, architecture, rank, alpha, targets, size."""
     from .gguf_info import read_gguf
 
     info = read_gguf(file)
@@ -388,22 +433,25 @@ def inspect(file, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    click.echo(f"{info.path}  ({info.size / 1e6:.2f} MB, {len(info.tensors)} tensors)")
-    for k, v in report["metadata"].items():
-        click.echo(f"  {k} = {v}")
-    if "adapter" in report:
-        for k, v in report["adapter"].items():
-            click.echo(f"  [adapter] {k} = {v}")
-    click.echo("tensors:")
-    for k, v in report["tensors"].items():
-        click.echo(f"  {k:<40} {v}")
+    from .gguf_summary import summarize
+
+    for key, value in summarize(info):
+        click.echo(f"{key + ':':<15}{value}")
+    if show_metadata:
+        click.echo("metadata:")
+        for k, v in report["metadata"].items():
+            click.echo(f"  {k} = {v}")
+    if show_tensors:
+        click.echo("tensors:")
+        for k, v in report["tensors"].items():
+            click.echo(f"  {k:<40} {' x '.join(map(str, v))}")
 
 
 @cli.command()
 @click.argument("peft_dir", type=click.Path())
 @click.option("--base", metavar="BASE.gguf", help="Base GGUF to convert against (default: the embedded default base).")
 @click.option("-o", "--output", "out", metavar="OUT.gguf", help="Output file (default: <PEFT_DIR name>.gguf here).")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="Tensor type written.")
 @click.option("--name", help="general.name of the adapter (default: the folder's name).")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing -o file that is not a GGUF adapter.")
@@ -426,9 +474,9 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 
 
 @cli.command()
-@click.argument("role_specs", nargs=-1, required=True, metavar="ROLE...")
+@click.argument("role_specs", nargs=-1, required=True, metavar="ROLE...", shell_complete=complete_role)
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write (created if missing).")
-@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True, help="Output format.")
 @click.option("--hf-base", metavar="PATH_OR_REPO", help="The base in Hugging Face form, for vLLM (default: the repository the GGUF names).")
 @click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
 @_model_option
@@ -477,7 +525,7 @@ def bench(as_json, model, tokens, repeat, sections, quick):
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; not loopback needs --api-key.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
 @click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
 @click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY' (env EDGELORA_API_KEY).")
@@ -572,7 +620,7 @@ def roles():
 
 
 @roles.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the roles and problems as JSON.")
 def roles_list(as_json):
     """Every role, where it comes from, and problems found."""
     _, catalog = _catalog()
@@ -594,7 +642,7 @@ def roles_list(as_json):
 
 
 @roles.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_role)
 def roles_show(name):
     """One role's manifest, resolved."""
     _, catalog = _catalog()
@@ -642,7 +690,7 @@ def roles_add(manifest):
 
 
 @roles.command("remove")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_role)
 def roles_remove(name):
     """Remove a role you added (bundled roles cannot be removed)."""
     from .session import user_roles_dir
@@ -665,7 +713,7 @@ def adapters():
 
 
 @adapters.command("verify")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list: role, file, status.")
 def adapters_verify(as_json):
     """Check every known adapter against its manifest's sha256 (and signature)."""
     from .registry import verify_catalog
@@ -724,7 +772,7 @@ def models():
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 def models_list(as_json):
     """The catalog and pulled models: the name -m takes, whether it is installed, size, path."""
     from .models import local_models
@@ -837,20 +885,25 @@ def history():
 
 
 @history.command("list")
-@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="Most conversations to list.")
 def history_list(limit):
+    """Conversations, latest first: id, last change, messages, the role of the last answer, title."""
     from datetime import datetime
 
     from .history import History
 
-    for c in History().list(limit):
+    found = History().list(limit)
+    roles = [c.label.split(" · ", 1)[0] or "-" for c in found]
+    width = max(map(len, roles), default=0)
+    for c, role in zip(found, roles):
         when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{c.id:>5}  {when}  {c.n_messages:>3} msgs  {c.title}")
+        click.echo(f"{c.id:>5}  {when}  {c.n_messages:>3} msgs  {role:<{width}}  {c.title}")
 
 
 @history.command("show")
 @click.argument("conversation", type=int)
 def history_show(conversation):
+    """Print one conversation as Markdown, each answer labelled with its role."""
     from .history import History
 
     click.echo(History().export_markdown(conversation))
@@ -872,6 +925,32 @@ def history_export(conversation, output):
         click.echo(text)
 
 
+@history.command("rm")
+@click.argument("conversations", type=int, nargs=-1, required=True, metavar="ID...")
+@click.option("-y", "--yes", is_flag=True, help="Delete without asking.")
+def history_rm(conversations, yes):
+    """Delete conversations (asks first unless --yes). Also `history delete`."""
+    from .history import History
+
+    store = History()
+    doomed = [store.get(i) for i in dict.fromkeys(conversations)]  # an unknown id: one-line error, nothing deleted
+    if not yes:
+        titles = "; ".join(f"{c.id} '{c.title or 'untitled'}'" for c in doomed)
+        try:
+            sure = click.confirm(f"Delete {titles}?", default=False, err=True)
+        except click.exceptions.Abort:  # end of input: the answer is no
+            sure = False
+        if not sure:
+            click.echo("nothing deleted", err=True)
+            return
+    for c in doomed:
+        store.delete(c.id)
+        click.echo(f"deleted conversation {c.id}")
+
+
+history.add_command(history_rm, "delete")
+
+
 @history.command("search")
 @click.argument("query")
 def history_search(query):
@@ -887,8 +966,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import crashnote
 
     args = sys.argv[1:] if argv is None else argv
-    crashnote.report_previous_crashes(lambda line: click.echo(line, err=True))
-    crashnote.start(" ".join(a for a in args[:1] if not a.startswith("-")) or "chat")
+    if COMPLETE_VAR not in os.environ:  # a Tab press (shell completion) prints nothing but its words
+        crashnote.report_previous_crashes(lambda line: click.echo(line, err=True))
+        crashnote.start(" ".join(a for a in args[:1] if not a.startswith("-")) or "chat")
     try:
         rv = cli.main(args=argv, prog_name="edgelora", standalone_mode=False)
     except click.exceptions.Abort:

@@ -51,6 +51,7 @@ class Conversation:
     created: float
     updated: float
     n_messages: int = 0
+    label: str = ""  # the last answer's label ('pirate · pirate×1 · 120 tok/s'); '' before any answer
 
 
 @dataclass
@@ -127,9 +128,11 @@ class History:
     @_guarded
     def list(self, limit: int = 50) -> list[Conversation]:
         rows = self.db.execute(
-            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
+            "(SELECT label FROM messages m WHERE m.conversation_id = c.id AND m.role = 'assistant' "
+            "ORDER BY m.id DESC LIMIT 1) AS label "
             "FROM conversations c ORDER BY updated DESC, id DESC LIMIT ?", (limit,)).fetchall()
-        return [Conversation(r["id"], r["title"], r["created"], r["updated"], r["n"]) for r in rows]
+        return [Conversation(r["id"], r["title"], r["created"], r["updated"], r["n"], r["label"] or "") for r in rows]
 
     def latest(self) -> Conversation | None:
         found = self.list(1)
