@@ -494,6 +494,7 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     from .config import load_config
     from .engine import Engine
     from .server import Service, build_app, is_loopback, loopback_hosts
+    from .server_http import max_connections_for, uvicorn_settings
     from .session import Roles
 
     if not is_loopback(host) and not api_key:
@@ -509,7 +510,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
                     cors_origins=list(cors_origins) or None)
     names = ", ".join(["base", "auto", *roles.catalog.names()])
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",
+                **uvicorn_settings(max_connections=max_connections_for(max_queue)))
     eng.close()
 
 

@@ -325,7 +325,7 @@ def test_roles_over_http_preload_and_evict(server):
     ("/v1/chat/completions", b"x" * (2 << 20), 413, "body"),
 ])
 def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(server, path, body, status, words):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = server.post(path, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
