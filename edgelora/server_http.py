@@ -32,8 +32,9 @@ def max_connections_for(max_queue: int) -> int:
 def error_response(status: int, message: str, code: str, type: str = "invalid_request_error") -> bytes:
     """A whole HTTP/1.1 response with an OpenAI-style error body, for when no request cycle can answer."""
     body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""  # like a full queue's 503
     head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n")
     return head.encode("ascii") + body
 
 

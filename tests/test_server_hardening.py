@@ -223,7 +223,8 @@ def test_connections_over_the_cap_get_a_503(service):
         time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", port)) as s:
             status, headers, reply = read_response(s)
-        assert status == 503 and "connections" in json.loads(reply)["error"]["message"]
+        assert status == 503 and headers["retry-after"] == "1"
+        assert "connections" in json.loads(reply)["error"]["message"]
         for s in held:
             s.close()
 
