@@ -494,8 +494,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     from .config import load_config
     from .engine import Engine
     from .server import Service, build_app, is_loopback, loopback_hosts
-    from .server_http import max_connections_for, uvicorn_settings
     from .session import Roles
+    from .server_http import max_connections_for, uvicorn_settings
 
     if not is_loopback(host) and not api_key:
         raise click.BadParameter(f"binding {host} (not loopback) needs --api-key", param_hint="--host")
