@@ -515,7 +515,7 @@ def _parse_json(raw: bytes):
 
 
 def _check_json_tree(body) -> None:
-    """Refuse nesting over MAX_JSON_DEPTH and lone UTF-16 surrogates ("\udcff" is valid JSON but
+    """Refuse nesting over MAX_JSON_DEPTH and lone UTF-16 surrogates ("\\udcff" is valid JSON but
     no UTF-8 text: the tokenizer and the error bodies would fail on it). Iterative: no recursion."""
     stack = [(body, "body", 1)]
     while stack:
