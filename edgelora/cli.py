@@ -547,6 +547,7 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     from .server import Service, build_app, is_loopback, loopback_hosts
     from .server_extras import check_fallback_role
     from .session import Roles
+    from .server_http import max_connections_for, uvicorn_settings
 
     if not is_loopback(host) and not api_key:
         raise click.BadParameter(f"binding {host} (not loopback) needs --api-key", param_hint="--host")
@@ -568,7 +569,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
     click.echo(f"web page: http://{host}:{port}/" + (f"  unknown models answered by: {fallback_role}" if fallback_role else ""),
                err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",
+                **uvicorn_settings(max_connections=max_connections_for(max_queue)))
     eng.close()
 
 

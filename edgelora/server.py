@@ -30,7 +30,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,6 +45,8 @@ from .session import AUTO, Active, Roles, default_folders
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 MAX_STOP = 4
+MAX_JSON_DEPTH = 64  # OpenAI request bodies nest a few levels; deeper is an attack on the parser
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or generates
 
 
 class APIError(Exception):
@@ -153,7 +155,8 @@ def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False
     if value is None:
         return None
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= hi:
+    finite = not isinstance(value, float) or math.isfinite(value)  # an int of any size compares exactly
+    if isinstance(value, bool) or not ok or not finite or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
         raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, got {value!r}", param=key)
     return value
@@ -161,9 +164,12 @@ def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False
 
 def sampling_from(body: dict, n_ctx: int) -> dict:
     """The OpenAI sampling fields (and llama.cpp's extras) mapped onto the engine's, bounded."""
-    if body.get("n", 1) != 1:
+    n = body.get("n")  # null, like absent, means the default everywhere (as OpenAI's API)
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise APIError(400, "'n' must be 1: one answer per request", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -192,6 +198,8 @@ def messages_from(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise APIError(400, f"messages[{i}]: 'role' must be system, user or assistant", param="messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # OpenAI's assistant turns may carry no content
+            content = ""
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
@@ -335,7 +343,7 @@ class Service:
     def check_request(self, body: dict) -> None:
         """What can be refused before queueing: the field types, and a role the catalog does not
         know (checked again when the request runs: a reload may come in between)."""
-        if "stream" in body and not isinstance(body["stream"], bool):
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise APIError(400, "'stream' must be true or false", param="stream")
         if not isinstance(body.get("stream_options") or {}, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
@@ -475,8 +483,8 @@ def _lora_scales(lora: object) -> dict[int, float]:
     for item in lora:
         if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
             raise APIError(400, "'lora' items need an integer 'id'", param="lora")
-        scale = _number(item, "scale", -4, 4) if "scale" in item else 1.0
-        scales[item["id"]] = float(scale)
+        scale = _number(item, "scale", -4, 4)
+        scales[item["id"]] = 1.0 if scale is None else float(scale)
     return scales
 
 
@@ -485,19 +493,62 @@ def _lora_scales(lora: object) -> dict[int, float]:
 
 async def read_json(request: Request) -> dict:
     """The request body as a JSON object, read with a size bound."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks) or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+    body = _parse_json(await _read_body(request) or b"null")
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
+
+
+async def _read_body(request: Request) -> bytes:
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or cut off by the connection's body deadline: nobody reads this
+        raise APIError(400, "the client went away before the end of its request body") from None
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes):
+    """JSON that the rest of the server can handle: bounded nesting, text that encodes as UTF-8."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+    _check_json_tree(body)
+    return body
+
+
+def _check_json_tree(body) -> None:
+    """Refuse nesting over MAX_JSON_DEPTH and lone UTF-16 surrogates ("\\udcff" is valid JSON but
+    no UTF-8 text: the tokenizer and the error bodies would fail on it). Iterative: no recursion."""
+    stack = [(body, "body", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where)
+                stack.append((item, key if where == "body" else f"{where}.{key}", depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where)
+
+
+def _check_text(text: str, where: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{where}' holds a lone UTF-16 surrogate (not valid Unicode text)",
+                           param=where) from None
 
 
 def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
@@ -606,6 +657,9 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
     async def on_http_error(request: Request, exc):
         return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
 
+    async def on_bug(request: Request, exc: Exception):  # ours, not the client's: still an OpenAI-style body
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
     from starlette.exceptions import HTTPException
 
     routes = [
@@ -619,33 +673,30 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         Route("/v1/roles/{name}/{action}", role_action, methods=["POST"]),
         *server_extras.extra_routes(service),  # llama-server's native endpoints, /v1/models/{id}, the web page
     ]
-    middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)]
+    middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)]
     if request_log:
         middleware.insert(0, Middleware(server_extras.RequestLog))
     if cors_origins:
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                         allow_headers=["Authorization", "Content-Type"]))
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
+                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_bug})
 
 
 async def _json_any(request: Request):
-    body = b"".join([c async for c in request.stream()])
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+    return _parse_json(await _read_body(request))
 
 
 class Guard:
-    """Host header (no DNS rebinding from a browser page), API key, and declared body size."""
+    """Host header (no DNS rebinding from a browser page), Origin and Content-Type of requests that
+    change state or generate (no cross-site requests from a browser page), API key, and declared
+    body size."""
 
-    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None):
+    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None, cors_origins: list[str] | None = None):
         self.app = app
         self.api_key = api_key
         self.allowed_hosts = allowed_hosts  # None: any host (a key is required then)
+        self.cors_origins = {o.rstrip("/").lower() for o in cors_origins or ()}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -663,12 +714,47 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if scope["method"] not in SAFE_METHODS:
+            problem = self._cross_site(scope, headers)
+            if problem is not None:
+                return problem
+        if self.api_key and scope["method"] != "OPTIONS" and not _public(scope):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                 type="authentication_error", code="invalid_api_key")
         return None
+
+    def _cross_site(self, scope, headers) -> APIError | None:
+        """A web page can make a browser send a "simple" POST anywhere, the Host header naming this
+        server and no preflight: refuse it unless its Origin is this server's own or one allowed by
+        --cors-origin; and refuse a body not declared JSON (a form or text/plain, what such a
+        request can carry without a preflight)."""
+        origin = headers.get("origin")
+        if origin is None and headers.get("sec-fetch-site") == "cross-site":
+            origin = "null"  # a cross-site request whose origin the browser kept back
+        if origin is not None and not self._origin_allowed(origin, scope, headers):
+            return APIError(403, f"requests from the web page at Origin '{origin}' are refused; allow that origin "
+                                 f"with `edgelora serve --cors-origin {origin}`", type="permission_error",
+                            code="bad_origin")
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and media_type != "application/json":
+            return APIError(415, f"the request body must be sent as Content-Type: application/json "
+                                 f"(got '{media_type or 'none'}')", code="unsupported_media_type")
+        return None
+
+    def _origin_allowed(self, origin: str, scope, headers) -> bool:
+        origin = origin.rstrip("/").lower()
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()  # a page this server served
+        return origin == own or origin in self.cors_origins or "*" in self.cors_origins
+
+
+def _public(scope) -> bool:
+    """What needs no API key: /health, and the web page's own files (nothing secret in them; a browser
+    cannot send a key when it opens a URL, so the page asks for it and sends it on its API calls)."""
+    path = scope["path"]
+    return path == "/health" or (scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/web/")))
 
 
 def _host_name(host: str) -> str:

@@ -325,7 +325,7 @@ def test_roles_over_http_preload_and_evict(server):
     ("/v1/chat/completions", b"x" * (2 << 20), 413, "body"),
 ])
 def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(server, path, body, status, words):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = server.post(path, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
@@ -343,6 +343,9 @@ def test_api_key_and_queue_limit(tmp_path):
     srv = Server(tmp_path, "--api-key", "sekret", "--max-queue", "1", "--ctx", "512")
     try:
         assert httpx.get(srv.url + "/v1/models").status_code == 401
+        # the web page's own files need no key (a browser cannot send one); the page asks for it
+        assert httpx.get(srv.url + "/").status_code == 200
+        assert httpx.post(srv.url + "/", json={}).status_code in (401, 405)
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
         body = {"model": "base", "messages": [{"role": "user", "content": "Count to 200."}], "max_tokens": 200}
         headers = {"Authorization": "Bearer sekret"}

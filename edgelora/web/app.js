@@ -12,11 +12,19 @@ function loadHistory() {
 }
 function saveHistory() { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(state.history)); }
 
+const KEY_KEY = "edgelora.apiKey";
+
 async function api(path, body, signal) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
-  };
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const key = sessionStorage.getItem(KEY_KEY);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const init = body === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(body), signal };
   const response = await fetch(path, init);
+  if (response.status === 401) {
+    // A server started with --api-key: ask once per tab, keep it in this tab's sessionStorage only.
+    const given = window.prompt("This server needs its API key (edgelora serve --api-key):");
+    if (given) { sessionStorage.setItem(KEY_KEY, given.trim()); return api(path, body, signal); }
+  }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error.message || message; } catch { /* not JSON */ }
