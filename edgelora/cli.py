@@ -157,12 +157,8 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if verbose:
         for name, paths in roles.catalog.shadowed.items():
             click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
-    specs = [_role_name(s, roles) for s in role_specs] or ["base"]
+    specs = _role_stack(role_specs, "--role") or ["base"]
     names = [_split_weight(s)[0] for s in specs]
-    if len(set(names)) < len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
-                                 param_hint="--role")
     if AUTO in names and len(names) > 1:
         raise click.BadParameter("'auto' picks one role per prompt; it cannot be stacked", param_hint="--role")
     roles.preload(preload)
@@ -272,6 +268,18 @@ def _split_weight(spec: str) -> tuple[str, str]:
     """'x.toml:0.5' -> ('x.toml', ':0.5'); 'x' -> ('x', '')."""
     head, sep, tail = spec.rpartition(":")
     return (head, sep + tail) if sep and tail.replace(".", "", 1).isdigit() else (spec, "")
+
+
+def _role_stack(specs, flag: str) -> list[str]:
+    """Role specs stacked as `ask --role` takes them: a manifest path becomes its role's name, a role
+    given twice is refused (its weight would be summed past what was asked)."""
+    specs = [_role_name(s, None) for s in specs]
+    names = [_split_weight(s)[0] for s in specs]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
+                                 param_hint=flag)
+    return specs
 
 
 def _role_name(spec: str, roles) -> str:
@@ -479,20 +487,23 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 @click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True, help="Output format.")
 @click.option("--hf-base", metavar="PATH_OR_REPO", help="The base in Hugging Face form, for vLLM (default: the repository the GGUF names).")
 @click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
+@click.option("--force", is_flag=True, help="Replace files and PEFT folders in --to that an earlier export did not write.")
 @_model_option
-def export(role_specs, to, fmt, hf_base, role_dirs, model):
-    """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, or a stack a:0.7+b:0.3)."""
-    from .export import export_roles
+def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
+    """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, a manifest path, or a stack a:0.7+b:0.3)."""
+    from .config import load_config
+    from .export import export_roles, split_stack
     from .models import resolve_model
+    from .roles import RoleCatalog
+    from .session import default_folders
 
-    config, catalog = _catalog()
-    if role_dirs:
-        from .roles import RoleCatalog
-        from .session import default_folders
-
-        catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)])
+    parts = [split_stack(spec) for spec in role_specs]
+    manifests = [Path(_split_weight(p)[0]) for stack in parts for p in stack if _split_weight(p)[0].endswith(".toml")]
+    specs = ["+".join(_role_stack(stack, "ROLE")) for stack in parts]  # the rules `ask --role` applies
+    config = load_config()
+    catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)], manifests=manifests)
     base_path = resolve_model(model or config.default_model)
-    doc = export_roles(list(role_specs), Path(to), catalog, base_path, hf_base=hf_base,
+    doc = export_roles(specs, Path(to), catalog, base_path, hf_base=hf_base, force=force,
                        progress=lambda msg: click.echo(msg, err=True))
     for name, role in doc["roles"].items():
         click.echo(f"{name:<24} {Path(to) / role['adapter']}  rank {role['rank']}  ({role['method']})")
@@ -913,18 +924,27 @@ def history_show(conversation):
 
 @history.command("export")
 @click.argument("conversation", type=int)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
-def history_export(conversation, output):
+@click.option("-o", "--output", type=click.Path(), help="Write to a file instead of stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing -o file that is not an earlier export.")
+def history_export(conversation, output, force):
     """Export a conversation as Markdown."""
     from .history import History
 
-    text = History().export_markdown(conversation)
     if output:
-        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        History().write_export(conversation, Path(output), force=force, protected=_base_protected())
     else:
-        click.echo(text)
+        click.echo(History().export_markdown(conversation))
+
+
+def _base_protected() -> list[tuple[Path, str]]:
+    """The configured base model, never to be overwritten by an export (when it can be found)."""
+    from .config import load_config
+    from .models import resolve_model
+
+    try:
+        return [(resolve_model(load_config().default_model), "the base model")]
+    except EdgeloraError:
+        return []
 
 
 @history.command("rm")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import data_dir
+from .convert.errors import ConvertError
+from .convert.outputs import atomic_output, check_target
 from .errors import EdgeloraError
 
 SCHEMA = """
@@ -70,6 +72,9 @@ class Message:
 def default_db() -> Path:
     return data_dir() / "history.sqlite3"
 
+
+EXPORT_MARK = "<!-- edgelora history export -->"  # first line of a file `history export -o` wrote
+SQLITE_MAX_ID = 2**63 - 1  # larger ids cannot be a row: SQLite integers are 64-bit
 
 LOCK_WAIT_S = 10.0  # another process writing: wait this long for it, then give up with a clear error
 
@@ -140,6 +145,8 @@ class History:
 
     @_guarded
     def get(self, conversation_id: int) -> Conversation:
+        if not -SQLITE_MAX_ID <= conversation_id <= SQLITE_MAX_ID:  # sqlite3 raises OverflowError on these
+            raise HistoryError(f"no conversation {conversation_id} in {self.path}")
         r = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         if r is None:
             raise HistoryError(f"no conversation {conversation_id} in {self.path}")
@@ -185,3 +192,25 @@ class History:
             label = f" ({m.label})" if m.label else ""
             out += [f"**{who}**{label}:", "", m.content, ""]
         return "\n".join(out)
+
+    def write_export(self, conversation_id: int, out: Path, *, force: bool = False, protected=()) -> Path:
+        """The conversation as Markdown in ``out``, written atomically. Only an earlier export is
+        replaced without ``force``; the history database and ``protected`` (path, what) never are."""
+        text = self.export_markdown(conversation_id)
+        mine = [(self.path.with_name(self.path.name + suffix), "the history database") for suffix in ("", "-wal", "-shm")]
+        try:
+            check_target(out, "-o", is_ours=is_history_export, ours="an earlier history export", force=force,
+                         protected=[*mine, *protected])
+            with atomic_output(out, "-o") as tmp:
+                tmp.write_text(f"{EXPORT_MARK}\n{text}\n", "utf-8")
+        except ConvertError as exc:
+            raise HistoryError(str(exc)) from None
+        return out
+
+
+def is_history_export(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(EXPORT_MARK)).decode("utf-8", "replace") == EXPORT_MARK
+    except OSError:
+        return False

@@ -48,9 +48,23 @@ def manifest_text(role: Role, files: dict[Path, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_NAME_BYTES = 200  # the role's folder, manifest and their temp files must fit a file name (255 bytes)
+
+
 def install_role(role: Role, roles_dir: Path) -> Path:
     """Copy the role's adapters (and signatures), then write its manifest, then read it back: a
     role that would not load as written is removed again and refused."""
+    if len(role.name.encode()) > MAX_NAME_BYTES:
+        raise RoleError(f"{role.path}: name is {len(role.name.encode())} bytes long; a role name may have "
+                        f"at most {MAX_NAME_BYTES}")
+    try:
+        return _install(role, roles_dir)
+    except OSError as exc:  # read-only or full disk, a file name too long
+        raise RoleError(f"cannot add role '{role.name}' to {roles_dir}: {exc.strerror or exc}"
+                        + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+def _install(role: Role, roles_dir: Path) -> Path:
     folder = roles_dir / role.name
     manifest = roles_dir / f"{role.name}.toml"
     for path in (roles_dir, folder):
