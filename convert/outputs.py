@@ -57,7 +57,8 @@ def check_target(out: Path, flag: str, *, is_ours: Callable[[Path], bool], ours:
         raise ConvertError(f"{where} exists and is not {ours}; {hint}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (one that is not ours to signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +72,7 @@ def clean_stale_temps(out: Path) -> None:
     """Temp files of interrupted writes to the same output (their process is gone)."""
     for tmp in out.parent.glob(f".{out.name}.*.tmp"):
         pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
