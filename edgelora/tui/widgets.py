@@ -194,7 +194,7 @@ class RolesPanel(OptionList):
                 mark = f"◦ {name}"
             else:
                 mark = f"· {name}"
-            self.add_option(Option(Text.assemble(mark, "\n", (_one_line(_description(roles, name),
+            self.add_option(Option(Text.assemble(mark, "\n", (_one_line(role_description(roles, name),
                                                                            self.DESCRIPTION_WIDTH), "dim")), id=name))
         if highlighted is not None and highlighted < len(names):
             self.highlighted = highlighted
@@ -204,7 +204,7 @@ class RolesPanel(OptionList):
         self.post_message(self.Chosen(event.option.id))
 
 
-def _description(roles, name: str) -> str:
+def role_description(roles, name: str) -> str:
     if name == "auto":
         return RolesPanel.AUTO_DESCRIPTION
     try:
