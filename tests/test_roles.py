@@ -295,6 +295,7 @@ def test_role_history_setting_decides_which_earlier_turns_the_model_is_given(cle
     assert out.usage["prompt_tokens"] == len(clean_engine.render_chat(given)[0])
 
 
+@pytest.mark.slow  # three real answers: about 20 s idle, minutes on a busy machine
 def test_bundled_json_role_answers_json_after_pirate_and_terse_turns(clean_engine):
     """The newcomer's case: after answers in other voices, /role json wrote unterminated JSON."""
     from edgelora.chat import ChatSession

@@ -220,9 +220,13 @@ async def test_notices_leave_the_input_and_status_bar_visible(make_app):
     app = make_app()
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         app.notify("a notice long enough to wrap over two or three lines of the toast on a small terminal")
-        await pilot.pause(0.3)
+        for _ in range(50):  # until the toast is laid out (slow on a busy machine)
+            await pilot.pause(0.1)
+            toasts = app.screen.query(Toast)
+            if toasts and toasts.first().region.height:
+                break
         (toast,) = app.screen.query(Toast)
-        assert toast.region.bottom <= app.query_one(PromptInput).region.y
+        assert toast.region.height and toast.region.bottom <= app.query_one(PromptInput).region.y
 
 
 async def test_at_80x24_status_bar_and_footer_fit(make_app):
