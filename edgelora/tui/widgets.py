@@ -169,7 +169,7 @@ class RolesPanel(OptionList):
     """Every role and its state: ● active (with scale), ◦ resident, · on disk, and its description
     (cut to one line; the palette, Ctrl+P, shows it whole). Enter or click switches."""
 
-    DESCRIPTION_WIDTH = 22  # the panel's inner width (edgelora.tcss: #roles)
+    DESCRIPTION_WIDTH = 19  # the panel's inner width (edgelora.tcss: #roles: 24 less border, padding, gutter)
     AUTO_DESCRIPTION = "picks a role for each prompt"
 
     def on_mount(self) -> None:
