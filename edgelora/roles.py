@@ -21,6 +21,7 @@ from .errors import EdgeloraError
 
 BASE_ROLE = "base"  # the role with no adapter
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HISTORY_MODES = ("all", "user", "none")  # what a role sees of earlier turns: all, only the user's, nothing
 SAMPLING_KEYS = {"temperature": (float, int), "top_p": (float, int), "top_k": (int,), "min_p": (float, int),
                  "repeat_penalty": (float, int), "max_tokens": (int,), "seed": (int,)}
 
@@ -50,13 +51,14 @@ class Role:
     keywords: list[str] = field(default_factory=list)
     regex: list[str] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    history: str = "all"
 
 
 BASE = Role(BASE_ROLE, None, description="The base model with no adapter")
 
 _SCHEMA = {
     "": {"name": str, "description": str, "system": str, "include": list, "adapters": list, "base": dict,
-         "sampling": dict, "routing": dict},
+         "sampling": dict, "routing": dict, "history": str},
     "adapters": {"file": str, "sha256": str, "scale": (float, int)},
     "base": {"architecture": str, "sha256": str},
     "routing": {"keywords": list, "regex": list, "examples": list},
@@ -128,6 +130,9 @@ def load_manifest(path: str | Path) -> Role:
     include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
     if not adapters and not include:
         raise RoleError(f"{path}: a role needs at least one [[adapters]] entry or an 'include'")
+    history = data.get("history", "all")
+    if history not in HISTORY_MODES:
+        raise RoleError(f"{path}: 'history' must be one of {', '.join(map(repr, HISTORY_MODES))}, got {history!r}")
     base = data.get("base", {})
     _check(base, _SCHEMA["base"], "base.", path)
     sampling = data.get("sampling", {})
@@ -152,6 +157,7 @@ def load_manifest(path: str | Path) -> Role:
         keywords=_strings(routing.get("keywords", []), "routing.keywords", path),
         regex=routing.get("regex", []),
         examples=_strings(routing.get("examples", []), "routing.examples", path),
+        history=history,
     )
 
 
@@ -167,6 +173,7 @@ class Resolved:
     adapters: list[tuple[RoleAdapter, float, Role]]  # (adapter, scale x weight, owning role)
     system: str | None
     sampling: dict
+    history: str = "all"  # the first role's, like its system prompt and sampling
 
     @property
     def label(self) -> str:
@@ -243,6 +250,7 @@ class RoleCatalog:
             adapters=[tuple(v) for v in merged.values()],  # type: ignore[misc]
             system=first.system,
             sampling=dict(first.sampling),
+            history=first.history,
         )
 
     def _flatten(self, name: str, weight: float, stack: tuple[str, ...]):

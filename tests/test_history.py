@@ -126,3 +126,24 @@ def test_history_rm_of_an_unknown_id_is_one_line_and_deletes_nothing(isolated_ho
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"edgelora: error: no conversation 999 in {h.path}"]
     assert {c.id for c in h.list()} == {a, b}
+
+
+def test_a_stopped_answer_is_saved_but_not_given_back_to_later_turns(tmp_path, clean_engine):
+    """A half answer is no example to follow: kept in the store (marked stopped), left out of the context,
+    also after a resume."""
+    from edgelora.chat import ChatSession, is_stopped
+    from edgelora.config import Config
+    from edgelora.session import Roles
+
+    h = History(tmp_path / "h.sqlite3")
+    session = ChatSession(Roles(clean_engine, Config()), h, max_tokens=64, temperature=0.0)
+    session.add_user("Write a long story about a dragon.")
+    reply = session.start_reply()
+    for _ in session.stream_reply(reply):
+        clean_engine.cancel()  # stopped after its first piece
+    assert reply.stopped
+    saved = h.messages(session.conversation)
+    assert [m.role for m in saved] == ["user", "assistant"] and is_stopped(saved[-1].label) and saved[-1].content
+    assert session.messages == [{"role": "user", "content": "Write a long story about a dragon."}]
+    session.resume(session.conversation)
+    assert session.messages == [{"role": "user", "content": "Write a long story about a dragon."}]
