@@ -215,7 +215,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             "model": str(eng.model_path),
             "role": roles.current.label,
             "route": {"role": chosen.role, "reason": chosen.reason} if chosen else None,
-            "adapters": out.adapters,
+            "adapters": roles.adapter_report(),  # named after the roles chosen (two roles may share one file)
             "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
             "offload": eng.offload.as_dict(),

@@ -399,7 +399,7 @@ class Service:
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                       "total_tokens": out.prompt_tokens + out.completion_tokens,
                       "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
-            "edgelora": {"role": active.label, "adapters": out.adapters,
+            "edgelora": {"role": active.label, "adapters": self.roles.adapter_report(),
                          "route": {"role": active.route.role, "reason": active.route.reason} if active.route else None,
                          "ttft_s": round(out.ttft_s, 4), "tokens_per_s": round(out.tokens_per_s, 2)},
         }
