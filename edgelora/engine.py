@@ -491,12 +491,27 @@ class Engine:
         names = sorted(self._control, key=len, reverse=True)  # longest first, as llama.cpp matches
         return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else re.compile("(?!)")
 
+    @functools.cached_property
+    def _prompt_chars_limit(self) -> int:
+        """No prompt longer than this fits the context: no token stands for more characters than its text."""
+        model = self.llama._model
+        longest = max((len(model.token_get_text(i)) for i in range(self.llama.n_vocab())), default=1)
+        return self.llama.n_ctx() * max(longest, 1)
+
     def _render(self, messages: list[dict]):
+        limit = self._prompt_chars_limit
+        if sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) > limit:
+            raise EdgeloraError(f"the messages are over {limit} characters; the context holds {self.llama.n_ctx()} "
+                                "tokens (raise --ctx)")
         try:
             return _within(TEMPLATE_BUDGET_S, lambda: self._formatter(messages=messages))
         except TimeoutError:
             raise ModelError(f"{self.model_path.name}: its chat template ran over {TEMPLATE_BUDGET_S:g} s "
                              "(a runaway loop?); use complete() or fix the template") from None
+        except _PromptTooLong:
+            raise ModelError(f"{self.model_path.name}: its chat template wrote over {limit} characters, more than "
+                             f"the {self.llama.n_ctx()}-token context can hold (a runaway loop?); use complete() or "
+                             "fix the template") from None
         except Exception as exc:  # the template may raise_exception() on bad roles/order
             raise EdgeloraError(f"chat template error: {exc}") from None
 
@@ -651,18 +666,21 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _chat_formatter(self):
-        template = self.llama.metadata.get("tokenizer.chat_template")
+    def _chat_formatter(self, template: str | None = None):
+        """The model's chat template (or ``template``), its output bounded by what the context holds."""
+        template = template or self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             return None
         model = self.llama._model
         eos_id, bos_id = model.token_eos(), model.token_bos()
-        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+        formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
             bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id],
         )
+        formatter._environment = _BoundedTemplate(formatter._environment, lambda: self._prompt_chars_limit)
+        return formatter
 
     def close(self) -> None:
         """Free adapters, then the model (adapters must go first: the model owns their list)."""
@@ -737,6 +755,27 @@ def _within(seconds: float, fn):
         return fn()
     finally:
         sys.settrace(previous)
+
+
+class _PromptTooLong(Exception):
+    pass
+
+
+class _BoundedTemplate:
+    """A compiled chat template whose output stops once it passes ``limit()`` characters: a
+    template's loop can write far more than any context holds (and fill memory) within its time bound."""
+
+    def __init__(self, template, limit):
+        self.template, self.limit = template, limit
+
+    def render(self, *args, **kwargs) -> str:
+        limit, size, pieces = self.limit(), 0, []
+        for piece in self.template.generate(*args, **kwargs):
+            size += len(piece)
+            if size > limit:
+                raise _PromptTooLong
+            pieces.append(piece)
+        return "".join(pieces)
 
 
 _MARK = "\x00edgelora-content-{}\x00"
