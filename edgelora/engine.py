@@ -628,8 +628,17 @@ class Engine:
     def _watch_prefill(self, on: bool) -> None:
         """llama.cpp calls the abort callback between graph nodes: on only while the prompt is evaluated,
         so the Python round trip costs nothing per generated token."""
+        ctx = self._native_ctx()
+        if ctx is None:  # a stream closed after its engine (at exit, in whatever order the collector picks)
+            return
         cb = self._abort_cb if on else llama_cpp.ggml_abort_callback()
-        llama_cpp.llama_set_abort_callback(self.llama._ctx.ctx, cb, None)
+        llama_cpp.llama_set_abort_callback(ctx, cb, None)
+
+    def _native_ctx(self):
+        """llama.cpp's context, or None once freed: by close(), or by the Llama's own finalizer, which
+        the garbage collector may run before an open stream's cleanup or the engine's."""
+        llama = getattr(self, "llama", None)
+        return getattr(getattr(llama, "_ctx", None), "ctx", None)
 
     def _should_abort(self, _data) -> bool:
         try:
@@ -691,9 +700,11 @@ class Engine:
             self.kv_states.clear()
             self._active.clear()
             if self._resident:
-                self._apply()
-                for adapter in self._resident.values():
-                    llama_cpp.llama_adapter_lora_free(adapter.handle)
+                if self._native_ctx() is not None:
+                    self._apply()
+                if getattr(llama._model, "model", None) is not None:  # a freed model took its adapters with it
+                    for adapter in self._resident.values():
+                        llama_cpp.llama_adapter_lora_free(adapter.handle)
                 self._resident.clear()
             llama.close()
             self.llama = None  # type: ignore[assignment]

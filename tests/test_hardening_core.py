@@ -66,3 +66,48 @@ def test_messages_longer_than_any_context_are_refused_before_rendering(engine):
     with pytest.raises(errors.EdgeloraError, match="raise --ctx"):
         engine.render_chat([{"role": "user", "content": "word " * 2_000_000}])
     assert engine.chat(MSG, max_tokens=2, **GREEDY).text
+
+
+# 16 ------------------------------------------------------------------------ native handles at exit
+STREAM_LEFT_OPEN = """
+from edgelora import Engine
+eng = Engine(n_ctx=256)
+stream = eng.stream_chat([{"role": "user", "content": "Tell me a story."}], max_tokens=50, temperature=0.0)
+next(stream)
+eng.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # EngineBusyError, uncaught
+"""
+
+
+def python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_script_dying_with_a_stream_open_exits_with_its_traceback(attempt):
+    result = python(STREAM_LEFT_OPEN)
+    assert result.returncode == 1, (result.returncode, result.stderr[-600:])  # not 139
+    assert result.stderr.rstrip().splitlines()[-1].startswith("edgelora.errors.EngineBusyError: a generation is still")
+
+
+def test_native_handles_are_released_safely_whatever_order_the_collector_frees_them(smol_adapters):
+    """At exit the collector may finalize the Llama (context, model) before an open stream's cleanup
+    or the engine's own close; each order is forced here, one after the other."""
+    result = python("""
+        import sys
+        from edgelora import Engine
+        eng = Engine(n_ctx=256)
+        stream = eng.stream_chat([{"role": "user", "content": "Tell me a story."}], max_tokens=50, temperature=0.0)
+        next(stream)
+        eng.llama._ctx.close()  # the context first (LlamaContext.__del__)
+        stream.close()
+        print("stream closed after its context", flush=True)
+
+        eng = Engine(n_ctx=256)
+        eng.attach(sys.argv[1], name="a")
+        eng.llama.close()  # the model first, and the adapters llama.cpp frees with it (Llama.__del__)
+        eng.close()
+        print("engine closed after its model", flush=True)
+    """, str(smol_adapters["a"]))
+    assert result.returncode == 0, (result.returncode, result.stderr[-600:])  # was 139 (SIGSEGV)
+    assert result.stdout.splitlines() == ["stream closed after its context", "engine closed after its model"]
