@@ -184,6 +184,7 @@ class Engine:
         validate_base_model(self.base)  # what llama.cpp asserts on would kill the process
         n_threads = cpu.check_threads(n_threads)
         n_ctx = self._check_ctx(n_ctx)
+        gpu_adapters.setting()  # a bad EDGELORA_GPU_ADAPTERS is an error on every build, not only with a GPU
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
         self.cpu_path = cpu.decide(self.model_path, cpu_extra_buffers, self.base.metadata.get("general.file_type"))
         self.n_threads = n_threads

@@ -12,6 +12,7 @@ import pytest
 from gguf import GGUFValueType as T
 
 from edgelora import errors
+from edgelora.engine import Engine
 
 from . import gguf_factory as gf
 from .conftest import GREEDY
@@ -111,3 +112,62 @@ def test_native_handles_are_released_safely_whatever_order_the_collector_frees_t
     """, str(smol_adapters["a"]))
     assert result.returncode == 0, (result.returncode, result.stderr[-600:])  # was 139 (SIGSEGV)
     assert result.stdout.splitlines() == ["stream closed after its context", "engine closed after its model"]
+
+
+# 18 ------------------------------------------------------------------------ no non-finite numbers, no ignored setting
+@pytest.mark.parametrize("section, body, key, shown", [
+    ("sampling", "temperature = inf", "sampling.temperature", "inf"),
+    ("sampling", "top_p = nan", "sampling.top_p", "nan"),
+    ("sampling", "min_p = -inf", "sampling.min_p", "-inf"),
+    (None, "scale = nan", "adapters[0].scale", "nan"),
+])
+def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file_and_key(tmp_path, smol_adapters, section, body,
+                                                                                key, shown):
+    from edgelora.roles import RoleError, load_manifest
+
+    from .conftest import write_role
+
+    if section:
+        path = write_role(tmp_path, "odd", smol_adapters["a"], **{section: body})
+    else:
+        path = write_role(tmp_path, "odd", smol_adapters["a"], scale=body.split()[-1])
+    with pytest.raises(RoleError) as info:
+        load_manifest(path)
+    assert str(info.value) == f"{path}: '{key}' must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("weight", ["inf", "nan", "-inf"])
+def test_an_include_weight_that_is_not_finite_is_refused_naming_the_file(tmp_path, smol_adapters, weight):
+    from edgelora.roles import RoleError, load_manifest
+
+    from .conftest import write_role
+
+    path = write_role(tmp_path, "mix", smol_adapters["a"], extra=f'include = ["other:{weight}"]')
+    with pytest.raises(RoleError, match=rf"^{path}: 'include': role 'other:{weight}': the weight after ':' must be a finite"):
+        load_manifest(path)
+
+
+def test_roles_add_refuses_an_infinite_temperature_in_one_line(tmp_path, smol_adapters, isolated_home):
+    from .conftest import write_role
+
+    path = write_role(tmp_path, "hot", smol_adapters["a"], sampling="temperature = inf")
+    one_line_exit_2(run("roles", "add", str(path)), str(path), "sampling.temperature", "finite")
+    assert not (isolated_home / "roles").exists() or not list((isolated_home / "roles").rglob("hot*"))
+
+
+@pytest.mark.parametrize("value", ["-inf", "inf", "nan"])
+def test_a_config_with_a_non_finite_route_threshold_is_refused(isolated_home, value):
+    from edgelora.config import ConfigError, load_config
+
+    path = isolated_home / "config.toml"
+    path.write_text(f"route_threshold = {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: 'route_threshold' must be a finite number, got {value}$"):
+        load_config()
+
+
+def test_a_bogus_gpu_adapters_setting_is_an_error_on_a_cpu_engine_too(smol_path, monkeypatch):
+    monkeypatch.setenv("EDGELORA_GPU_ADAPTERS", "bogus")
+    with pytest.raises(errors.EdgeloraError, match="^EDGELORA_GPU_ADAPTERS: must be one of auto, on, off, got 'bogus'$"):
+        Engine(smol_path, n_gpu_layers=0, n_ctx=256)
+    one_line_exit_2(run("ask", "hi", "--no-log", "--max-tokens", "2", env={"EDGELORA_GPU_ADAPTERS": "bogus"}),
+                    "EDGELORA_GPU_ADAPTERS", "auto, on, off")
