@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -145,6 +146,8 @@ def load_config(path: Path | None = None) -> Config:
         types = _TYPES[key]
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             raise ConfigError(f"{path}: '{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            raise ConfigError(f"{path}: '{key}' must be a finite number, got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: '{key}' must be a list of strings")
         values[key] = value

@@ -7,6 +7,7 @@ or a wrong type is an error naming the file and the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -71,9 +72,12 @@ def parse_spec(spec: str) -> tuple[str, float]:
     if not sep:
         return spec, 1.0
     try:
-        return name, float(weight)
+        value = float(weight)
     except ValueError:
-        raise RoleError(f"role '{spec}': the weight after ':' must be a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise RoleError(f"role '{spec}': the weight after ':' must be a finite number")
+    return name, value
 
 
 def _check(table: dict, schema: dict, where: str, path: Path) -> None:
@@ -84,6 +88,8 @@ def _check(table: dict, schema: dict, where: str, path: Path) -> None:
         if not isinstance(value, want) or (isinstance(value, bool) and bool not in (want if isinstance(want, tuple) else (want,))):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise RoleError(f"{path}: '{where}{key}' must be {names}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            raise RoleError(f"{path}: '{where}{key}' must be a finite number, got {value!r}")
 
 
 def _strings(value: list, key: str, path: Path) -> list[str]:
@@ -127,7 +133,10 @@ def load_manifest(path: str | Path) -> Role:
         if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             raise RoleError(f"{path}: 'adapters[{i}].sha256' must be 64 lowercase hex digits")
         adapters.append(RoleAdapter((path.parent / entry["file"]).resolve(), entry["sha256"], float(entry.get("scale", 1.0))))
-    include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
+    try:
+        include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
+    except RoleError as exc:
+        raise RoleError(f"{path}: 'include': {exc}") from None
     if not adapters and not include:
         raise RoleError(f"{path}: a role needs at least one [[adapters]] entry or an 'include'")
     history = data.get("history", "all")
