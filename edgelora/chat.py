@@ -5,7 +5,10 @@ it was not generated with."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -159,3 +162,25 @@ def role_specs_for(command: str, args: list[str]) -> list[str]:
     if command == "role" and len(args) != 1:
         raise EdgeloraError("/role takes one role name; use /mix to stack roles")
     return args
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(engine):
+    """For `ask` and the line chat: the first Ctrl+C stops the answer (prefill included) and keeps it;
+    a second one quits at once. Yields the event set by that first Ctrl+C."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        engine.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import click
 
+from .chat import ctrl_c_cancels as _ctrl_c_cancels
 from .completion import complete_model, complete_role
 from .errors import EdgeloraError
 
@@ -234,27 +232,6 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     eng.close()
     if interrupted:
         raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _ctrl_c_cancels(eng):
-    """First Ctrl+C: stop the answer (prefill included) and keep it; a second one quits at once."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def on_sigint(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        eng.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _unique_name(eng, stem: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .chat import ChatSession, parse_slash, role_specs_for
+from .chat import ChatSession, ctrl_c_cancels, parse_slash, role_specs_for
 from .errors import EdgeloraError
 
 PROMPT = ">>> "
@@ -39,17 +39,22 @@ class LineChat:
 
     def read_line(self) -> str | None:
         """The next line without its newline; None at end of input (Ctrl+D)."""
-        if self.interactive and self.stdin is sys.stdin:
+        if self.interactive and self.stdin is sys.stdin and self.stdout.isatty():
             try:
                 import readline  # noqa: F401  (line editing and Up/Down for input())
             except ImportError:
                 pass
             try:
-                return input(PROMPT)
+                return input(PROMPT)  # readline draws the prompt on the terminal, so it can redraw it
             except EOFError:
                 print(file=self.stderr)
                 return None
+        if self.interactive:  # stdout is redirected (`chat > log.txt`): the prompt is not an answer
+            self.stderr.write(PROMPT)
+            self.stderr.flush()
         line = self.stdin.readline()
+        if not line and self.interactive:
+            print(file=self.stderr)  # Ctrl+D: end the prompt's line
         return line.rstrip("\r\n") if line else None
 
     def run(self) -> None:
@@ -90,7 +95,6 @@ class LineChat:
         return "auto" if self.session.roles.auto else self.session.roles.current.label
 
     def answer(self, text: str) -> None:
-        from .cli import _ctrl_c_cancels  # the same Ctrl+C rule as `ask`: stop the answer, keep it
         from .history import HistoryError
 
         session = self.session
@@ -100,7 +104,7 @@ class LineChat:
             self.note(f"edgelora: note: {exc}; chatting without history")
             session.history = None
         reply = session.start_reply()
-        with _ctrl_c_cancels(session.engine) as stop:
+        with ctrl_c_cancels(session.engine) as stop:  # the same Ctrl+C rule as `ask`
             try:
                 for piece in session.stream_reply(reply, on_start=self._routed):
                     self.stdout.write(piece)

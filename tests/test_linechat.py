@@ -121,3 +121,62 @@ def test_at_a_terminal_there_is_a_prompt_and_a_bad_command_does_not_end_the_chat
     assert os.waitstatus_to_exitcode(status) == 0
     (conv,) = conversations(isolated_home)
     assert [m.role for m in conv] == ["user", "assistant"] and conv[0].content == "Say hi."
+
+
+def test_with_stdout_redirected_the_prompt_goes_to_the_terminal_and_stdout_holds_only_answers(isolated_home):
+    # `edgelora chat > log.txt` typed at a terminal: stdin and stderr are the terminal, stdout a pipe
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "edgelora", "chat", "--plain", *GREEDY],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+
+    def read_until(text: str, timeout: float = 120.0) -> str:
+        seen, end = "", time.monotonic() + timeout
+        while text not in seen and time.monotonic() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096).decode(errors="replace")
+        assert text in seen, seen
+        return seen
+
+    try:
+        read_until(">>> ")  # the prompt, on the terminal
+        os.write(master, b"Say hi.\n")
+        read_until(">>> ")
+        os.write(master, b"\x04")  # Ctrl+D
+        out, _ = proc.communicate(timeout=60)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    (conv,) = conversations(isolated_home)
+    assert [m.role for m in conv] == ["user", "assistant"]
+    assert out.decode() == conv[1].content + "\n"  # the answer and nothing else: no '>>> '
+
+
+def test_library_modules_do_not_import_the_cli():
+    import ast
+    from pathlib import Path
+
+    import edgelora
+
+    package = Path(edgelora.__file__).parent
+    importers = []
+    for source in package.rglob("*.py"):
+        if source.parent == package and source.name in ("cli.py", "__main__.py"):
+            continue
+        where = source.relative_to(package.parent).with_suffix("").parts  # ('edgelora', 'tui', 'app')
+        for node in ast.walk(ast.parse(source.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(where[:-node.level]) if node.level else ""
+                module = ".".join(p for p in (base, node.module) if p)
+                if module == "edgelora.cli" or (module == "edgelora" and "cli" in [a.name for a in node.names]):
+                    importers.append(source.relative_to(package).as_posix())
+    assert importers == []
