@@ -193,15 +193,17 @@ class History:
             out += [f"**{who}**{label}:", "", m.content, ""]
         return "\n".join(out)
 
-    def write_export(self, conversation_id: int, out: Path, *, force: bool = False, protected=()) -> Path:
+    def write_export(self, conversation_id: int, out: Path, *, force: bool = False, protected=(),
+                     flag: str = "-o") -> Path:
         """The conversation as Markdown in ``out``, written atomically. Only an earlier export is
-        replaced without ``force``; the history database and ``protected`` (path, what) never are."""
+        replaced without ``force``; the history database and ``protected`` (path, what) never are.
+        ``flag`` names where ``out`` came from in errors ('-o', '/export')."""
         text = self.export_markdown(conversation_id)
         mine = [(self.path.with_name(self.path.name + suffix), "the history database") for suffix in ("", "-wal", "-shm")]
         try:
-            check_target(out, "-o", is_ours=is_history_export, ours="an earlier history export", force=force,
+            check_target(out, flag, is_ours=is_history_export, ours="an earlier history export", force=force,
                          protected=[*mine, *protected])
-            with atomic_output(out, "-o") as tmp:
+            with atomic_output(out, flag) as tmp:
                 tmp.write_text(f"{EXPORT_MARK}\n{text}\n", "utf-8")
         except ConvertError as exc:
             raise HistoryError(str(exc)) from None

@@ -248,3 +248,58 @@ async def test_at_80x24_status_bar_and_footer_fit(make_app):
         assert keys and all(k.region.right <= footer.region.right and k.region.width >= len(k.description) + 2
                             for k in keys)
         assert not any(a.region.overlaps(b.region) for i, a in enumerate(keys) for b in keys[i + 1:])
+
+
+async def _slash(pilot, text):
+    pilot.app.query_one(PromptInput).load_text(text)
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+def _errors(app):
+    return [n.message for n in app._notifications if n.severity == "error"]
+
+
+async def test_export_writes_a_new_file_or_an_earlier_export_and_refuses_anything_else(make_app, tmp_path):
+    h = _history_with(tmp_path, "What is the moon?")
+    mine = tmp_path / "notes.md"
+    mine.write_text("my own notes\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    out = tmp_path / "chat.md"
+    app = make_app(history=h, resume=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await _slash(pilot, f"/export {mine}")
+        assert mine.read_text() == "my own notes\n"  # not replaced
+        assert any(str(mine) in e and "not an earlier history export" in e for e in _errors(app))
+        await _slash(pilot, f"/export {folder}")  # an OSError on main: the app crashed
+        assert any(str(folder) in e and "folder" in e for e in _errors(app))
+        await _slash(pilot, f"/export {out}")
+        assert "What is the moon?" in out.read_text()
+        h.add(1, "user", "And the sun?")
+        await _slash(pilot, f"/export {out}")  # an earlier export is brought up to date
+        assert "And the sun?" in out.read_text()
+        assert len(_errors(app)) == 2
+    assert app.return_code in (None, 0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+async def test_ctrl_e_in_history_never_replaces_a_file_it_did_not_write(make_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    h = _history_with(tmp_path, "What is the moon?")
+    (tmp_path / "conversation-1.md").write_text("someone's own file\n")
+    app = make_app(history=h)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        h.add(1, "user", "And the sun?")
+        await pilot.press("ctrl+e")  # again: the earlier export is replaced, not a third file made
+        await pilot.pause()
+        assert _errors(app) == []
+    assert (tmp_path / "conversation-1.md").read_text() == "someone's own file\n"
+    exported = (tmp_path / "conversation-1-2.md").read_text()
+    assert "What is the moon?" in exported and "And the sun?" in exported
+    assert not (tmp_path / "conversation-1-3.md").exists()

@@ -192,14 +192,20 @@ class EdgeloraApp(App):
                 self.session.history.rename(self.session.conversation, " ".join(args))
                 self.notify("Renamed")
             elif command == "export":
-                if self.session.conversation is None or self.session.history is None or not args:
+                if self.session.conversation is None or self.session.history is None or len(args) != 1:
                     raise EdgeloraError("/export FILE.md exports the current conversation")
-                Path(args[0]).write_text(self.session.history.export_markdown(self.session.conversation))
-                self.notify(f"Exported to {args[0]}")
+                # the CLI's rule: only a new file or an earlier export is written, never the model
+                out = self.session.history.write_export(self.session.conversation, Path(args[0]),
+                                                        protected=self.base_protected(), flag="/export")
+                self.notify(f"Exported to {out}")
             else:
                 raise EdgeloraError(f"unknown command /{command}; /help lists the commands")
         except EdgeloraError as exc:
             self.notify(str(exc), severity="error", timeout=8)
+
+    def base_protected(self) -> list[tuple[Path, str]]:
+        """Files an export must never replace: the loaded base model."""
+        return [(Path(self.session.engine.model_path), "the base model")]
 
     def _rescaled(self, args: list[str]) -> list[str]:
         if len(args) != 2:
@@ -262,7 +268,7 @@ class EdgeloraApp(App):
             if conversation_id is not None:
                 await self.resume(conversation_id)
 
-        self.push_screen(HistoryScreen(self.session.history), chosen)
+        self.push_screen(HistoryScreen(self.session.history, protected=self.base_protected()), chosen)
 
     async def action_compare(self, a: str, b: str) -> None:
         prompt = self.session.last_user_prompt()
