@@ -533,12 +533,14 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     from .config import load_config
     from .engine import Engine
     from .server import Service, build_app, is_loopback, loopback_hosts
-    from .server_extras import check_fallback_role
+    from .server_extras import check_cors_origins, check_fallback_role
     from .session import Roles
     from .server_http import max_connections_for, uvicorn_settings
 
     if not is_loopback(host) and not api_key:
         raise click.BadParameter(f"binding {host} (not loopback) needs --api-key", param_hint="--host")
+    if (problem := check_cors_origins(cors_origins, api_key)) is not None:
+        raise click.BadParameter(problem, param_hint="--cors-origin")
     config = load_config()
     config.roles_dirs = [*config.roles_dirs, *role_dirs]
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,

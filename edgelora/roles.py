@@ -31,6 +31,14 @@ class RoleError(EdgeloraError):
     """A manifest or role reference that cannot be used."""
 
 
+class UnknownRoleError(RoleError):
+    """A role name no manifest defines (the server's 404, and where its fallback role applies)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class RoleAdapter:
     file: Path  # absolute
@@ -231,7 +239,7 @@ class RoleCatalog:
             return BASE
         paths = self.found.get(name)
         if not paths:
-            raise RoleError(f"unknown role '{name}' (known: {', '.join([BASE_ROLE, *self.names()])})")
+            raise UnknownRoleError(f"unknown role '{name}' (known: {', '.join([BASE_ROLE, *self.names()])})", name)
         if len(paths) > 1:
             raise RoleError(f"role '{name}' is defined more than once: {', '.join(map(str, paths))}; rename one")
         return self._roles[paths[0]]

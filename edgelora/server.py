@@ -30,7 +30,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -39,28 +39,13 @@ from .engine import Engine
 from .errors import EdgeloraError
 from .gguf_info import validate_adapter
 from .registry import verify_adapter_file
-from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError
+from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError, UnknownRoleError
+from .server_requests import MAX_BODY_BYTES, APIError, _parse_json, _read_body, read_json  # noqa: F401 (APIError, read_json: also imported from here)
 from .session import AUTO, Active, Roles, default_folders
 
-MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 MAX_STOP = 4
-MAX_JSON_DEPTH = 64  # OpenAI request bodies nest a few levels; deeper is an attack on the parser
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or generates
-
-
-class APIError(Exception):
-    """An OpenAI-style error: status, message, type, param, code."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -141,7 +126,7 @@ def api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RoleError):
-        unknown = str(exc).startswith("unknown role")
+        unknown = isinstance(exc, UnknownRoleError)
         return APIError(404 if unknown else 400, str(exc), code="model_not_found" if unknown else None, param="model")
     code = "context_length_exceeded" if "the context holds" in str(exc) else None
     return APIError(400, str(exc), code=code)
@@ -367,7 +352,7 @@ class Service:
 
         def run(emit):
             active = self.select(served.get("model"), body.get("lora"), last_user)
-            server_extras.note_answer(body, active, fallback)
+            server_extras.note_answer(run, body.get("model"), active, fallback)
             for piece in self.roles.stream_chat(messages, **sampling):
                 emit(piece)
             return self._result(active, fallback)
@@ -382,7 +367,7 @@ class Service:
 
         def run(emit):
             active = self.select(served.get("model"), body.get("lora"), prompt)
-            server_extras.note_answer(body, active, fallback)
+            server_extras.note_answer(run, body.get("model"), active, fallback)
             merged = {**active.resolved.sampling, **sampling}
             for piece in self.engine.stream_complete(prompt, **merged):
                 emit(piece)
@@ -491,66 +476,6 @@ def _lora_scales(lora: object) -> dict[int, float]:
 # ---------------------------------------------------------------------------- HTTP
 
 
-async def read_json(request: Request) -> dict:
-    """The request body as a JSON object, read with a size bound."""
-    body = _parse_json(await _read_body(request) or b"null")
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
-async def _read_body(request: Request) -> bytes:
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # gone, or cut off by the connection's body deadline: nobody reads this
-        raise APIError(400, "the client went away before the end of its request body") from None
-    return b"".join(chunks)
-
-
-def _parse_json(raw: bytes):
-    """JSON that the rest of the server can handle: bounded nesting, text that encodes as UTF-8."""
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON ({exc})") from None
-    _check_json_tree(body)
-    return body
-
-
-def _check_json_tree(body) -> None:
-    """Refuse nesting over MAX_JSON_DEPTH and lone UTF-16 surrogates ("\\udcff" is valid JSON but
-    no UTF-8 text: the tokenizer and the error bodies would fail on it). Iterative: no recursion."""
-    stack = [(body, "body", 1)]
-    while stack:
-        value, where, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                _check_text(key, where)
-                stack.append((item, key if where == "body" else f"{where}.{key}", depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
-        elif isinstance(value, str):
-            _check_text(value, where)
-
-
-def _check_text(text: str, where: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, f"'{where}' holds a lone UTF-16 surrogate (not valid Unicode text)",
-                           param=where) from None
-
-
 def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
               cors_origins: list[str] | None = None, request_log: bool = False) -> Starlette:
     def chunk_base(kind: str, model) -> dict:
@@ -567,7 +492,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             first = [True]
 
             def piece(text):
-                base["model"] = server_extras.response_model(body, base["model"])  # 'auto': the routed role
+                base["model"] = server_extras.response_model(run, body.get("model"), base["model"])  # 'auto': the routed role
                 choice = {"text": text}
                 if chat:
                     choice = {"delta": {"role": "assistant", "content": text} if first[0] else {"content": text}}
@@ -576,7 +501,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
 
             def finish(result):
                 server_extras.log_answer(service, request, result)
-                base["model"] = server_extras.response_model(body, base["model"])
+                base["model"] = server_extras.response_model(run, body.get("model"), base["model"])
                 choice = {"delta": {}} if chat else {"text": ""}
                 return {**base, "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
                         "edgelora": result["edgelora"]}
@@ -591,7 +516,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         if result is None:
             return Response(status_code=499)  # the client went away: nobody reads this
         server_extras.log_answer(service, request, result)
-        base["model"] = server_extras.response_model(body, base["model"])
+        base["model"] = server_extras.response_model(run, body.get("model"), base["model"])
         choice = {"message": {"role": "assistant", "content": result["text"]}} if chat else {"text": result["text"]}
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
@@ -606,11 +531,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         return await respond("completion", request, body, service.completion_job(body))
 
     async def models(request: Request):
-        rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
-                {"id": AUTO, "description": "a role chosen per request from the prompt"}]
-        rows += [{"id": r.name, "description": r.description} for r in service.roles.catalog.roles()]
-        return JSONResponse({"object": "list", "data": [
-            {"object": "model", "created": service.created, "owned_by": "edgelora", **row} for row in rows]})
+        return JSONResponse({"object": "list", "data": server_extras.model_rows(service)})
 
     async def health(request: Request):
         w = service.worker

@@ -21,7 +21,7 @@ CASES = 300
 ORIGIN = "http://127.0.0.1:8080"
 DEEP = "\x00deep\x00"  # stands for a nested value written into the JSON text (json.dumps would recurse)
 
-KEYS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+KEYS = ["model", "n_predict", "content", "tokens", "with_pieces", "add_special", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
         "min_p", "repeat_penalty", "seed", "stop", "stream", "stream_options", "n", "lora", "user", "x"]
 MODELS = ["base", "pirate", "terse", "pirate:0.5+terse:0.5", "pirate:abc", "nope", "", "default", "+", "a" * 300]
 
@@ -51,6 +51,13 @@ def value(rng: random.Random, depth: int = 0):
 def template(rng: random.Random, path: str):
     if path == "/lora-adapters":
         return [{"id": rng.randint(0, 5), "scale": rng.choice([0.0, 0.5, 1.0])} for _ in range(rng.randint(0, 2))]
+    if path == "/tokenize":
+        return {"content": text(rng), "add_special": rng.random() < 0.5, "with_pieces": rng.random() < 0.5}
+    if path == "/detokenize":
+        return {"tokens": [rng.choice([0, 1, 2, 100, 49151, 49152, -1]) for _ in range(rng.randint(0, 4))]}
+    if path == "/completion":  # llama-server's native fields
+        return {"prompt": "Once upon a time", "n_predict": rng.choice([1, 2]), "stream": rng.random() < 0.2,
+                **({"model": rng.choice(MODELS)} if rng.random() < 0.5 else {})}
     body = {"model": rng.choice(MODELS), "max_tokens": rng.choice([1, 2])}
     if path == "/v1/chat/completions":
         body["messages"] = [{"role": rng.choice(["system", "user", "assistant", "developer"]), "content": "hi"}
@@ -91,30 +98,33 @@ def mutate(rng: random.Random, body):
     return body
 
 
-def bounded(body):
-    """At most 2 tokens of generation a case, whatever the mutations did to max_tokens."""
-    if unbounded(body):
-        body["max_completion_tokens"] = 2
+def bounded(body, path: str):
+    """At most 2 tokens of generation a case, whatever the mutations did to max_tokens (n_predict)."""
+    if unbounded(body, path):
+        body["n_predict" if path == "/completion" else "max_completion_tokens"] = 2
     return body
 
 
-def unbounded(body) -> bool:
+def unbounded(body, path: str) -> bool:
     """Would this body generate more than a few tokens (the engine's default is 256)?"""
     if not isinstance(body, dict):
         return False
+    if path == "/completion":  # only n_predict counts there; -1 runs to the context's end
+        limit = body.get("n_predict")
+        return limit is None or limit == -1 or (type(limit) is int and limit > 8)
     limit = body.get("max_completion_tokens")
     limit = body.get("max_tokens") if limit is None else limit
     return limit is None or (type(limit) is int and 8 < limit <= 1 << 20)
 
 
-def parses_bounded(raw: bytes) -> bool:
+def parses_bounded(raw: bytes, path: str) -> bool:
     try:
-        return not unbounded(json.loads(raw))
+        return not unbounded(json.loads(raw), path)
     except (ValueError, RecursionError):
         return True  # refused before any generation
 
 
-def encode(rng: random.Random, body) -> bytes:
+def encode(rng: random.Random, body, path: str) -> bytes:
     raw = json.dumps(body).encode()  # ensure_ascii: lone surrogates become "\udcff" escapes, as a client sends
     depth = rng.choice([10, 63, 64, 65, 500, 999, 1000, 5000, 50_000])
     opener = rng.choice(["[", '{"a": '])
@@ -132,21 +142,21 @@ def encode(rng: random.Random, body) -> bytes:
                 data[at:at] = rng.choice([b"\xff", b"\xc3", b"\xed\xb3\xbf", b"NaN", b"-Infinity", b"\\ud800", b"{"])
             else:
                 data[at:at] = rng.choice([b",", b"]", b"}", b'"', b"\\", b"1e999", b"9" * 5000])
-        if parses_bounded(bytes(data)):  # a spoiled max_tokens key must not cost a 256-token answer
+        if parses_bounded(bytes(data), path):  # a spoiled max_tokens key must not cost a 256-token answer
             raw = bytes(data)
     return raw
 
 
 def case(rng: random.Random) -> tuple[str, bytes, dict]:
-    path = rng.choices(["/v1/chat/completions", "/v1/completions", "/lora-adapters", "role", "/v1/roles/reload"],
-                       weights=[45, 25, 15, 12, 3])[0]
+    path = rng.choices(["/v1/chat/completions", "/v1/completions", "/lora-adapters", "role", "/v1/roles/reload",
+                        "/completion", "/tokenize", "/detokenize"], weights=[35, 18, 12, 10, 3, 10, 6, 6])[0]
     if path == "role":
         name = rng.choice(["pirate", "terse", "nope", "a%20b", "é", "..", "base"])
         path = f"/v1/roles/{name}/{rng.choice(['preload', 'evict', 'explode'])}"
     body = template(rng, path)
     for _ in range(rng.randint(1, 3)):
         body = mutate(rng, body)
-    raw = encode(rng, bounded(body)) if not path.startswith("/v1/roles/") or rng.random() < 0.3 else b""
+    raw = encode(rng, bounded(body, path), path) if not path.startswith("/v1/roles/") or rng.random() < 0.3 else b""
     headers = {"Content-Type": rng.choices(["application/json", "application/json; charset=utf-8", "text/plain",
                                             "application/x-www-form-urlencoded", ""], weights=[80, 8, 4, 4, 4])[0]}
     if rng.random() < 0.1:
@@ -154,13 +164,17 @@ def case(rng: random.Random) -> tuple[str, bytes, dict]:
     return path, raw, headers
 
 
-def problem(r) -> str | None:
+def problem(r, path: str) -> str | None:
     """Why this answer is not acceptable, or None."""
     if r.status_code >= 500:
         return f"{r.status_code}: {r.text[:200]}"
     kind = r.headers.get("content-type", "")
     if r.status_code == 200 and kind.startswith("text/event-stream"):
         events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        if path == "/completion":  # llama-server's native stream: no [DONE], the last event says "stop": true
+            if not events or not json.loads(events[-1]).get("stop"):
+                return f"stream without its last event: {r.text[-200:]}"
+            events.append("[DONE]")
         if not events or events[-1] != "[DONE]":
             return f"stream without [DONE]: {r.text[-200:]}"
         bad = [e for e in events[:-1] if not isinstance(json.loads(e), dict)]
@@ -187,7 +201,7 @@ def test_fuzzed_request_bodies_get_json_answers_under_500_and_the_server_keeps_s
         path, raw, headers = case(rng)
         r = client.post(path, content=raw, headers={k: v for k, v in headers.items() if v})
         statuses[r.status_code] += 1
-        if (why := problem(r)) is not None:
+        if (why := problem(r, path)) is not None:
             failures.append(f"case {i} {path} {raw[:120]!r}: {why}")
         if i % 100 == 99:
             assert client.post("/v1/chat/completions", json=normal).status_code == 200, f"after case {i}"

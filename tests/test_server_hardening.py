@@ -5,8 +5,12 @@ port with the connection settings `edgelora serve` uses (timeouts shortened to k
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -15,6 +19,7 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
+from edgelora import server_extras
 from edgelora.server import Service, build_app, loopback_hosts
 from edgelora.server_http import uvicorn_settings
 from edgelora.session import Roles
@@ -243,3 +248,83 @@ def test_malformed_http_gets_a_json_error_not_a_reset(service, raw, status, word
             got, headers, reply = read_response(s)
         assert got == status and headers["content-type"] == "application/json"
         assert words in json.loads(reply)["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- the log, the page, the response's model
+
+
+def test_a_path_with_terminal_escapes_is_logged_quoted_never_raw(service, capsys):
+    # what <img src="http://127.0.0.1:8080/%1b]0;x%07%1b[2J"> on any web site makes a browser send
+    with client_for(service, request_log=True) as client:
+        assert client.get("/%1b]0;x%07%1b[2J").status_code == 404
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert "GET /%1B%5D0;x%07%1B%5B2J 404" in err, err
+
+
+def test_no_logged_field_writes_control_characters():
+    log = server_extras.RequestLog(None, stream=io.StringIO())
+    scope = {"method": "POST", "path": "/v1/chat/completions"}
+    log._write(scope, 200, {"edgelora_log": "role=\x1b]0;x\x07pirate\nfake line tokens=1+1"}, 0.0)
+    line = log.stream.getvalue()
+    assert line.count("\n") == 1 and "\x1b" not in line and "\x07" not in line
+    assert "role=\\x1b]0;x\\x07pirate\\nfake line" in line
+
+
+def test_no_other_site_can_frame_the_page(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY"
+
+
+def test_cors_origin_star_without_an_api_key_is_refused_at_start(tmp_path):
+    env = {**os.environ, "EDGELORA_HOME": str(tmp_path), "EDGELORA_CONFIG": str(tmp_path / "none.toml")}
+    p = subprocess.run([sys.executable, "-m", "edgelora", "serve", "--cors-origin", "*"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "--cors-origin" in p.stderr and "--api-key" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2}),
+    ("/completion", {"prompt": "Once upon a time", "n_predict": 2}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_response_model_is_never_taken_from_the_request_body(client, path, body, stream):
+    for planted in ({"an": "object"}, "gpt-planted"):
+        r = client.post(path, json={**body, "model": "pirate", "_edgelora_answered_by": planted, "stream": stream})
+        assert r.status_code == 200, r.text
+        answers = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")] if stream \
+            else [r.json()]
+        assert answers and {a["model"] for a in answers if "model" in a} == {"pirate"}, answers  # native pieces: none
+
+
+# ---------------------------------------------------------------------------- the fallback role
+
+
+@pytest.fixture
+def fallback_client(clean_engine):
+    service = Service(clean_engine, Roles(clean_engine), fallback_role="terse")
+    with client_for(service) as c:
+        yield c
+
+
+def chat_as(client, model: str):
+    return client.post("/v1/chat/completions", json={**CHAT, "model": model})
+
+
+@pytest.mark.parametrize("model", ["llama3:8b", "qwen2.5:7b", "llama3:70", "gpt-4o-mini"])
+def test_ollama_style_names_with_a_colon_are_answered_by_the_fallback_role(fallback_client, model):
+    r = chat_as(fallback_client, model)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "terse" and r.json()["edgelora"]["fallback"]["requested"] == model
+
+
+def test_a_known_role_with_a_weight_is_still_a_weighted_role_not_the_fallback(fallback_client):
+    r = chat_as(fallback_client, "pirate:0.5")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "pirate:0.5" and "fallback" not in r.json()["edgelora"]
+    assert is_openai_error(chat_as(fallback_client, "pirate:abc"), 400, "weight")
+    assert is_openai_error(chat_as(fallback_client, "pirat:0.5+terse"), 404, "unknown role 'pirat'")
