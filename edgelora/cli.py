@@ -828,11 +828,12 @@ def models_pull(name, file, revision):
 @models.command("rm")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def models_rm(name, yes):
+@click.option("--force", is_flag=True, help="Also remove the embedded default model.")
+def models_rm(name, yes, force):
     """Remove a pulled model: its pip packages and the files edgelora wrote (nothing else)."""
     from .models import removal_plan, remove_model
 
-    packages, files = removal_plan(name)
+    packages, files = removal_plan(name, force)
     listed = [*(f"pip package {p}" for p in packages), *map(str, files)]
     if not yes:
         if not sys.stdin.isatty():
@@ -841,7 +842,7 @@ def models_rm(name, yes):
         if not click.confirm("remove?"):
             click.echo("nothing removed")
             return 1
-    for line in remove_model(name):
+    for line in remove_model(name, force):
         click.echo(f"removed {line}")
 
 
