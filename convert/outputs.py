@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -68,11 +69,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def stale_temps(out: Path) -> list[Path]:
+    """Temps (files or folders) of interrupted writes to ``out`` whose process is gone: exactly the
+    names mkstemp/mkdtemp give them, '.OUT.PID.RANDOM.tmp' (another output's '.OUT.2024.PID.RANDOM.tmp'
+    does not match, so its pid is never misread)."""
+    own = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    return [out.parent / n for n in sorted(names) if (m := own.match(n)) and not pid_alive(int(m.group(1)))]
+
+
 def clean_stale_temps(out: Path) -> None:
     """Temp files of interrupted writes to the same output (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+    for tmp in stale_temps(out):
+        if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
 
 

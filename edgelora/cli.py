@@ -142,7 +142,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
     raw = [parse_spec(s, "--adapter") for s in adapters]
-    paths = (_split_weight(s)[0] for s in role_specs)
+    paths = (_spec_name(s) for s in role_specs)
     manifests = [Path(p) for p in paths if p.endswith(".toml")]
 
     config = load_config()
@@ -156,7 +156,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         for name, paths in roles.catalog.shadowed.items():
             click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
     specs = _role_stack(role_specs, "--role") or ["base"]
-    names = [_split_weight(s)[0] for s in specs]
+    names = [_spec_name(s) for s in specs]
     if AUTO in names and len(names) > 1:
         raise click.BadParameter("'auto' picks one role per prompt; it cannot be stacked", param_hint="--role")
     roles.preload(preload)
@@ -241,17 +241,18 @@ def _unique_name(eng, stem: str) -> str:
     return name
 
 
-def _split_weight(spec: str) -> tuple[str, str]:
-    """'x.toml:0.5' -> ('x.toml', ':0.5'); 'x' -> ('x', '')."""
-    head, sep, tail = spec.rpartition(":")
-    return (head, sep + tail) if sep and tail.replace(".", "", 1).isdigit() else (spec, "")
+def _spec_name(spec: str) -> str:
+    """The role or manifest path of 'x:WEIGHT', by the one grammar roles use (-0.5 and 1e0 are weights too)."""
+    from .roles import parse_spec as parse_role_spec
+
+    return parse_role_spec(spec)[0]
 
 
 def _role_stack(specs, flag: str) -> list[str]:
     """Role specs stacked as `ask --role` takes them: a manifest path becomes its role's name, a role
     given twice is refused (its weight would be summed past what was asked)."""
     specs = [_role_name(s, None) for s in specs]
-    names = [_split_weight(s)[0] for s in specs]
+    names = [_spec_name(s) for s in specs]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
@@ -261,11 +262,11 @@ def _role_stack(specs, flag: str) -> list[str]:
 
 def _role_name(spec: str, roles) -> str:
     """A manifest path in --role becomes the name of the role it defines."""
-    path, weight = _split_weight(spec)
+    path = _spec_name(spec)
     if path.endswith(".toml"):
         from .roles import load_manifest
 
-        return load_manifest(path).name + weight
+        return load_manifest(path).name + spec[len(path):]  # its ':WEIGHT' as given
     return spec
 
 
@@ -475,7 +476,7 @@ def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
     from .session import default_folders
 
     parts = [split_stack(spec) for spec in role_specs]
-    manifests = [Path(_split_weight(p)[0]) for stack in parts for p in stack if _split_weight(p)[0].endswith(".toml")]
+    manifests = [Path(_spec_name(p)) for stack in parts for p in stack if _spec_name(p).endswith(".toml")]
     specs = ["+".join(_role_stack(stack, "ROLE")) for stack in parts]  # the rules `ask --role` applies
     config = load_config()
     catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)], manifests=manifests)
@@ -807,11 +808,12 @@ def models_pull(name, file, revision):
 @models.command("rm")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def models_rm(name, yes):
+@click.option("--force", is_flag=True, help="Also remove the embedded default model.")
+def models_rm(name, yes, force):
     """Remove a pulled model: its pip packages and the files edgelora wrote (nothing else)."""
     from .models import removal_plan, remove_model
 
-    packages, files = removal_plan(name)
+    packages, files = removal_plan(name, force)
     listed = [*(f"pip package {p}" for p in packages), *map(str, files)]
     if not yes:
         if not sys.stdin.isatty():
@@ -820,7 +822,7 @@ def models_rm(name, yes):
         if not click.confirm("remove?"):
             click.echo("nothing removed")
             return 1
-    for line in remove_model(name):
+    for line in remove_model(name, force):
         click.echo(f"removed {line}")
 
 

@@ -122,10 +122,18 @@ def init_config(path: Path, *, force: bool = False) -> Path:
         raise ConfigError(f"{path} already exists; pass --force to replace it with the defaults")
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path}: the config path is not a regular file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(config_text(), "utf-8")
-    os.replace(tmp, path)
+    from .convert.errors import ConvertError
+    from .convert.outputs import atomic_output  # temp then rename; no temp left when it fails
+
+    text = config_text()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            tmp.write_text(text, "utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    except ConvertError as exc:
+        raise ConfigError(str(exc)) from None
     return path
 
 

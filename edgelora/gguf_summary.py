@@ -41,8 +41,18 @@ def _file_type(value) -> str | None:
 
     try:
         return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):  # an unknown number, or not a number at all (a list, a string)
         return str(value)
+
+
+def _alpha(alpha, ranks: list[int]) -> str:
+    """The alpha row; a hostile file may hold a string, or a rank 0 (no scale to compute)."""
+    if alpha is None:
+        return "none (scale 1)"
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return f"{alpha!r} (not a number)"
+    scale = f" (scale alpha/rank = {alpha / ranks[0]:g})" if len(ranks) == 1 and ranks[0] else ""
+    return f"{alpha:g}{scale}"
 
 
 def summarize(info: GGUFInfo) -> list[tuple[str, object]]:
@@ -63,8 +73,7 @@ def summarize(info: GGUFInfo) -> list[tuple[str, object]]:
         alpha = meta.get("adapter.lora.alpha")
         rows += [
             ("rank", ", ".join(map(str, ranks))),
-            ("alpha", f"{alpha:g}" + (f" (scale alpha/rank = {alpha / ranks[0]:g})" if len(ranks) == 1 else "")
-             if alpha is not None else "none (scale 1)"),
+            ("alpha", _alpha(alpha, ranks)),
             ("targets", f"{len(pairs)} weights: {', '.join(modules)}"),
             ("layers", ranges(layers)),
             ("task", meta.get("adapter.lora.task_name")),

@@ -415,3 +415,25 @@ def test_bundle_sign_names_a_bad_key(tmp_path):
     (tmp_path / "key.pem").write_text("not a key")
     one_line_error(bundle_cli(str(tmp_path / "b"), "--sign", str(tmp_path / "key.pem")), "--sign", "key.pem")
     nothing_left(tmp_path, "b")
+
+
+def test_temp_cleanup_for_out_b_leaves_the_running_temps_of_out_b_dot_number(tmp_path):
+    """OUT 'b.<n>' has temps '.b.<n>.<pid>.<random>.tmp': for OUT 'b' that is not a temp of process <n>."""
+    from edgelora.convert.outputs import clean_stale_temps as clean_convert_temps
+    from edgelora.offline.build import clean_stale_temps as clean_bundle_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    others = tmp_path / f".b.{dead.pid}.{os.getpid()}.k9q2.tmp"  # OUT b.<dead pid>, built by this live process
+    own = tmp_path / f".b.{dead.pid}.x1y2.tmp"  # OUT b, its process gone
+    for folder in (others, own):
+        folder.mkdir()
+    clean_bundle_temps(tmp_path / "b")
+    assert others.is_dir() and not own.exists()
+    others.rmdir()  # convert's cleanup: the same rule, for files
+    for path in (others, own):
+        path.write_bytes(b"x")
+    clean_convert_temps(tmp_path / "b")
+    assert others.is_file() and not own.exists()
+    clean_convert_temps(tmp_path / "[b]")  # glob characters in OUT match nothing else
+    assert others.is_file()

@@ -225,3 +225,25 @@ def test_doctor_says_when_the_routing_model_is_missing(monkeypatch):
     result = CliRunner().invoke(cli, ["doctor"])
     assert "routing_model.installed" in result.stdout and "False" in result.stdout
     assert "--role auto routes by word overlap only" in result.stdout
+
+
+@pytest.mark.parametrize("odd", ["string alpha", "rank 0", "file_type a list"])
+def test_inspect_of_an_odd_gguf_prints_its_summary_without_a_traceback(tmp_path, odd):
+    import gguf
+    import numpy as np
+
+    from .gguf_factory import write_lora
+
+    rank = 0 if odd == "rank 0" else 2
+    lora = {"blk.0.attn_q.weight": (np.ones((rank, 8), np.float32), np.ones((8, rank), np.float32))}
+    kv = {"string alpha": {"adapter.lora.alpha": ("16", gguf.GGUFValueType.STRING)},
+          "rank 0": {},
+          "file_type a list": {"general.file_type": ([1, 2], gguf.GGUFValueType.ARRAY)}}[odd]
+    path = write_lora(tmp_path / "odd.gguf", lora, None if odd == "string alpha" else 16.0, kv=kv,
+                      general_type="model" if odd == "file_type a list" else "adapter")
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    fields = dict((k, v.strip()) for k, v in (line.split(":", 1) for line in result.stdout.splitlines()))
+    expected = {"string alpha": ("alpha", "'16' (not a number)"), "rank 0": ("alpha", "16"),
+                "file_type a list": ("quantization", "[1, 2]")}[odd]
+    assert fields[expected[0]] == expected[1]

@@ -249,3 +249,20 @@ def test_a_stacks_peft_config_names_the_hf_base(tmp_path, capsys):
     config = json.loads((out / "pirate@0.7+terse@0.3" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config["base_model_name_or_path"] == json.loads((out / "roles.json").read_text())["base"]["hf"]
+
+
+# review 4 -------------------------------------------------------------- a role twice, whatever its weight's spelling
+@pytest.mark.parametrize("second", ["pirate:-0.5", "pirate:1e0"])
+def test_a_role_given_twice_is_refused_whatever_its_weight_looks_like(tmp_path, second):
+    one_line(run("ask", "--role", "pirate", "--role", second, "hi", "--no-log"), "role 'pirate' is given twice")
+    one_line(run("export", f"pirate+{second}", "--to", str(tmp_path / "export")), "role 'pirate' is given twice")
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_manifest_path_with_a_negative_weight_is_its_role(tmp_path, capsys):
+    manifest = write_role(tmp_path / "mine", "halfterse", bundled_dir() / "terse.gguf", scale=0.5)
+    one_line(run("ask", "--role", f"{manifest}:-0.5", "--role", "halfterse", "hi", "--no-log"),
+             "role 'halfterse' is given twice")
+    out = tmp_path / "export"
+    assert cli(capsys, "export", f"{manifest}:-0.5", "--to", str(out))[0] == 0
+    assert list(json.loads((out / "roles.json").read_text())["roles"]) == ["halfterse:-0.5"]

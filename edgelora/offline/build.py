@@ -19,7 +19,6 @@ Layout::
 
 from __future__ import annotations
 
-import glob
 import importlib.metadata
 import json
 import os
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from .. import signing
 from ..config import Config, load_config
-from ..convert.outputs import pid_alive  # the pid check convert's stale-temp cleanup uses
+from ..convert.outputs import stale_temps  # the temps convert's cleanup matches
 from ..errors import EdgeloraError
 from ..gguf_info import read_gguf, sha256_file
 from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
@@ -335,9 +334,8 @@ def check_out(out: Path, archive: bool, force: bool) -> None:
 
 def clean_stale_temps(out: Path) -> None:
     """Temp folders of interrupted builds of the same OUT whose process is gone (as convert does)."""
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+    for tmp in stale_temps(out):
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
