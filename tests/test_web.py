@@ -1,7 +1,8 @@
 """The web page of `edgelora serve` at `/`: its files are served from the package with a strict
 Content-Security-Policy, and a real headless Chromium drives it against a real server and model.
 
-The browser test needs Chromium (Debian: `apt-get install -y chromium`); without it it is skipped."""
+The browser test needs Chromium (Debian: `apt-get install -y chromium`, or `sh packaging/chromium.sh`
+as the README test command does); without it it is skipped."""
 
 from __future__ import annotations
 
