@@ -29,7 +29,6 @@ INSTALL_HINT = 'pip install "edgelora[train]"'
 # of the batch (see README "Make a role"); the dry run's estimate scales it to this machine's cores.
 SECONDS_PER_TOKEN_2_CORES = 0.0021
 ROUTING_EXAMPLES = 8
-CHECK_TOKENS = 160
 
 
 class TrainError(EdgeloraError):
@@ -65,6 +64,7 @@ class Plan:
     train: list[Pair]
     held: list[Pair]
     encoded: list[tuple[list[int], list[int]]]
+    check_tokens: int  # the longest held-out answer and a little more: the check stays short
     steps: int
     estimate_s: float
     replaces: Path | None = None  # the manifest of the role --force replaces
@@ -121,12 +121,13 @@ def plan(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Plan:
             raise TrainError(f"{pair.where}: prompt and answer are {len(p) + len(t)} tokens, over {why}; shorten it "
                              "or raise --max-length")
         encoded.append((p, t))
+    check_tokens = max([len(t) for _, t in encoded[len(train):]], default=0) + 16
     encoded = encoded[: len(train)]
     steps = max(1, math.ceil(opts.epochs * len(train) / opts.batch))
     mean_tokens = sum(len(p) + len(t) for p, t in encoded) / len(encoded)
     cores = opts.threads or os.cpu_count() or 2
     estimate = steps * opts.batch * mean_tokens * SECONDS_PER_TOKEN_2_CORES * 2 / min(cores, 8)
-    return Plan(examples, train, held, encoded, steps, estimate, replaces)
+    return Plan(examples, train, held, encoded, check_tokens, steps, estimate, replaces)
 
 
 def describe(opts: TrainOptions, p: Plan, base: Path) -> str:
@@ -175,9 +176,9 @@ def train_role(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Result |
     work = Path(tempfile.mkdtemp(prefix=f".{opts.name}.training-", dir=roles_dir))  # hidden: the catalog skips it
     try:
         with StopOnCtrlC() as ctrl_c:
-            before = [_answer(engine, pair) for pair in p.held]
+            before = [_answer(engine, pair, p.check_tokens) for pair in p.held]
             gguf, losses, train_s = _train_and_convert(opts, p, engine.model_path, work, ctrl_c)
-            checks = _check(engine, gguf, opts.name, p.held, before)
+            checks = _check(engine, gguf, opts.name, p.held, before, p.check_tokens)
             manifest = _write_manifest(opts, p, engine, gguf, work)
             if ctrl_c.stopped:
                 raise TrainInterrupted(f"stopped by Ctrl+C; role '{opts.name}' was not installed")
@@ -187,8 +188,8 @@ def train_role(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Result |
     return Result(installed, p.steps, losses, train_s, time.perf_counter() - t0, checks)
 
 
-def _answer(engine, pair: Pair) -> str:
-    return engine.chat(pair.messages(), max_tokens=CHECK_TOKENS, temperature=0.0, seed=0).text.strip()
+def _answer(engine, pair: Pair, max_tokens: int) -> str:
+    return engine.chat(pair.messages(), max_tokens=max_tokens, temperature=0.0, seed=0).text.strip()
 
 
 def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl_c: StopOnCtrlC):
@@ -220,13 +221,13 @@ def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl
     return gguf, losses, train_s
 
 
-def _check(engine, gguf: Path, name: str, held: list[Pair], before: list[str]) -> list[dict]:
+def _check(engine, gguf: Path, name: str, held: list[Pair], before: list[str], max_tokens: int) -> list[dict]:
     """The adapter in the real engine, answering the held-out prompts; detached again afterwards."""
     if not held:
         return []
     label = engine.attach(gguf, name=f"{name}.candidate")
     try:
-        after = [_answer(engine, pair) for pair in held]
+        after = [_answer(engine, pair, max_tokens) for pair in held]
     finally:
         engine.detach(label, free=True)
     checks = [dict(prompt=h.prompt, expected=h.answer, base=b, role=a) for h, b, a in zip(held, before, after)]
