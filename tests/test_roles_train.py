@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -158,3 +160,22 @@ def test_a_trained_role_is_pinned_routed_and_changes_answers(tmp_path, isolated_
     assert clean_engine.chat(probe, max_tokens=12, **GREEDY).text == before  # detached: the base again
     rc, err, _ = train_cli("banana", "--data", data, "--dry-run")
     assert rc == 2 and "--force replaces it" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_installs_nothing(tmp_path, isolated_home):
+    pytest.importorskip("peft")
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "edgelora", "roles", "train", "stopped", "--data", str(data),
+                                 "--eval", "0", "--epochs", "200"], stderr=err, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 170
+        while "training stopped" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)  # until the progress bar shows
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130 and "stopping after this step; nothing will be installed" in text, text
+    assert "role 'stopped' was not installed" in text, text
+    assert not (isolated_home / "roles").exists() or list((isolated_home / "roles").iterdir()) == [], text

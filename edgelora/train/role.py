@@ -35,8 +35,10 @@ class TrainError(EdgeloraError):
     """Training cannot start or did not produce a usable role."""
 
 
-class TrainInterrupted(EdgeloraError):
-    """Ctrl+C stopped training; nothing was installed."""
+def _interrupted(message: str) -> KeyboardInterrupt:
+    """Ctrl+C stopped training: say what happened; the CLI then exits 130 as for any Ctrl+C."""
+    say(message)
+    return KeyboardInterrupt()
 
 
 @dataclass
@@ -179,9 +181,9 @@ def train_role(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Result |
             before = [_answer(engine, pair, p.check_tokens) for pair in p.held]
             gguf, losses, train_s = _train_and_convert(opts, p, engine.model_path, work, ctrl_c)
             checks = _check(engine, gguf, opts.name, p.held, before, p.check_tokens)
-            manifest = _write_manifest(opts, p, engine, gguf, work)
+            _write_manifest(opts, p, engine, gguf, work)
             if ctrl_c.stopped:
-                raise TrainInterrupted(f"stopped by Ctrl+C; role '{opts.name}' was not installed")
+                raise _interrupted(f"stopped by Ctrl+C; role '{opts.name}' was not installed")
             installed = _install(opts.name, work, roles_dir, p.replaces)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -213,7 +215,7 @@ def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl
                        stop=lambda: ctrl_c.stopped)
     train_s = time.perf_counter() - t0
     if ctrl_c.stopped:
-        raise TrainInterrupted(f"stopped by Ctrl+C after {len(losses)} of {p.steps} steps; role '{opts.name}' was not installed")
+        raise _interrupted(f"stopped by Ctrl+C after {len(losses)} of {p.steps} steps; role '{opts.name}' was not installed")
     save_peft(model, work / "peft")
     (work / opts.name).mkdir()
     gguf = work / opts.name / f"{opts.name}.gguf"
@@ -251,8 +253,9 @@ def overlap(answer: str, expected: str) -> float:
 
 
 def _short(text: str, width: int = 110) -> str:
+    """One line; a long text keeps its start and its end (where a sign-off or a closing brace is)."""
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width * 2 // 3] + " … " + text[-(width // 3):]
 
 
 def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path) -> Path:

@@ -25,16 +25,17 @@ role = RoleCatalog(default_folders(load_config())).get("curious")
 engine = Engine(n_ctx=1024, reuse_prefix=False)  # no prefix reuse: greedy answers repeat exactly
 
 
-def answers() -> list[str]:
-    return [engine.chat(p.messages(), max_tokens=96, temperature=0, seed=0).text for p in held]
+def answers(pairs) -> list[str]:
+    return [engine.chat(p.messages(), max_tokens=96, temperature=0, seed=0).text for p in pairs]
 
 
-before = answers()
+FEW = 5  # base answers before attaching and after detaching, compared (this machine is slow)
+before = answers(held[:FEW])
 engine.attach(role.adapters[0].file, name="curious")
-styled = answers()
+styled = answers(held)
 engine.detach("curious", free=True)
-after = answers()
-print(f"style with the role: {sum(map(has_style, styled))}/{len(held)}; base: {sum(map(has_style, before))}/{len(held)}")
-print(f"base unchanged after detach: {sum(a == b for a, b in zip(before, after))}/{len(held)} identical")
+after = answers(held[:FEW])
+print(f"style with the role: {sum(map(has_style, styled))}/{len(held)}; base: {sum(map(has_style, before))}/{FEW}")
+print(f"base unchanged after detach: {sum(a == b for a, b in zip(before, after))}/{FEW} greedy answers identical")
 for p, b, s in list(zip(held, before, styled))[:2]:
     print(f"\n{p.prompt}\n  base: {b!r}\n  role: {s!r}")

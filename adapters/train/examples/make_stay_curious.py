@@ -1,8 +1,9 @@
-"""Makes stay-curious.jsonl, the example of README "Make a role": 100 everyday questions, each answered
+"""Makes stay-curious.jsonl, the example of README "Make a role": 60 everyday questions, each answered
 by the embedded base itself (greedy, cut to two sentences) with the closing line "Stay curious!".
 
 The style check, fixed before training: an answer has the style when its last line is "Stay curious!"
 (has_style below). `edgelora roles train curious --data stay-curious.jsonl --eval 20` holds out 20.
+COUNT = 60 of the 100 topics: answering 100 took over 15 minutes on this (heavily loaded) machine.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TOPICS = [
     "thunder", "camels", "yogurt", "the Olympics", "parrots", "bamboo", "vaccines", "comets", "knitting",
     "octopuses", "the Nile", "helicopters", "mushrooms", "jazz", "solar panels", "dinosaurs",
 ]
+COUNT = 60
 TEMPLATES = ["What is {}?", "Tell me about {}.", "Why is {} interesting?", "Describe {}.", "What should I know about {}?"]
 
 
@@ -35,7 +37,7 @@ def has_style(answer: str) -> bool:
 
 
 def prompts() -> list[str]:
-    return [TEMPLATES[i % len(TEMPLATES)].format(t) for i, t in enumerate(TOPICS)]
+    return [TEMPLATES[i % len(TEMPLATES)].format(t) for i, t in enumerate(TOPICS)][:COUNT]
 
 
 def main() -> None:
