@@ -25,9 +25,10 @@ from . import ALPHA, RANK, TARGETS
 from .data import Examples, Pair, encode, load_examples, split
 
 INSTALL_HINT = 'pip install "edgelora[train]"'
-# Measured here on SmolLM2-135M, 2 cores: one forward+backward costs about this many seconds per token
-# of the batch (see README "Make a role"); the dry run's estimate scales it to this machine's cores.
-SECONDS_PER_TOKEN_2_CORES = 0.0021
+# SmolLM2-135M on 2 idle cores: the bundled recipe's 120 steps of 8 pairs (~70 tokens each) took
+# 3.5-5 minutes, ~0.004 s per token of a batch (forward and backward). The dry run scales it to
+# this machine's cores; a busy machine is slower (README "Make a role").
+SECONDS_PER_TOKEN_2_CORES = 0.004
 ROUTING_EXAMPLES = 8
 
 
