@@ -659,20 +659,26 @@ def roles_show(name):
 
 @roles.command("add")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-def roles_add(manifest):
-    """Copy a role (manifest and adapter files) into your roles folder, after checking it."""
+@click.option("--name", help="Make a role of this name from an adapter .gguf (its sha256 and the base are pinned for you).")
+@click.option("--description", help="With --name: the role's description.")
+def roles_add(manifest, name, description):
+    """Copy a role (manifest and adapter files) into your roles folder, after checking it.
+    MANIFEST may also be an adapter .gguf with --name: the manifest is written for you."""
     from .gguf_info import read_gguf, validate_adapter
     from .models import resolve_model
     from .registry import verify_adapter_file
-    from .roles import load_manifest
+    from .roles import adapter_role, load_manifest
     from .session import user_roles_dir
     from .storage import install_role
 
     config, catalog = _catalog()
-    role = load_manifest(manifest)
+    if not name and manifest.lower().endswith(".gguf"):
+        raise EdgeloraError(f"{manifest} is an adapter, not a manifest; add --name NAME to make a role of it")
+    role = adapter_role(manifest, name, description, resolve_model(config.default_model)) if name else load_manifest(manifest)
     if role.name in catalog.found or role.name == "base":
         where = ", ".join(map(str, catalog.found.get(role.name, []))) or "built in"
-        raise EdgeloraError(f"role '{role.name}' already exists ({where}); rename it in {manifest}")
+        raise EdgeloraError(f"role '{role.name}' already exists ({where}); "
+                            + ("choose another --name" if name else f"rename it in {manifest}"))
     base = read_gguf(resolve_model(config.default_model))
     for adapter in role.adapters:
         verify_adapter_file(adapter, config)
@@ -680,6 +686,32 @@ def roles_add(manifest):
     catalog.resolve(role.include)  # included roles exist, within the depth and fan-out bounds
     dest = install_role(role, user_roles_dir())
     click.echo(f"added role '{role.name}' -> {dest}")
+
+
+@roles.command("train")
+@click.argument("name")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL or TOML of {prompt, answer[, system]} pairs.")
+@click.option("--eval", "n_eval", type=click.IntRange(min=0), default=4, show_default=True, help="Pairs held out to check the role.")
+@click.option("--rank", type=click.IntRange(1, 256), default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--targets", default="q_proj,v_proj,o_proj", show_default=True, help="Modules to adapt, comma-separated.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True, help="Learning rate.")
+@click.option("--batch", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=512, show_default=True, help="Most tokens per pair (prompt + answer).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--description", help="The role's description [default: where it was trained from].")
+@click.option("--dry-run", is_flag=True, help="Check the data and print what would be trained and how long it takes.")
+@click.option("--force", is_flag=True, help="Replace your role of that name.")
+@_model_option
+def roles_train(name, data, n_eval, rank, alpha, targets, epochs, lr, batch, max_length, seed, description, dry_run,
+                force, model):
+    """Train a LoRA role NAME from a file of examples on this CPU, check it, and add it."""
+    from .train.cli import run_train
+
+    run_train(name=name, data=data, n_eval=n_eval, rank=rank, alpha=alpha, targets=targets, epochs=epochs, lr=lr,
+              batch=batch, max_length=max_length, seed=seed, description=description, dry_run=dry_run, force=force,
+              model=model)
 
 
 @roles.command("remove")

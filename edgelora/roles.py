@@ -280,3 +280,19 @@ class RoleCatalog:
             yield adapter, adapter.scale * weight, role
         for inner, w in role.include:
             yield from self._flatten(inner, weight * w, (*stack, name))
+
+
+def adapter_role(adapter: str | Path, name: str, description: str | None, base_path: Path) -> Role:
+    """A role of one adapter .gguf at scale 1, its sha256 and the base pinned: `roles add X.gguf --name N`."""
+    from .gguf_info import read_gguf, sha256_file, validate_adapter
+
+    path = Path(adapter).expanduser().resolve()
+    if not NAME_RE.match(name) or name in (BASE_ROLE, "auto"):
+        raise RoleError(f"--name {name!r} is not allowed (letters, digits, '_.-'; not 'base' or 'auto')")
+    if not path.is_file():
+        raise RoleError(f"{path}: no such file")
+    base = read_gguf(base_path)
+    validate_adapter(path, base)  # refused here, before anything is written
+    return Role(name=name, path=None, description=description or f"adapter {path.name}",
+                adapters=[RoleAdapter(path, sha256_file(path), 1.0)], base_architecture=base.architecture,
+                base_sha256=sha256_file(base_path))
