@@ -5,67 +5,24 @@ so both sides evaluate prompts the same way (README "Reproducibility")."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from edgelora.gguf_info import sha256_file
 
 from . import gguf_factory as gf
 from .conftest import write_role
+from .serving import Server
 
 BUNDLED = ["pirate", "json", "terse", "signoff"]
 Q = "What is the moon?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, home: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "EDGELORA_HOME": str(home), "EDGELORA_CONFIG": str(home / "config.toml")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgelora", "serve", "--port", str(self.port), *args],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()[-800:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=120, **kw)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

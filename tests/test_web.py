@@ -11,7 +11,7 @@ import json
 import pytest
 
 from .cdp import Browser, chromium_path
-from .test_server_extras import Server
+from .serving import Server
 
 
 @pytest.fixture(scope="module")
