@@ -75,9 +75,10 @@ _SCHEMA = {
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """'name' or 'name:weight' -> (name, weight)."""
+    """'name' or 'name:weight' -> (name, weight). A spec ending in .toml is a manifest path, whole:
+    a ':' in its folder names (./a:b/x.toml) is no weight; x.toml:0.5 is weighted."""
     name, sep, weight = spec.rpartition(":")
-    if not sep:
+    if not sep or spec.endswith(".toml"):
         return spec, 1.0
     try:
         value = float(weight)

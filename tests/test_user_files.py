@@ -266,3 +266,13 @@ def test_a_manifest_path_with_a_negative_weight_is_its_role(tmp_path, capsys):
     out = tmp_path / "export"
     assert cli(capsys, "export", f"{manifest}:-0.5", "--to", str(out))[0] == 0
     assert list(json.loads((out / "roles.json").read_text())["roles"]) == ["halfterse:-0.5"]
+
+
+# review 8 ------------------------------------------------------------------------- a ':' in a manifest's folder
+def test_a_manifest_path_with_a_colon_in_a_folder_name_is_the_path_not_a_weight(tmp_path, capsys):
+    manifest = write_role(tmp_path / "a:b", "halfterse", bundled_dir() / "terse.gguf", scale=0.5)
+    asked = run("ask", "--role", str(manifest), "hi", "--no-log", "--max-tokens", "4")
+    assert asked.returncode == 0 and "Traceback" not in asked.stderr, asked.stderr[-400:]
+    out = tmp_path / "export"
+    assert cli(capsys, "export", str(manifest), "--to", str(out))[0] == 0
+    assert list(json.loads((out / "roles.json").read_text())["roles"]) == ["halfterse"]
