@@ -55,6 +55,44 @@ def test_a_bad_jsonl_file_is_one_line_naming_file_and_line(tmp_path, content, me
     assert len(lines) == 1 and lines[0].startswith(f"edgelora: error: {data}") and message in lines[0], lines
 
 
+def test_jsonl_lines_end_only_at_newline_not_at_unicode_line_separators(tmp_path, capsys):
+    """U+2028, U+2029 and U+0085 are valid raw inside JSON strings: not line ends, no shifted numbers."""
+    data = tmp_path / "d.jsonl"
+    first = json.dumps({"prompt": "a\u2028b\u2029c\x85d", "answer": "e"}, ensure_ascii=False)
+    data.write_text(first + "\r\n" + '{"prompt": "x"}\n', "utf-8")
+    assert main(["roles", "train", "mine", "--data", str(data)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"edgelora: error: {data}:2: missing key 'answer'"]
+
+
+def test_a_jsonl_line_nested_too_deeply_is_one_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("[" * 100_000 + "\n")
+    assert main(["roles", "train", "mine", "--data", str(data)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"edgelora: error: {data}:1: nested too deeply; "
+                                                            'one {"prompt", "answer"} object per line']
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "nan"], "--epochs nan: must be a number above 0"),
+    (["--epochs", "inf"], "--epochs inf: must be a number above 0"),
+    (["--lr", "nan"], "--lr nan: must be a number above 0"),
+    (["--lr", "5"], "--lr 5.0: must be a number above 0 and at most 1"),
+    (["--targets", "q_proj,a b"], "--targets 'q_proj,a b': module names"),
+])
+def test_options_click_lets_through_are_refused_in_one_line(tmp_path, args, message, capsys):
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    assert main(["roles", "train", "mine", "--data", str(data), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_name_too_long_for_a_file_name_is_refused(tmp_path, capsys):
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    assert main(["roles", "train", "a" * 240, "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edgelora: error: role name is 240 bytes long; a role name may have at most 200"], err
+
+
 def test_a_bad_file_is_refused_before_torch_is_imported(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a"}\n')
@@ -64,7 +102,9 @@ def test_a_bad_file_is_refused_before_torch_is_imported(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('system = "x"\ncolour = 1\n', "unknown key 'colour'"),
-    ('[[examples]]\nprompt = "a"\n', "examples[0]: missing key 'answer'"),
+    ('[[examples]]\nprompt = "a"\n', ":1 (examples[1]): missing key 'answer'"),
+    ('system = "s"\n\n[[examples]]\nprompt = "a"\nanswer = "b"\n\n[[examples]]\nprompt = "c"\n',
+     ":7 (examples[2]): missing key 'answer'"),
     ('system = ""\n', "'system' must be a non-empty string"),
     ('[[examples]\n', "not valid TOML"),
 ])
@@ -107,6 +147,98 @@ def test_without_torch_it_says_what_to_install(tmp_path, monkeypatch, capsys):
     assert main(["roles", "train", "mine", "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ['edgelora: error: training needs torch, peft: pip install "edgelora[train]"']
+
+
+# ------------------------------------------------------------------ your own files in the roles folder
+
+
+@pytest.fixture
+def trained_is(monkeypatch, smol_adapters):
+    """Training and conversion stand in for a real adapter (the check, manifest and install are real)."""
+    from edgelora.train import cli as train_cli_module, role as train_role_module
+
+    def fake_train(opts, plan, base, work, ctrl_c):
+        (work / opts.name).mkdir()
+        gguf = work / opts.name / f"{opts.name}.gguf"
+        gguf.write_bytes(smol_adapters["b"].read_bytes())
+        return gguf, [1.0], 0.0
+
+    monkeypatch.setattr(train_role_module, "_train_and_convert", fake_train)
+    monkeypatch.setattr(train_role_module, "missing_packages", lambda: [])
+    monkeypatch.setattr(train_cli_module, "missing_packages", lambda: [])
+    return smol_adapters["b"]
+
+
+def test_force_replaces_your_role_of_that_name(tmp_path, isolated_home, smol_adapters, trained_is, capsys):
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    assert main(["roles", "add", str(smol_adapters["a"]), "--name", "mine"]) == 0
+    assert main(["roles", "train", "mine", "--data", str(data), "--eval", "0"]) == 2  # taken, no --force
+    assert main(["roles", "train", "mine", "--data", str(data), "--eval", "0", "--force"]) == 0, capsys.readouterr().err
+    roles = isolated_home / "roles"
+    assert load_manifest(roles / "mine.toml").adapters[0].sha256 == sha256_file(trained_is)
+    assert sorted(p.name for p in roles.iterdir()) == ["mine", "mine.toml"]  # no temp left
+    assert sorted(p.name for p in (roles / "mine").iterdir()) == ["mine.gguf"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_manifest_of_yours_with_another_name_inside_is_never_overwritten(tmp_path, isolated_home, smol_adapters,
+                                                                           trained_is, force, capsys):
+    """roles/foo.toml says name = "bar": neither `roles train foo` (even --force, replacing your
+    role 'foo' in roles/other.toml) nor `roles add X.gguf --name foo` replaces it."""
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    roles = isolated_home / "roles"
+    if force:
+        assert main(["roles", "add", str(smol_adapters["a"]), "--name", "foo"]) == 0
+        (roles / "foo.toml").rename(roles / "other.toml")
+    roles.mkdir(exist_ok=True)
+    mine = roles / "foo.toml"
+    mine.write_text('name = "bar"\ndescription = "my own"\n')
+    before = sorted(p.name for p in roles.iterdir())
+    capsys.readouterr()
+    args = ["--force"] if force else []
+    assert main(["roles", "train", "foo", "--data", str(data), "--eval", "0", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"edgelora: error: {mine} exists and is not role 'foo' (another name inside, or it does not "
+                   "load); move it away to add role 'foo'"], err
+    assert mine.read_text() == 'name = "bar"\ndescription = "my own"\n'
+    assert sorted(p.name for p in roles.iterdir()) == before  # the role forced over is still there
+    if not force:
+        assert main(["roles", "add", str(smol_adapters["b"]), "--name", "foo"]) == 2
+        assert f"{mine} exists and is not role 'foo'" in capsys.readouterr().err
+        assert mine.read_text() == 'name = "bar"\ndescription = "my own"\n'
+        assert sorted(p.name for p in roles.iterdir()) == before
+
+
+def test_a_stray_folder_of_that_name_is_refused_by_train_and_add(tmp_path, isolated_home, smol_adapters, capsys):
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    stray = isolated_home / "roles" / "foo"
+    stray.mkdir(parents=True)
+    (stray / "b.gguf").write_text("mine")
+    assert main(["roles", "train", "foo", "--data", str(data), "--dry-run"]) == 2
+    assert f"{stray} exists and belongs to no role" in capsys.readouterr().err
+    assert main(["roles", "add", str(smol_adapters["b"]), "--name", "foo"]) == 2
+    assert f"{stray} exists and belongs to no role" in capsys.readouterr().err
+    assert (stray / "b.gguf").read_text() == "mine" and not (stray.parent / "foo.toml").exists()
+
+
+def test_a_shared_pair_system_prompt_becomes_the_roles(tmp_path, isolated_home, trained_is, capsys):
+    data = jsonl(tmp_path / "d.jsonl", [dict(r, system="Be brief.") for r in PAIRS])
+    assert main(["roles", "train", "brief", "--data", str(data), "--eval", "0"]) == 0, capsys.readouterr().err
+    assert load_manifest(isolated_home / "roles" / "brief.toml").system == "Be brief."
+    data = jsonl(tmp_path / "e.jsonl", [dict(r, system="Be brief.") for r in PAIRS[:4]] + PAIRS[4:])
+    assert main(["roles", "train", "mixed", "--data", str(data), "--eval", "0"]) == 0
+    assert "have different system prompts; role 'mixed' will send none of its own" in capsys.readouterr().err
+    assert load_manifest(isolated_home / "roles" / "mixed.toml").system is None
+
+
+def test_stale_work_folders_of_killed_runs_are_removed(tmp_path, isolated_home, trained_is, capsys):
+    roles = isolated_home / "roles"
+    stale, other = roles / ".foo.999999999.abc_1.tmp", roles / ".foo.bar.1.abc.tmp"
+    stale.mkdir(parents=True)
+    other.mkdir()
+    data = jsonl(tmp_path / "d.jsonl", PAIRS)
+    assert main(["roles", "train", "foo", "--data", str(data), "--eval", "0"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in roles.iterdir()) == [".foo.bar.1.abc.tmp", "foo", "foo.toml"]
 
 
 # ------------------------------------------------------------------ roles add X.gguf --name N

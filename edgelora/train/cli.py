@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .data import load_examples, split
-from .role import Result, TrainError, TrainOptions, check_name, missing_packages, INSTALL_HINT, train_role
+from .role import (Result, TrainError, TrainOptions, check_name, check_options, missing_packages, INSTALL_HINT,
+                   train_role)
 
 
 def run_train(*, name: str, data: str, targets: str, model: str | None, **options) -> None:
@@ -14,13 +15,15 @@ def run_train(*, name: str, data: str, targets: str, model: str | None, **option
     from ..roles import RoleCatalog
     from ..session import default_folders, user_roles_dir
 
-    opts = TrainOptions(name=name, data=data, targets=tuple(t.strip() for t in targets.split(",") if t.strip()), **options)
     config = load_config()
+    opts = TrainOptions(name=name, data=data, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                        threads=config.threads, **options)  # the engine's threads, so a rerun is the same adapter
     catalog = RoleCatalog(default_folders(config))
     roles_dir = user_roles_dir()
     # The quick refusals first: a bad file, a taken name, no torch; none of them loads a model.
     split(load_examples(opts.data), opts.n_eval, opts.seed)
     check_name(name, catalog, roles_dir, opts.force)
+    check_options(opts)
     missing = [] if opts.dry_run else missing_packages()
     if missing:
         raise TrainError(f"training needs {', '.join(missing)}: {INSTALL_HINT}")

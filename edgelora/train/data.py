@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Pair:
     prompt: str
     answer: str
     system: str | None
-    where: str  # "FILE:LINE" or "FILE: examples[i]", for errors found later (too long)
+    where: str  # "FILE:LINE" or "FILE:LINE (examples[N])", for errors found later (too long)
 
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -68,7 +69,10 @@ def load_examples(path: str | Path) -> Examples:
 
 def _from_jsonl(path: Path, text: str) -> list[Pair]:
     pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a line: splitlines() would also break at U+2028, U+2029 and U+0085, which JSON
+    # strings may hold raw, refusing a valid file and shifting the line numbers after them.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -76,6 +80,8 @@ def _from_jsonl(path: Path, text: str) -> list[Pair]:
             entry = json.loads(line)
         except ValueError as exc:
             raise TrainDataError(f"{where}: not a JSON object ({exc.msg}); one {{\"prompt\", \"answer\"}} object per line") from None
+        except RecursionError:
+            raise TrainDataError(f"{where}: nested too deeply; one {{\"prompt\", \"answer\"}} object per line") from None
         pairs.append(_pair(entry, where, None))
     return pairs
 
@@ -94,8 +100,28 @@ def _from_toml(path: Path, text: str) -> Examples:
     entries = data.get("examples", [])
     if not isinstance(entries, list):
         raise TrainDataError(f"{path}: 'examples' must be an array of tables ([[examples]])")
-    pairs = [_pair(e, f"{path}: examples[{i}]", system) for i, e in enumerate(entries)]
+    lines = _example_lines(text)
+    lines = lines if len(lines) == len(entries) else []  # inline tables, or a header inside a string
+    pairs = [_pair(e, _toml_where(path, lines, i), system) for i, e in enumerate(entries)]
     return Examples(path, pairs, system)
+
+
+def _example_lines(text: str) -> list[int]:
+    """The line number of each `[[examples]]` header, in order (a header inside a multi-line string
+    could shift them; then the entry's number still names it)."""
+    return [n for n, line in enumerate(text.split("\n"), 1)
+            if re.fullmatch(r"\s*\[\[\s*examples\s*\]\]\s*(#.*)?", line.rstrip("\r"))]
+
+
+def _toml_where(path: Path, lines: list[int], i: int) -> str:
+    return f"{path}:{lines[i]} (examples[{i + 1}])" if i < len(lines) else f"{path}: examples[{i + 1}]"
+
+
+def shared_system(pairs: list[Pair]) -> tuple[str | None, bool]:
+    """(the system prompt every pair was trained with, or None; whether the pairs differ in it):
+    the role sends that prompt, so it meets what training showed it."""
+    systems = {p.system for p in pairs}
+    return (next(iter(systems)), False) if len(systems) == 1 else (None, True)
 
 
 def _pair(entry, where: str, system: str | None) -> Pair:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import EdgeloraError
 from ..roles import BASE_ROLE, NAME_RE, Role, RoleAdapter, RoleError, load_manifest
 from . import ALPHA, RANK, TARGETS
-from .data import Examples, Pair, encode, load_examples, split
+from .data import Examples, Pair, encode, load_examples, shared_system, split
 
 INSTALL_HINT = 'pip install "edgelora[train]"'
 # SmolLM2-135M on 2 idle cores: the bundled recipe's 120 steps of 8 pairs (~70 tokens each) took
@@ -30,6 +30,8 @@ INSTALL_HINT = 'pip install "edgelora[train]"'
 # this machine's cores; a busy machine is slower (README "Make a role").
 SECONDS_PER_TOKEN_2_CORES = 0.004
 ROUTING_EXAMPLES = 8
+MAX_EPOCHS = 1000.0
+MAX_LR = 1.0
 
 
 class TrainError(EdgeloraError):
@@ -71,6 +73,7 @@ class Plan:
     steps: int
     estimate_s: float
     replaces: Path | None = None  # the manifest of the role --force replaces
+    system: str | None = None  # the system prompt the role sends: the one all pairs were trained with
 
 
 @dataclass
@@ -92,18 +95,37 @@ def missing_packages() -> list[str]:
 
 
 def check_name(name: str, catalog, roles_dir: Path, force: bool) -> Path | None:
-    """The manifest a --force run replaces, or None; refuses names that are not free."""
+    """The manifest a --force run replaces, or None; refuses names that are not free, and files in
+    the roles folder that are not that role's (a user's own NAME.toml, a stray NAME folder)."""
+    from ..storage import MAX_NAME_BYTES, place_taken
+
     if not NAME_RE.match(name) or name in (BASE_ROLE, "auto"):
         raise TrainError(f"role name {name!r} is not allowed (letters, digits, '_.-'; not 'base' or 'auto')")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise TrainError(f"role name is {len(name.encode())} bytes long; a role name may have at most {MAX_NAME_BYTES}")
     paths = catalog.found.get(name, [])
-    if not paths:
-        return None
-    mine = [p for p in paths if p.parent == roles_dir.resolve()]
-    if not force or len(mine) != len(paths):
-        where = ", ".join(map(str, paths))
-        hint = "; --force replaces it" if len(mine) == len(paths) else "; only roles in your roles folder can be replaced"
-        raise TrainError(f"role '{name}' already exists ({where}){hint}")
-    return mine[0]
+    replaces = None
+    if paths:
+        mine = [p for p in paths if p.parent == roles_dir.resolve()]
+        if not force or len(mine) != len(paths):
+            where = ", ".join(map(str, paths))
+            hint = "; --force replaces it" if len(mine) == len(paths) else "; only roles in your roles folder can be replaced"
+            raise TrainError(f"role '{name}' already exists ({where}){hint}")
+        replaces = mine[0]
+    taken = place_taken(name, roles_dir, replaces)
+    if taken:
+        raise TrainError(f"{taken}; move it away to add role '{name}'")
+    return replaces
+
+
+def check_options(opts: TrainOptions) -> None:
+    """What click's ranges let through: nan and inf, and learning rates that only make NaN weights."""
+    for flag, value, most in (("--epochs", opts.epochs, MAX_EPOCHS), ("--lr", opts.lr, MAX_LR)):
+        if not math.isfinite(value) or not 0 < value <= most:
+            raise TrainError(f"{flag} {value}: must be a number above 0 and at most {most:g}")
+    bad = [t for t in opts.targets if not re.fullmatch(r"[A-Za-z0-9_.]+", t)]
+    if not opts.targets or bad:
+        raise TrainError(f"--targets {','.join(opts.targets)!r}: module names, comma-separated (e.g. q_proj,v_proj)")
 
 
 def plan(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Plan:
@@ -111,9 +133,7 @@ def plan(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Plan:
     examples = load_examples(opts.data)
     train, held = split(examples, opts.n_eval, opts.seed)
     replaces = check_name(opts.name, catalog, roles_dir, opts.force)
-    bad = [t for t in opts.targets if not re.fullmatch(r"[A-Za-z0-9_.]+", t)]
-    if not opts.targets or bad:
-        raise TrainError(f"--targets {','.join(opts.targets)!r}: module names, comma-separated (e.g. q_proj,v_proj)")
+    check_options(opts)
     n_ctx = engine.llama.n_ctx()
     limit = min(opts.max_length, n_ctx)
     encoded = []
@@ -130,7 +150,11 @@ def plan(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Plan:
     mean_tokens = sum(len(p) + len(t) for p, t in encoded) / len(encoded)
     cores = opts.threads or os.cpu_count() or 2
     estimate = steps * opts.batch * mean_tokens * SECONDS_PER_TOKEN_2_CORES * 2 / min(cores, 8)
-    return Plan(examples, train, held, encoded, check_tokens, steps, estimate, replaces)
+    system, differ = shared_system(examples.pairs)
+    if differ:
+        say(f"note: the pairs of {examples.path.name} have different system prompts; role '{opts.name}' will send "
+            "none of its own")
+    return Plan(examples, train, held, encoded, check_tokens, steps, estimate, replaces, system)
 
 
 def describe(opts: TrainOptions, p: Plan, base: Path) -> str:
@@ -169,26 +193,48 @@ def train_role(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Result |
     """Train, convert, check and install a role; with ``opts.dry_run`` only the plan is returned."""
     p = plan(opts, engine, catalog, roles_dir)
     say(describe(opts, p, engine.model_path))
-    if opts.dry_run:
-        return p
     missing = missing_packages()
     if missing:
         raise TrainError(f"training needs {', '.join(missing)}: {INSTALL_HINT}")
+    if opts.dry_run:
+        return p
     t0 = time.perf_counter()
-    roles_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{opts.name}.training-", dir=roles_dir))  # hidden: the catalog skips it
     try:
-        with StopOnCtrlC() as ctrl_c:
-            before = [_answer(engine, pair, p.check_tokens) for pair in p.held]
-            gguf, losses, train_s = _train_and_convert(opts, p, engine.model_path, work, ctrl_c)
-            checks = _check(engine, gguf, opts.name, p.held, before, p.check_tokens)
-            _write_manifest(opts, p, engine, gguf, work)
-            if ctrl_c.stopped:
-                raise _interrupted(f"stopped by Ctrl+C; role '{opts.name}' was not installed")
-            installed = _install(opts.name, work, roles_dir, p.replaces)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        work = _work_folder(opts.name, roles_dir)
+        try:
+            with StopOnCtrlC() as ctrl_c:
+                not_installed = f"stopped by Ctrl+C; role '{opts.name}' was not installed"
+                before = []
+                for pair in p.held:
+                    if ctrl_c.stopped:
+                        raise _interrupted(not_installed)
+                    before.append(_answer(engine, pair, p.check_tokens))
+                gguf, losses, train_s = _train_and_convert(opts, p, engine.model_path, work, ctrl_c)
+                if ctrl_c.stopped:
+                    raise _interrupted(not_installed)
+                checks = _check(engine, gguf, opts.name, p.held, before, p.check_tokens, lambda: ctrl_c.stopped)
+                _write_manifest(opts, p, engine, gguf, work)
+                if ctrl_c.stopped:
+                    raise _interrupted(not_installed)
+                installed = _install(opts.name, work, roles_dir, p.replaces)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except OSError as exc:  # a read-only or full roles folder, a name too long for the file system
+        raise TrainError(f"cannot write role '{opts.name}' in {roles_dir}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else "")) from None
     return Result(installed, p.steps, losses, train_s, time.perf_counter() - t0, checks)
+
+
+def _work_folder(name: str, roles_dir: Path) -> Path:
+    """A hidden '.NAME.PID.RANDOM.tmp' folder in the roles folder (the catalog skips it); those of
+    earlier runs killed outright (their process is gone) are removed first."""
+    from ..convert.outputs import stale_temps
+
+    roles_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temps(roles_dir / name):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=roles_dir))
 
 
 def _answer(engine, pair: Pair, max_tokens: int) -> str:
@@ -205,7 +251,10 @@ def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl
     torch.set_num_threads(opts.threads or os.cpu_count() or 2)
     torch.manual_seed(opts.seed)
     say(f"loading {base.name} de-quantized for training…")
-    model = add_lora(load_base(base), rank=opts.rank, alpha=opts.alpha, targets=opts.targets, seed=opts.seed)
+    try:
+        model = add_lora(load_base(base), rank=opts.rank, alpha=opts.alpha, targets=opts.targets, seed=opts.seed)
+    except ValueError as exc:  # peft: a target module the model does not have
+        raise TrainError(f"--targets {','.join(opts.targets)}: {str(exc).splitlines()[0]}") from None
     t0 = time.perf_counter()
     with tqdm(total=p.steps, desc=f"training {opts.name}", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def on_step(step, loss):
@@ -224,13 +273,18 @@ def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl
     return gguf, losses, train_s
 
 
-def _check(engine, gguf: Path, name: str, held: list[Pair], before: list[str], max_tokens: int) -> list[dict]:
+def _check(engine, gguf: Path, name: str, held: list[Pair], before: list[str], max_tokens: int,
+           stopped=lambda: False) -> list[dict]:
     """The adapter in the real engine, answering the held-out prompts; detached again afterwards."""
     if not held:
         return []
     label = engine.attach(gguf, name=f"{name}.candidate")
     try:
-        after = [_answer(engine, pair, max_tokens) for pair in held]
+        after = []
+        for pair in held:
+            if stopped():
+                raise _interrupted(f"stopped by Ctrl+C; role '{name}' was not installed")
+            after.append(_answer(engine, pair, max_tokens))
     finally:
         engine.detach(label, free=True)
     checks = [dict(prompt=h.prompt, expected=h.answer, base=b, role=a) for h, b, a in zip(held, before, after)]
@@ -269,7 +323,7 @@ def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path)
         name=opts.name,
         path=None,
         description=opts.description or f"trained from {p.examples.path.name} ({len(p.train)} examples)",
-        system=p.examples.system,
+        system=p.system,
         adapters=[RoleAdapter(gguf, sha256_file(gguf), 1.0)],
         base_architecture=engine.architecture,
         base_sha256=sha256_file(engine.model_path),
@@ -285,14 +339,21 @@ def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path)
 
 
 def _install(name: str, work: Path, roles_dir: Path, replaces: Path | None) -> Path:
-    """Adapter folder first, manifest last (one rename each): the catalog sees the role only when whole."""
-    if replaces is not None:
-        from ..storage import remove_role
+    """Every check first, then the old role removed, then the adapter folder and the manifest renamed
+    in (manifest last): the catalog sees the role only when whole. Ctrl+C waits until it is done."""
+    from ..storage import place_taken, remove_role
 
-        remove_role(load_manifest(replaces))
-    folder, manifest = roles_dir / name, roles_dir / f"{name}.toml"
-    if folder.exists():
-        raise TrainError(f"{folder} exists and belongs to no role; move it away to add role '{name}'")
-    os.rename(work / name, folder)
-    os.replace(work / f"{name}.toml", manifest)
+    old = load_manifest(replaces) if replaces is not None else None
+    taken = place_taken(name, roles_dir, replaces)  # again: files may have appeared while training
+    if taken:
+        raise TrainError(f"{taken}; move it away to add role '{name}'")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if old is not None:
+            remove_role(old)
+        folder, manifest = roles_dir / name, roles_dir / f"{name}.toml"
+        os.rename(work / name, folder)
+        os.replace(work / f"{name}.toml", manifest)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return manifest
