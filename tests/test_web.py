@@ -143,8 +143,9 @@ def test_in_chromium_stopped_answers_are_no_context_and_a_failing_column_does_no
     assert browser.evaluate(f"{ANSWERS.format(col=0)}.length") == 0
 
     # stopped part way: kept in view, marked stopped
-    _send(browser, "Count from one to one hundred in words.")
-    browser.wait_for(f"{ANSWERS.format(col=0)}.some(e => e.firstChild && e.firstChild.nodeValue.length > 5)", timeout=120)
+    # a prompt whose answer runs long, stopped at its first words (a short answer could end on its own first)
+    _send(browser, "Write a long story about a dragon and a knight, in many paragraphs.")
+    browser.wait_for(f"{ANSWERS.format(col=0)}.some(e => e.firstChild && e.firstChild.nodeValue.length > 0)", timeout=120)
     browser.evaluate("document.getElementById('stop').click()")
     (stopped,) = _answers(browser, 0, 1)
     assert stopped["text"] and "stopped" in stopped["meta"]
