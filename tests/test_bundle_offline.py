@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edgelora import signing
-from edgelora.gguf_info import sha256_file
+from edgelora.roles import signing
+from edgelora.models.gguf_info import sha256_file
 
 from .conftest import write_role
 

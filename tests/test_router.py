@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from edgelora.config import Config
-from edgelora.roles import Role, RoleCatalog, bundled_dir
-from edgelora.router import route
+from edgelora.roles.manifest import Role, RoleCatalog, bundled_dir
+from edgelora.routing.router import route
 
 LABELLED = [
     ("Explain the tides like a pirate would.", "pirate"),
@@ -84,7 +84,7 @@ def _roles_for_another_base(folder, adapter):
 
 def test_auto_only_chooses_roles_made_for_the_loaded_base_and_says_which_it_skipped(clean_engine, smol_adapters,
                                                                                      tmp_path):
-    from edgelora.session import Roles
+    from edgelora.roles.session import Roles
 
     roles = Roles(clean_engine, Config(), catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
     chosen = roles.route("ahoy, what is a ship?")
@@ -98,7 +98,7 @@ def test_auto_only_chooses_roles_made_for_the_loaded_base_and_says_which_it_skip
 
 
 def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, smol_adapters, tmp_path):
-    from edgelora.session import Roles
+    from edgelora.roles.session import Roles
 
     roles = Roles(clean_engine, Config(), force=True,
                   catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))

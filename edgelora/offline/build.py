@@ -39,18 +39,18 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from .. import signing
-from ..config import Config, load_config
-from ..convert.outputs import stale_temps  # the temps convert's cleanup matches
-from ..errors import EdgeloraError
-from ..gguf_info import read_gguf, sha256_file
-from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
-from ..registry import verify_adapter_file
-from ..roles import Role, RoleCatalog, RoleError, bundled_dir
-from ..session import default_folders
-from ..storage import install_role
-from . import wheels
-from .place import cpu_flags
+from edgelora.roles import signing
+from edgelora.config import Config, load_config
+from edgelora.convert.outputs import stale_temps  # the temps convert's cleanup matches
+from edgelora.errors import EdgeloraError
+from edgelora.models.gguf_info import read_gguf, sha256_file
+from edgelora.models.catalog import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
+from edgelora.roles.residency import verify_adapter_file
+from edgelora.roles.manifest import Role, RoleCatalog, RoleError, bundled_dir
+from edgelora.roles.session import default_folders
+from edgelora.roles.store import install_role
+from edgelora.offline import wheels
+from edgelora.offline.place import cpu_flags
 
 FORMAT = 1
 MANIFEST = "SHA256SUMS"

@@ -12,13 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..config import config_path, data_dir, load_config
-from ..errors import EdgeloraError
-from ..gguf_info import sha256_file
-from ..models import default_model_path, models_dir
-from ..roles import bundled_dir, load_manifest
-from ..session import user_roles_dir
-from ..storage import install_role
+from edgelora.config import config_path, data_dir, load_config
+from edgelora.errors import EdgeloraError
+from edgelora.models.gguf_info import sha256_file
+from edgelora.models.catalog import default_model_path, models_dir
+from edgelora.roles.manifest import bundled_dir, load_manifest
+from edgelora.roles.session import user_roles_dir
+from edgelora.roles.store import install_role
 
 
 # x86 instruction sets a llama.cpp built with GGML_NATIVE (llama-cpp-python's default) may use.

@@ -27,7 +27,7 @@ def labelled(name: str) -> list[tuple[str, str]]:
 
 
 def evaluate(roles, method: str, data) -> dict:
-    from edgelora import router
+    from edgelora.routing import router
 
     got = [(want, router.route(p, roles, method=method).role) for p, want in data]
     neutral = [g for w, g in got if w == "base"]
@@ -43,14 +43,15 @@ def _rss_mb() -> float:
 
 
 def _package_mb() -> float:
-    from edgelora.embedder import model_dir
+    from edgelora.routing.embedder import model_dir
 
     return sum(f.stat().st_size for f in model_dir().parent.rglob("*") if f.is_file()) / 1e6
 
 
 def main() -> dict:
-    from edgelora import embedder, router
-    from edgelora.roles import RoleCatalog, bundled_dir
+    from edgelora.routing import embedder
+    from edgelora.routing import router
+    from edgelora.roles.manifest import RoleCatalog, bundled_dir
 
     roles = RoleCatalog([bundled_dir()]).roles()
     data = labelled("eval.toml")

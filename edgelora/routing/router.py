@@ -1,0 +1,261 @@
+"""Pick a role for a prompt, with a reason: an explicit mention, then the manifests' keyword and
+regex rules, then similarity *of meaning* to each role's example prompts and description, else the
+base.
+
+Meaning: sentence embeddings from a small local model (embedder.py: all-MiniLM-L6-v2 in numpy,
+loaded on first use, nothing downloaded). Without that package the older TF-IDF word overlap is
+used, and the reason says so. The threshold was fit on a labelled development set (`fit_threshold`,
+tests/routing/dev.toml), not chosen by hand; tests/routing/eval.toml measures it."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+
+from edgelora.routing.embedder import EmbedderMissing
+from edgelora.roles.manifest import BASE_ROLE, Role
+
+_WORD = re.compile(r"[a-z0-9']+")
+_STOP = set("a an the is are was were be to of in on for and or it this that me my i you your do does what "
+            "how why please can could would tell about give with as at by from".split())
+
+
+@dataclass(frozen=True)
+class Route:
+    role: str
+    reason: str
+    score: float = 1.0
+
+
+def _terms(text: str) -> list[str]:
+    return [w.rstrip("s") if len(w) > 3 else w for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+SEMANTIC_THRESHOLD = 0.14  # fit_threshold() on tests/routing/dev.toml (a test re-fits and compares)
+TFIDF_THRESHOLD = 0.25
+
+
+def route(prompt: str, roles: list[Role], threshold: float | None = None, *, method: str = "meaning") -> Route:
+    """``threshold``: least similarity that picks a role (default: the fitted one for the method)."""
+    rule = _rules(prompt, roles)
+    if rule is not None:
+        return rule
+    if method == "meaning":
+        try:
+            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold)
+        except EmbedderMissing as exc:
+            fallback = f" (word overlap; {exc})"
+    else:
+        fallback = ""
+    best = _most_similar(prompt, roles)
+    limit = TFIDF_THRESHOLD if threshold is None else threshold
+    if best and best[0] >= limit:
+        score, name, example = best
+        return Route(name, f"similar to example '{example}' ({score:.2f}){fallback}", score)
+    return Route(BASE_ROLE, f"no rule matched and no example is similar enough{fallback}", best[0] if best else 0.0)
+
+
+def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
+    best = most_similar_meaning(prompt, roles)
+    if best is None:
+        return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
+    piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
+    if best.score >= threshold:
+        return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
+                                f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
+    return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
+                            f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
+
+
+_CLAUSE = re.compile(r"[:;,.!?]|\b(?:then|and then)\b")
+# a style request often rides inside a sentence: "Explain photosynthesis | in | buccaneer speak"
+_LINK = re.compile(r"\b(?:and|then|like|as if|as though|in|with|the way|using)\b", re.IGNORECASE)
+MAX_PIECES = 16
+
+
+def clauses(prompt: str) -> list[str]:
+    """The prompt and its clauses: an instruction ("One line only") and a topic ("what does a CPU
+    do?") often share one sentence, and the instruction is what picks a role."""
+    parts = [c.strip() for c in _CLAUSE.split(prompt) if c and c.strip()]
+    return list(dict.fromkeys([*parts, prompt.strip()]))
+
+
+def pieces(prompt: str) -> list[str]:
+    """What is compared with the roles: the clauses, and each clause cut at linking words (parts of
+    two words or more). A long prompt (a pasted document) keeps its first and last pieces, where
+    instructions are."""
+    out = clauses(prompt)
+    for clause in list(out):
+        parts = [p.strip() for p in _LINK.split(clause) if p and len(p.split()) >= 2]
+        if len(parts) > 1:
+            out += parts
+    out = [p for p in dict.fromkeys(out) if _WORD.search(p.lower())]  # "?" alone says nothing
+    return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
+
+
+@dataclass(frozen=True)
+class Match:
+    score: float        # similarity to the role minus similarity to plain requests
+    role: str
+    piece: str          # the part of the prompt that matched
+    example: str        # the role's closest example (for the reason)
+    similarity: float   # the piece's cosine to that example
+
+
+@dataclass
+class _RoleSpace:
+    """Role centroids in embedding space. Each role is the mean of its examples' *style* parts (for
+    "Give me the answer as JSON: what is a cat?" the clause least like any plain request, "Give me
+    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py). The mean over
+    all of them is subtracted, so what every text shares does not count and what sets each apart
+    does."""
+    shared: np.ndarray
+    base: np.ndarray
+    centroids: dict[str, np.ndarray]
+    examples: dict[str, tuple[list[str], np.ndarray]]
+
+
+_SPACES: dict[tuple, _RoleSpace] = {}
+
+
+def _space(roles: list[Role]) -> _RoleSpace | None:
+    from edgelora.routing.embedder import embed_many
+    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS
+
+    key = tuple((r.name, tuple(r.examples), r.description) for r in roles)
+    if key in _SPACES:
+        return _SPACES[key]
+    plain = embed_many(list(NEUTRAL_PROMPTS))
+    texts = {}
+    for r in roles:
+        if r.examples:
+            texts[r.name] = [_style_part(e, plain) for e in r.examples] + ([r.description] if r.description else [])
+    if not texts:
+        return None
+    vectors = {n: embed_many(ts) for n, ts in texts.items()}
+    shared = np.concatenate([plain, *vectors.values()]).mean(0)
+    space = _RoleSpace(shared, _unit(plain.mean(0) - shared),
+                       {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
+                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts})
+    if len(_SPACES) > 8:
+        _SPACES.clear()
+    _SPACES[key] = space
+    return space
+
+
+def _style_part(example: str, plain: np.ndarray) -> str:
+    """The clause of an example whose closest plain request is farthest (the whole example if it has
+    one clause). Chosen over "farthest from the plain requests' mean" and over cutting at linking
+    words by accuracy on the development set."""
+    from edgelora.routing.embedder import embed_many
+
+    parts = [c for c in clauses(example) if c != example.strip()]
+    if not parts:
+        return example
+    closeness = (embed_many(parts) @ plain.T).max(1)
+    return parts[int(np.argmin(closeness))]
+
+
+def most_similar_meaning(prompt: str, roles: list[Role]) -> Match | None:
+    """The (piece of the prompt, role) pair that stands out most from a plain request."""
+    from edgelora.routing.embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps:
+        return None
+    raw = embed_many(ps)
+    q = raw - space.shared
+    q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+    names = list(space.centroids)
+    over_plain = q @ np.array([space.centroids[n] for n in names]).T - (q @ space.base)[:, None]
+    i, j = np.unravel_index(int(np.argmax(over_plain)), over_plain.shape)
+    examples, vectors = space.examples[names[j]]
+    sims = vectors @ raw[i]
+    k = int(np.argmax(sims))
+    return Match(float(over_plain[i, j]), names[j], ps[i], examples[k], float(sims[k]))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v) + 1e-12)
+
+
+def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
+    """The threshold that routes the most of ``labelled`` (prompt, role) right; ties go to the
+    higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
+    scored = []
+    for prompt, want in labelled:
+        if _rules(prompt, roles) is None:
+            best = most_similar_meaning(prompt, roles)
+            if best is not None:
+                scored.append((best.score, best.role, want))
+    candidates = sorted({round(s, 2) for s, _, _ in scored} | {1.0})
+
+    def right(t: float) -> int:
+        return sum((name if s >= t else BASE_ROLE) == want for s, name, want in scored)
+
+    return max(candidates, key=lambda t: (right(t), t))
+
+
+def _rules(prompt: str, roles: list[Role]) -> Route | None:
+    """An explicit mention, then the manifests' regex and keyword rules."""
+    low = prompt.lower()
+    names = {r.name.lower(): r.name for r in roles}
+    mention = re.search(r"(?:^|\s)@([a-z0-9][a-z0-9_.-]*)", low) or re.search(r"\b(?:as|in) (?:the |a )?([a-z0-9_.-]+) role\b", low)
+    if mention and mention.group(1) in names:
+        return Route(names[mention.group(1)], f"explicit mention '{mention.group(0).strip()}'")
+    if mention and mention.group(1) == BASE_ROLE:
+        return Route(BASE_ROLE, f"explicit mention '{mention.group(0).strip()}'")
+
+    hits: list[tuple[int, str, str]] = []
+    for role in roles:
+        for kw in role.keywords:
+            if re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", low):
+                hits.append((len(kw), role.name, f"keyword '{kw}'"))
+        for pattern in role.regex:
+            if _regex_hit(pattern, prompt, role):
+                hits.append((100, role.name, f"rule /{pattern}/"))
+    if hits:
+        _, name, reason = max(hits)  # a regex rule, then the longest keyword, wins
+        return Route(name, reason)
+    return None
+
+
+def _most_similar(prompt: str, roles: list[Role]) -> tuple[float, str, str] | None:
+    docs = [(role.name, ex, Counter(_terms(ex))) for role in roles for ex in role.examples]
+    if not docs:
+        return None
+    df = Counter(t for _, _, terms in docs for t in terms)
+    n = len(docs)
+
+    def vec(terms: Counter) -> dict[str, float]:
+        return {t: c * math.log((1 + n) / (1 + df.get(t, 0))) + 1 for t, c in terms.items()}
+
+    q = vec(Counter(_terms(prompt)))
+    qn = math.sqrt(sum(v * v for v in q.values())) or 1.0
+    best = None
+    for name, example, terms in docs:
+        d = vec(terms)
+        dn = math.sqrt(sum(v * v for v in d.values())) or 1.0
+        score = sum(q[t] * d.get(t, 0.0) for t in q) / (qn * dn)
+        if best is None or score > best[0]:
+            best = (score, name, example)
+    return best
+
+
+REGEX_BUDGET_S = 0.05  # a manifest's rule must not hang routing (e.g. '^(a+)+$' backtracking)
+
+
+def _regex_hit(pattern: str, prompt: str, role) -> bool:
+    try:
+        return regex.search(pattern, prompt, regex.IGNORECASE, timeout=REGEX_BUDGET_S) is not None
+    except TimeoutError:
+        from edgelora.roles.manifest import RoleError
+
+        raise RoleError(f"{role.path}: routing.regex {pattern!r} took over {REGEX_BUDGET_S * 1e3:.0f} ms on this "
+                        "prompt (catastrophic backtracking?); simplify it") from None
