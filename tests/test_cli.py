@@ -10,7 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from edgelora.frontends.cli.main import cli, parse_spec
+from edgelora.frontends.cli.main import cli
+from edgelora.frontends.cli.options import parse_spec
 
 GREEDY = ["--temperature", "0", "--seed", "0"]
 
