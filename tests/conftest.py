@@ -119,7 +119,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 def write_role(folder: Path, name: str, adapter: Path, *, scale=1.0, extra: str = "", sha=None, **sections) -> Path:
     """A role manifest pinning ``adapter``'s sha256."""
-    from edgelora.models.gguf_info import sha256_file
+    from edgelora.files import sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     text = (

@@ -161,14 +161,14 @@ def setup(work: Path, tiny_base: Path) -> Path:
     from edgelora.bench.run import write_synthetic_peft
     from edgelora.convert import convert_peft
     from edgelora.conversation.history import History
-    from edgelora.roles.signing import keygen
+    from edgelora.safety.signing import keygen
 
     shared = work / "shared"
     (shared / "roles").mkdir(parents=True)
     shutil.copy(tiny_base, shared / "base.gguf")
     write_synthetic_peft(shared / "peft", shared / "base.gguf", rank=2)
     convert_peft(shared / "peft", shared / "base.gguf", shared / "x.gguf")
-    from edgelora.models.gguf_info import sha256_file
+    from edgelora.files import sha256_file
 
     (shared / "roles" / "one.toml").write_text(
         f'name = "one"\ndescription = "d"\n[[adapters]]\nfile = "{shared / "x.gguf"}"\n'

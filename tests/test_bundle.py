@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from edgelora.roles import signing
+from edgelora.safety import signing
 from edgelora.config import load_config
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 from edgelora.models.catalog import resolve_model
 from edgelora.offline import place
 from edgelora.roles.manifest import load_manifest

@@ -24,7 +24,8 @@ from edgelora.safety import cpu
 from edgelora import errors
 from edgelora.frontends.cli.main import cli
 from edgelora.runtime.engine import Engine
-from edgelora.models.gguf_info import read_gguf, sha256_file
+from edgelora.models.gguf_info import read_gguf
+from edgelora.files import sha256_file
 from edgelora.roles.manifest import RoleCatalog, RoleError, load_manifest
 
 from . import gguf_factory as gf
@@ -96,7 +97,7 @@ def test_corrupted_base_hyperparameters_are_refused_naming_the_key(tiny, smol_pa
 
 # 4 -------------------------------------------------------------------------- signatures on every path
 def test_require_signatures_applies_to_adapters_given_by_path(answering, isolated_home, smol_adapters, tmp_path):
-    from edgelora.roles.signing import keygen, sign
+    from edgelora.safety.signing import keygen, sign
 
     eng, still_answers = answering
     trusted, other = keygen(tmp_path / "trusted.pem"), keygen(tmp_path / "other.pem")
@@ -395,7 +396,7 @@ def test_manifest_with_a_byte_order_mark_loads(tmp_path, smol_adapters):
 
 
 def test_a_file_swapped_in_after_its_checks_is_not_what_llama_cpp_loads(clean_engine, smol_adapters, tmp_path, monkeypatch):
-    from edgelora.roles import admission
+    from edgelora.safety import admission
 
     path = shutil.copy(smol_adapters["a"], tmp_path / "x.gguf")
     expected = Engine  # noqa: F841 - readability

@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 
 
 def run_cli(*args, env=None, timeout=300):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 from edgelora.models.catalog import catalog, resolve_model
 
 from .conftest import write_role

@@ -15,7 +15,7 @@ from edgelora.errors import NotGGUFError
 from edgelora.roles.residency import CompatibilityError, IntegrityError
 from edgelora.roles.manifest import RoleCatalog, RoleError, load_manifest
 from edgelora.roles.session import Roles
-from edgelora.roles.signing import SignatureError, keygen, sign
+from edgelora.safety.signing import SignatureError, keygen, sign
 
 from .conftest import GREEDY, write_role
 

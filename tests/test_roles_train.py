@@ -12,7 +12,7 @@ import time
 import pytest
 
 from edgelora.frontends.cli.main import main
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 from edgelora.roles.manifest import load_manifest
 
 from .conftest import GREEDY

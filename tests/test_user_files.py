@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgelora.frontends.cli.main import main
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 from edgelora.conversation.history import History
 from edgelora.roles.manifest import bundled_dir
 

@@ -130,7 +130,7 @@ def bench_roles(model_path: Path, tmp: Path, repeat: int, say) -> dict:
     from edgelora.config import Config
     from edgelora.roles.residency import Registry
     from edgelora.roles.manifest import RoleAdapter, Role, Resolved
-    from edgelora.models.gguf_info import sha256_file
+    from edgelora.files import sha256_file
 
     out: dict = {}
     a = write_synthetic_adapter(tmp / "ra.gguf", model_path, seed=11)

@@ -30,7 +30,7 @@ from edgelora.convert.outputs import atomic_output, check_target
 from edgelora.convert.peft_source import CONFIG, WEIGHTS
 from edgelora.convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, replace_folder, write_peft
 from edgelora.errors import EdgeloraError
-from edgelora.models.gguf_info import sha256_file
+from edgelora.files import sha256_file
 from edgelora.models.catalog import catalog as model_catalog
 from edgelora.roles.manifest import BASE_ROLE, Resolved, RoleCatalog
 

@@ -126,7 +126,7 @@ def from_installed_package(entry: CatalogEntry) -> Path | None:
     if not target.is_file():
         _assemble(entry, split_parts(entry, dist), target)  # checks the sha256 as it copies
         return target
-    from edgelora.roles.admission import cached_sha256
+    from edgelora.files import cached_sha256
 
     if cached_sha256(target) != entry.sha256:
         raise ModelError(f"{target}: sha256 differs from the catalog's for {entry.name}; delete it and retry")
@@ -203,7 +203,7 @@ def known_chat_template(path: Path) -> str | None:
     with_template = [e for e in catalog().values() if e.chat_template]
     if not with_template:
         return None
-    from edgelora.roles.admission import cached_sha256
+    from edgelora.files import cached_sha256
 
     sha = cached_sha256(path)
     return next((e.chat_template for e in with_template if e.sha256 == sha), None)

@@ -16,7 +16,6 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from edgelora.convert.gguf_header import GGUFHeaderError, read_header
-from edgelora.convert.peft_source import sha256_file  # noqa: F401  (one implementation, re-exported)
 from edgelora.errors import (
     ArchitectureMismatchError,
     NonFiniteError,

@@ -39,11 +39,12 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from edgelora.roles import signing
+from edgelora.safety import signing
 from edgelora.config import Config, load_config
-from edgelora.convert.outputs import stale_temps  # the temps convert's cleanup matches
+from edgelora.convert.outputs import atomic_output, stale_temps  # the temps convert's cleanup matches
 from edgelora.errors import EdgeloraError
-from edgelora.models.gguf_info import read_gguf, sha256_file
+from edgelora.models.gguf_info import read_gguf
+from edgelora.files import sha256_file
 from edgelora.models.catalog import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
 from edgelora.roles.residency import verify_adapter_file
 from edgelora.roles.manifest import Role, RoleCatalog, RoleError, bundled_dir
@@ -150,9 +151,8 @@ def render_install_sh(python: str, version: str) -> str:
 def write_manifest(root: Path) -> tuple[int, int]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text("".join(lines))
-    os.replace(tmp, root / MANIFEST)
+    with atomic_output(root / MANIFEST) as tmp:
+        tmp.write_text("".join(lines))
     return len(files), sum(p.stat().st_size for p in files)
 
 

@@ -285,7 +285,8 @@ class RoleCatalog:
 
 def adapter_role(adapter: str | Path, name: str, description: str | None, base_path: Path) -> Role:
     """A role of one adapter .gguf at scale 1, its sha256 and the base pinned: `roles add X.gguf --name N`."""
-    from edgelora.models.gguf_info import read_gguf, sha256_file, validate_adapter
+    from edgelora.files import sha256_file
+    from edgelora.models.gguf_info import read_gguf, validate_adapter
 
     path = Path(adapter).expanduser().resolve()
     if not NAME_RE.match(name) or name in (BASE_ROLE, "auto"):

@@ -7,13 +7,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from edgelora.roles import signing
 from edgelora.config import Config
 from edgelora.runtime.engine import Engine
 from edgelora.errors import AdapterError, EdgeloraError
-from edgelora.models.gguf_info import sha256_file
 from edgelora.roles.manifest import BASE_ROLE, Resolved, Role, RoleAdapter
-from edgelora.roles.admission import IntegrityError, cached_sha256, check_regular_file  # noqa: F401  (re-exported)
+from edgelora.safety.admission import IntegrityError, cached_sha256, check_regular_file, verify_file  # noqa: F401  (re-exported)
 
 
 class CompatibilityError(AdapterError):
@@ -21,12 +19,8 @@ class CompatibilityError(AdapterError):
 
 
 def verify_adapter_file(adapter: RoleAdapter, config: Config) -> None:
-    """sha256 pin and signature, checked before the file is parsed."""
-    check_regular_file(adapter.file)
-    actual = sha256_file(adapter.file)
-    if actual != adapter.sha256:
-        raise IntegrityError(f"{adapter.file}: sha256 is {actual}, the manifest pins {adapter.sha256}")
-    signing.verify(adapter.file, config.trusted_keys, required=config.require_signatures)
+    """sha256 pin and signature, checked before the file is parsed (admission.verify_file)."""
+    verify_file(adapter.file, adapter.sha256, config)
 
 
 class Registry:

@@ -4,25 +4,23 @@ manifest last (a role appears whole or not at all), the manifest first on remova
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from edgelora.models.gguf_info import sha256_file
+from edgelora.convert.outputs import atomic_output
+from edgelora.files import sha256_file
 from edgelora.roles.manifest import Role, RoleError, load_manifest
-from edgelora.roles.signing import sig_path
+from edgelora.safety.signing import sig_path
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_output(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _atomic_text(dst: Path, text: str) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, dst)
+    with atomic_output(dst) as tmp:
+        tmp.write_text(text, "utf-8")
 
 
 def manifest_text(role: Role, files: dict[Path, str]) -> str:

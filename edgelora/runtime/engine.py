@@ -35,7 +35,8 @@ from edgelora.safety import cpu
 from edgelora.safety import gpu_adapters
 from edgelora.runtime import native_log
 from edgelora.runtime import offload
-from edgelora.roles import admission
+from edgelora.safety import admission
+from edgelora.config import load_config
 from edgelora.runtime.backend import backend_info
 from edgelora.errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from edgelora.runtime.gate import Gate
@@ -303,7 +304,7 @@ class Engine:
             with admission.pinned(path) as data:
                 if sha256 is not None:
                     admission.check_sha256(data, path, sha256)
-                admission.check_signature(data, path, config)
+                admission.check_signature(data, path, config or load_config())  # TODO(lead): Engine.config after the split
                 try:
                     info = validate_adapter(data, self.base)
                 except AdapterError as exc:  # name the user's file, not /proc/self/fd/N

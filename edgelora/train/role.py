@@ -314,7 +314,7 @@ def _short(text: str, width: int = 110) -> str:
 
 
 def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path) -> Path:
-    from edgelora.models.gguf_info import sha256_file
+    from edgelora.files import sha256_file
     from edgelora.roles.store import manifest_text
 
     prompts = list(dict.fromkeys(pair.prompt for pair in p.train))

@@ -41,7 +41,7 @@ def adapters_verify(as_json):
 @click.argument("private_key", type=click.Path(dir_okay=False))
 def adapters_keygen(private_key):
     """Make an ed25519 signing key; prints the public key to add to trusted_keys."""
-    from edgelora.roles.signing import keygen
+    from edgelora.safety.signing import keygen
 
     click.echo(keygen(Path(private_key)))
 
@@ -51,7 +51,7 @@ def adapters_keygen(private_key):
 @click.option("--key", "private_key", required=True, type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
 def adapters_sign(file, private_key):
     """Write FILE.sig, an ed25519 signature of FILE."""
-    from edgelora.roles.signing import sign
+    from edgelora.safety.signing import sign
 
     click.echo(f"wrote {sign(Path(file), Path(private_key))}")
 

@@ -21,7 +21,8 @@ def doctor(model, n_gpu_layers, as_json):
     import platform
 
     from edgelora.runtime.backend import backend_info
-    from edgelora.models.gguf_info import read_gguf, sha256_file
+    from edgelora.models.gguf_info import read_gguf
+    from edgelora.files import sha256_file
     from edgelora.models.catalog import resolve_model
 
     b = backend_info()

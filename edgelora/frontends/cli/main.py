@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from edgelora.convert.errors import ConvertError
 from edgelora.errors import EdgeloraError
 from edgelora.frontends.cli.options import EXIT_USER_ERROR
 from edgelora.frontends.cli.chat import chat
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"edgelora: error: {exc.format_message()}", err=True)
         return EXIT_USER_ERROR if exc.exit_code == 2 or exc.exit_code == 1 else exc.exit_code
-    except EdgeloraError as exc:
+    except (EdgeloraError, ConvertError) as exc:  # the converter's errors are user errors too
         click.echo(f"edgelora: error: {exc}", err=True)
         return EXIT_USER_ERROR
     except UnicodeError as exc:  # invalid UTF-8 on stdin, or lone surrogates from undecodable argv bytes

@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgelora.frontends.server import extras
-from edgelora.roles import admission
+from edgelora.safety import admission
 from edgelora.runtime.engine import Engine
 from edgelora.errors import EdgeloraError
 from edgelora.models.gguf_info import validate_adapter

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgelora.errors import AdapterError
-from edgelora.roles.admission import check_regular_file
+from edgelora.files import check_regular_file
 
 
 class SignatureError(AdapterError):
