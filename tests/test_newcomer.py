@@ -69,13 +69,28 @@ def test_adapters_verify_reports_a_role_defined_twice(isolated_home, smol_adapte
     assert len([r for r in rows if r["role"] == "twice"]) == 2 and all("more than once" in r["status"] for r in rows if r["role"] == "twice")
 
 
+def _saved_prompts() -> list:
+    from edgelora.conversation.history import History
+
+    try:
+        return History().list()
+    except Exception:  # the database is being created by the other process
+        return []
+
+
 def test_ctrl_c_before_the_first_token_stops_fast_and_keeps_the_prompt(isolated_home):
     import signal
 
     long = "The history of ships and the sea. " * 300
     proc = subprocess.Popen([sys.executable, "-m", "edgelora", "ask", long, "--ctx", "4096", "--max-tokens", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # loaded, evaluating the ~2,700-token prompt
+    # The prompt is saved before the ~2,700-token evaluation starts: once it is there, Ctrl+C lands
+    # inside the evaluation (a fixed sleep missed it on a busy machine).
+    deadline = time.monotonic() + 60
+    while not _saved_prompts() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert _saved_prompts(), "the prompt was not saved before generating"
+    time.sleep(0.3)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
