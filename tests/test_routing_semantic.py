@@ -191,7 +191,7 @@ def test_a_damaged_model_package_falls_back_to_word_overlap_and_says_why(roles, 
 
 
 def test_the_model_loads_only_when_auto_is_used():
-    code = ("from edgelora import Engine, Roles, embedder; e = Engine(); r = Roles(e); r.use('pirate'); "
+    code = ("from edgelora import Engine, Roles; from edgelora.routing import embedder; e = Engine(); r = Roles(e); r.use('pirate'); "
             "r.chat([{'role': 'user', 'content': 'hi'}], max_tokens=2); print(embedder.embedder.cache_info().currsize); "
             "r.use('auto'); r.chat([{'role': 'user', 'content': 'hi'}], max_tokens=2); print(embedder.embedder.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

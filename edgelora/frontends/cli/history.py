@@ -87,6 +87,9 @@ def history_rm(conversations, yes):
         click.echo(f"deleted conversation {c.id}")
 
 
+history.add_command(history_rm, "delete")
+
+
 @history.command("search")
 @click.argument("query")
 def history_search(query):
