@@ -37,7 +37,7 @@ from edgelora.runtime import native_log
 from edgelora.runtime import offload
 from edgelora.roles import admission
 from edgelora.runtime.backend import backend_info
-from edgelora.errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
+from edgelora.errors import AdapterError, ContextLengthError, EdgeloraError, ModelError, UnknownAdapterError
 from edgelora.runtime.gate import Gate
 from edgelora.models.gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
 from edgelora.models.catalog import known_chat_template, resolve_model
@@ -495,7 +495,7 @@ class Engine:
     def _render(self, messages: list[dict]):
         limit = self._prompt_chars_limit
         if sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) > limit:
-            raise EdgeloraError(f"the messages are over {limit} characters; the context holds {self.llama.n_ctx()} "
+            raise ContextLengthError(f"the messages are over {limit} characters; the context holds {self.llama.n_ctx()} "
                                 "tokens (raise --ctx)")
         try:
             return _within(TEMPLATE_BUDGET_S, lambda: self._formatter(messages=messages))
@@ -540,7 +540,7 @@ class Engine:
         stop = [s for s in template_stop + opts.pop("stop") if s]
         n_ctx = self.llama.n_ctx()
         if len(tokens) >= n_ctx:
-            raise EdgeloraError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx} (raise --ctx)")
+            raise ContextLengthError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx} (raise --ctx)")
         max_tokens = opts.pop("max_tokens")
         if max_tokens <= 0 or len(tokens) + max_tokens > n_ctx:
             max_tokens = n_ctx - len(tokens)
