@@ -14,6 +14,7 @@ thing everywhere and is refused with the same message (a SelectionError)."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ class Selection:
     @property
     def specs(self) -> list[str]:
         """One 'name[:W]' per role, as the repeatable flags take them."""
-        return [name if weight == 1.0 else f"{name}:{weight:g}" for name, weight in self.items]
+        return [name if weight == 1.0 else f"{name}:{_weight(weight)}" for name, weight in self.items]
 
     @property
     def manifests(self) -> list[str]:
@@ -52,6 +53,13 @@ class Selection:
 
     def __str__(self) -> str:
         return "+".join(self.specs)
+
+
+_STACK_PLUS = re.compile(r"\+(?<![0-9][eE]\+)|\+(?![0-9])")  # a '+' joins roles; in 'a:1e+30' it is an exponent's
+
+
+def _weight(weight: float) -> str:
+    return f"{weight:g}".replace("e+", "e")  # 1e+30 -> 1e30: no '+' inside a stack's part
 
 
 def parse_selection(text: str | Sequence[str] | Selection) -> Selection:
@@ -64,7 +72,7 @@ def parse_selection(text: str | Sequence[str] | Selection) -> Selection:
     if not given:
         return Selection()
     items = []
-    for part in spec.split("+"):
+    for part in _STACK_PLUS.split(spec):
         part = part.strip()
         if not part:
             raise SelectionError(f"role '{spec}': an empty role name (write a, a:0.5 or a:0.7+b:0.3)")

@@ -20,6 +20,7 @@ from edgelora.roles.selection import Selection, parse_adapter_spec, parse_select
     ("./roles/x.toml", (("./roles/x.toml", 1.0),), "./roles/x.toml"),
     ("x.toml:0.5", (("x.toml", 0.5),), "x.toml:0.5"),
     ("./a:b/x.toml", (("./a:b/x.toml", 1.0),), "./a:b/x.toml"),  # a ':' in a folder name is no weight
+    ("pirate:1e+30+terse", (("pirate", 1e30), ("terse", 1.0)), "pirate:1e30+terse"),  # an exponent's '+' joins nothing
 ])
 def test_a_spec_parses_into_items_and_prints_back_canonically(text, items, canonical):
     selection = parse_selection(text)
