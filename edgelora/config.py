@@ -11,13 +11,9 @@ from pathlib import Path
 import platformdirs
 
 from edgelora._toml import tomllib
-from edgelora.errors import EdgeloraError
+from edgelora.errors import ConfigError  # noqa: F401 (also imported from here)
 
 APP = "edgelora"
-
-
-class ConfigError(EdgeloraError):
-    pass
 
 
 def config_path() -> Path:

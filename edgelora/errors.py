@@ -43,3 +43,43 @@ class UnknownAdapterError(EdgeloraError):
 
 class EngineBusyError(EdgeloraError):
     """The calling thread holds an open stream: finish or close it before switching or generating again."""
+
+
+class ContextLengthError(EdgeloraError):
+    """The prompt does not fit the context (the server's code context_length_exceeded)."""
+
+
+class SamplingError(EdgeloraError):
+    """A sampling value outside the one sampling table (runtime/sampling.py); ``key`` names it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ConfigError(EdgeloraError):
+    """The user's config file: bad TOML, an unknown key, a wrong type."""
+
+
+class RoleError(EdgeloraError):
+    """A manifest or role reference that cannot be used."""
+
+
+class UnknownRoleError(RoleError):
+    """A role name no manifest defines (the server's 404, and where its fallback role applies)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+class SelectionError(RoleError):
+    """A role selection ('a:0.7+b', 'auto', './x.toml') that breaks the grammar of roles/selection.py."""
+
+
+class HistoryError(EdgeloraError):
+    """The conversation store cannot be read or written."""
+
+
+class ExportError(EdgeloraError):
+    """`edgelora export` refused a role or a target folder."""

@@ -16,7 +16,9 @@ from edgelora.runtime.engine import Completion
 from edgelora.errors import EdgeloraError
 from edgelora.conversation.history import History
 from edgelora.roles.manifest import BASE_ROLE
+from edgelora.roles.selection import AUTO, Selection, parse_selection
 from edgelora.roles.session import Roles
+from edgelora.conversation.turn import Turn
 
 
 def label_for(role: str, out: Completion | None = None, adapters: list[dict] | None = None) -> str:
@@ -37,10 +39,11 @@ def is_stopped(label: str | None) -> bool:
 
 
 def role_specs_from_label(label: str) -> list[str]:
-    """The role specs a saved answer's label names ('pirate + terse:0.3 · …' -> ['pirate', 'terse:0.3'])."""
+    """The role specs an old saved answer's label names ('pirate + terse:0.3 · …' -> ['pirate', 'terse:0.3']):
+    only for histories written before the selection itself was saved (ChatSession.saved_selection)."""
     role = label.split(" · ", 1)[0].strip()
     if role.startswith(AUTO_PREFIX):
-        return ["auto"]
+        return [AUTO]
     return [part.strip() for part in role.split(" + ") if part.strip()] or [BASE_ROLE]
 
 
@@ -92,31 +95,40 @@ class ChatSession:
         return Reply(self.roles.current.label, self.roles.adapter_report())
 
     def stream_reply(self, reply: Reply, messages: list[dict] | None = None, on_start=None) -> Iterator[str]:
-        """Pieces of the answer to the conversation. The answer is saved at the end, also when it was
-        stopped (cancel, Ctrl+C, a closed stream): then its label says so."""
-        before = self.engine.last
-        auto = self.roles.auto
-        stream = self.roles.stream_chat(messages if messages is not None else self.messages, **self.sampling)
-        reply.role = (AUTO_PREFIX if auto else "") + self.roles.current.label  # 'auto' decides inside stream_chat
-        reply.adapters = self.roles.adapter_report()
-        if on_start is not None:  # the role is decided (routed), the prompt not yet evaluated
-            on_start(reply, self.roles.current.route if auto else None)
-        try:
-            yield from stream
-        except BaseException:
-            reply.stopped = True
-            raise
-        finally:
-            out = self.engine.last if self.engine.last is not before else None
-            reply.completion = out
-            if out is not None and out.finish_reason == "cancelled":
-                reply.stopped = True
+        """Pieces of the answer to the conversation, by the one turn (conversation/turn.py). The answer
+        is saved at the end, also when it was stopped (cancel, Ctrl+C, a closed stream): then its label
+        says so. The history keeps the selection as data ('auto' for a routed answer), for `-c`."""
+
+        def started(turn: Turn) -> None:  # the role is decided (routed), the prompt not yet evaluated
+            reply.role = (AUTO_PREFIX if turn.auto else "") + turn.active.label
+            reply.adapters = self.roles.adapter_report()
+            if on_start is not None:
+                on_start(reply, turn.active.route if turn.auto else None)
+
+        def save(turn: Turn) -> None:
+            out = reply.completion = turn.completion
+            reply.stopped = turn.stopped
             if messages is None and out is not None and out.text:
                 if not reply.stopped:  # a stopped half answer is kept (saved, shown) but is no context:
                     self.messages.append({"role": "assistant", "content": out.text})  # later answers imitate it
                 if self.history is not None and self.conversation is not None:
                     self.history.add(self.conversation, "assistant", out.text,
-                                     label=reply.label + (STOPPED if reply.stopped else ""))
+                                     label=reply.label + (STOPPED if reply.stopped else ""),
+                                     selection=str(self.roles.selection))
+
+        turn = Turn(self.roles, messages=messages if messages is not None else self.messages, sampling=self.sampling)
+        yield from turn.stream(on_start=started, save=save)
+
+    def saved_selection(self, conversation_id: int) -> Selection | None:
+        """The selection the conversation's last answer was made with, read back by the one grammar;
+        for a history written before selections were saved, rebuilt from that answer's label."""
+        if self.history is None:
+            return None
+        saved = self.history.selection(conversation_id)
+        if saved:
+            return parse_selection(saved)
+        said = [m.label for m in self.history.messages(conversation_id) if m.role == "assistant" and m.label]
+        return parse_selection(role_specs_from_label(said[-1])) if said else None
 
     def last_user_prompt(self) -> list[dict] | None:
         for i in range(len(self.messages) - 1, -1, -1):
@@ -152,16 +164,17 @@ def parse_slash(text: str) -> tuple[str, list[str]]:
     return parts[0].lower(), parts[1:]
 
 
-def role_specs_for(command: str, args: list[str]) -> list[str]:
+def role_specs_for(command: str, args: list[str]) -> Selection:
+    """/role NAME, /mix a:0.5 b:0.5, /base, /auto -> a Selection, by the one grammar."""
     if command == "base":
-        return [BASE_ROLE]
+        return Selection()
     if command == "auto":
-        return ["auto"]
+        return parse_selection(AUTO)
     if not args:
         raise EdgeloraError(f"/{command} needs a role name")
     if command == "role" and len(args) != 1:
         raise EdgeloraError("/role takes one role name; use /mix to stack roles")
-    return args
+    return parse_selection(args)
 
 
 @contextlib.contextmanager

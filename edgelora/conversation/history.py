@@ -14,7 +14,7 @@ from pathlib import Path
 from edgelora.config import data_dir
 from edgelora.convert.errors import ConvertError
 from edgelora.convert.outputs import atomic_output, check_target
-from edgelora.errors import EdgeloraError
+from edgelora.errors import HistoryError  # noqa: F401 (also imported from here)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -40,10 +40,6 @@ CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
 END;
 """
-
-
-class HistoryError(EdgeloraError):
-    pass
 
 
 @dataclass
@@ -103,10 +99,24 @@ class History:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
+            self._add_selection_column()
         except sqlite3.Error as exc:
             raise HistoryError(f"history {self.path} is unusable ({exc}); move it away to start a new one") from None
         except OSError as exc:
             raise HistoryError(f"history folder {self.path.parent}: {exc.strerror}") from None
+
+    def _add_selection_column(self) -> None:
+        """The conversation's last role selection, as data (a canonical spec: 'pirate:0.7+terse:0.3',
+        'auto'); histories from before it get the column, empty. On the conversation, not the messages:
+        older versions read message rows by column name into a fixed type, and would fail on a new one."""
+        columns = [r["name"] for r in self.db.execute("PRAGMA table_info(conversations)")]
+        self.has_selection = "selection" in columns
+        if not self.has_selection:
+            try:
+                self.db.execute("ALTER TABLE conversations ADD COLUMN selection TEXT NOT NULL DEFAULT ''")
+                self.has_selection = True
+            except sqlite3.OperationalError:  # a read-only history: readable as before, labels only
+                pass
 
     def close(self) -> None:
         self.db.close()
@@ -118,7 +128,8 @@ class History:
                                (title, now, now)).lastrowid
 
     @_guarded
-    def add(self, conversation_id: int, role: str, content: str, label: str = "") -> int:
+    def add(self, conversation_id: int, role: str, content: str, label: str = "", selection: str = "") -> int:
+        """A message; ``selection``: the role selection an answer was made with (kept as the conversation's)."""
         now = time.time()
         with self.db:  # one transaction: the message and the conversation's timestamp
             self.db.execute("BEGIN")
@@ -128,7 +139,18 @@ class History:
             ).lastrowid
             self.db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' AND ? = 'user' "
                             "THEN substr(?, 1, 60) ELSE title END WHERE id = ?", (now, role, content, conversation_id))
+            if selection and self.has_selection:
+                self.db.execute("UPDATE conversations SET selection = ? WHERE id = ?", (selection, conversation_id))
         return mid
+
+    @_guarded
+    def selection(self, conversation_id: int) -> str:
+        """The role selection of the conversation's last answer ('' when none was saved)."""
+        self.get(conversation_id)
+        if not self.has_selection:
+            return ""
+        row = self.db.execute("SELECT selection FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return row["selection"]
 
     @_guarded
     def list(self, limit: int = 50) -> list[Conversation]:

@@ -29,7 +29,8 @@ from edgelora.convert.gguf_header import read_header
 from edgelora.convert.outputs import atomic_output, check_target
 from edgelora.convert.peft_source import CONFIG, WEIGHTS
 from edgelora.convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, replace_folder, write_peft
-from edgelora.errors import EdgeloraError
+from edgelora.roles.selection import parse_selection
+from edgelora.errors import EdgeloraError, ExportError  # noqa: F401 (ExportError: also imported from here)
 from edgelora.files import sha256_file
 from edgelora.models.catalog import catalog as model_catalog
 from edgelora.roles.manifest import BASE_ROLE, Resolved, RoleCatalog
@@ -39,10 +40,6 @@ LAUNCH = "launch-vllm.sh"
 LAUNCH_MARK = "with the roles exported by `edgelora export`"  # in the launch script's second line
 EXPORT_KEY = "edgelora.role"  # safetensors metadata of a folder converted by an export
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
-
-
-class ExportError(EdgeloraError):
-    pass
 
 
 @dataclass
@@ -60,7 +57,8 @@ def folder_name(spec: str) -> str:
 
 
 def split_stack(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split("+") if s.strip()]
+    """'a:0.7+b' -> ['a:0.7', 'b'], by the one grammar (roles/selection.py)."""
+    return parse_selection(spec).specs
 
 
 def base_provenance(base_path: Path, base_sha: str, adapters: list[Path] = ()) -> tuple[str, str] | tuple[None, None]:

@@ -18,25 +18,14 @@ from pathlib import Path
 import regex
 
 from edgelora._toml import tomllib
-from edgelora.errors import EdgeloraError
+from edgelora.roles.selection import Selection, parse_role_weight, parse_selection, with_names
+from edgelora.runtime.sampling import SAMPLING, check_value
+from edgelora.errors import EdgeloraError, RoleError, UnknownRoleError  # noqa: F401 (also imported from here)
 
 BASE_ROLE = "base"  # the role with no adapter
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HISTORY_MODES = ("all", "user", "none")  # what a role sees of earlier turns: all, only the user's, nothing
-SAMPLING_KEYS = {"temperature": (float, int), "top_p": (float, int), "top_k": (int,), "min_p": (float, int),
-                 "repeat_penalty": (float, int), "max_tokens": (int,), "seed": (int,)}
-
-
-class RoleError(EdgeloraError):
-    """A manifest or role reference that cannot be used."""
-
-
-class UnknownRoleError(RoleError):
-    """A role name no manifest defines (the server's 404, and where its fallback role applies)."""
-
-    def __init__(self, message: str, name: str):
-        super().__init__(message)
-        self.name = name
+SAMPLING_KEYS = {k.name: (int,) if k.type is int else (float, int) for k in SAMPLING}  # [sampling]: the one table
 
 
 @dataclass(frozen=True)
@@ -75,18 +64,8 @@ _SCHEMA = {
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """'name' or 'name:weight' -> (name, weight). A spec ending in .toml is a manifest path, whole:
-    a ':' in its folder names (./a:b/x.toml) is no weight; x.toml:0.5 is weighted."""
-    name, sep, weight = spec.rpartition(":")
-    if not sep or spec.endswith(".toml"):
-        return spec, 1.0
-    try:
-        value = float(weight)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise RoleError(f"role '{spec}': the weight after ':' must be a finite number")
-    return name, value
+    """'name' or 'name:weight' -> (name, weight), by the one grammar (roles/selection.py)."""
+    return parse_role_weight(spec)
 
 
 def _check(table: dict, schema: dict, where: str, path: Path) -> None:
@@ -155,6 +134,11 @@ def load_manifest(path: str | Path) -> Role:
     _check(base, _SCHEMA["base"], "base.", path)
     sampling = data.get("sampling", {})
     _check(sampling, SAMPLING_KEYS, "sampling.", path)
+    for key, value in sampling.items():  # the bounds every front end applies
+        try:
+            check_value(key, value, f"'sampling.{key}'")
+        except EdgeloraError as exc:
+            raise RoleError(f"{path}: {exc}") from None
     routing = data.get("routing", {})
     _check(routing, _SCHEMA["routing"], "routing.", path)
     for pattern in _strings(routing.get("regex", []), "routing.regex", path):
@@ -203,6 +187,7 @@ class RoleCatalog:
 
     def __init__(self, folders: list[Path], manifests: list[Path] = ()):
         self.folders = [Path(f) for f in folders]
+        self.manifests = [Path(m) for m in manifests]
         self.found: dict[str, list[Path]] = {}
         self.errors: list[str] = []  # manifests that failed to load, reported by `roles list`
         self._roles: dict[Path, Role] = {}
@@ -213,7 +198,7 @@ class RoleCatalog:
         for path in manifests:
             self._add(Path(path), strict=True, explicit=True)
 
-    def _add(self, path: Path, strict: bool, explicit: bool = False) -> None:
+    def _add(self, path: Path, strict: bool, explicit: bool = False) -> Role | None:
         try:
             role = load_manifest(path)
         except RoleError as exc:
@@ -228,9 +213,35 @@ class RoleCatalog:
         paths = self.found.setdefault(role.name, [])
         if role.path not in paths:
             paths.append(role.path)
+        return role
 
     def names(self) -> list[str]:
         return sorted(self.found)
+
+    def reload(self, admit=None) -> tuple[RoleCatalog, dict[str, str]]:
+        """The same folders and manifests read again: (new catalog, refused {name: why}). A role
+        whose new version fails ``admit(role)`` (an EdgeloraError), or whose manifest no longer
+        parses, keeps its old version in the new catalog."""
+        new = RoleCatalog(self.folders, manifests=self.manifests)
+        refused = {}
+        for name, paths in self.found.items():  # a manifest being rewritten, or broken: keep the old role
+            for path in paths:
+                if path not in new._roles and path.exists():
+                    refused[name] = next((e for e in new.errors if str(path) in e), f"{path}: no longer loads")
+        for role in new.roles():
+            try:
+                if admit is not None:
+                    admit(role)
+            except EdgeloraError as exc:
+                refused[role.name] = str(exc)
+        for name in refused:
+            for path in new.found.pop(name, []):
+                new._roles.pop(path, None)
+            if name in self.found and name not in self.collisions():
+                kept = self.get(name)
+                new._roles[kept.path] = kept
+                new.found[name] = [kept.path]
+        return new, refused
 
     def collisions(self) -> dict[str, list[Path]]:
         return {n: p for n, p in self.found.items() if len(p) > 1}
@@ -248,8 +259,21 @@ class RoleCatalog:
     def roles(self) -> list[Role]:
         return [self.get(n) for n in self.names() if n not in self.collisions()]
 
-    def resolve(self, specs: list[str] | list[tuple[str, float]]) -> Resolved:
-        pairs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    def add_manifest(self, path: str | Path) -> str:
+        """Load the manifest at ``path`` (a role given by path wins over a catalog role of its
+        name, as `ask --role ./x.toml`); returns its role's name."""
+        return self._add(Path(path), strict=True, explicit=True).name
+
+    def resolve(self, specs: Selection | str | list[str] | list[tuple[str, float]]) -> Resolved:
+        """A selection (or its text, parsed by the one grammar) -> adapters, system prompt, sampling.
+        Manifest paths in it are loaded first."""
+        if isinstance(specs, list) and specs and not isinstance(specs[0], str):
+            selection = Selection(tuple(specs))  # (name, weight) pairs: a manifest's include
+        else:
+            selection = parse_selection(specs)
+        if selection.manifests:
+            selection = with_names(selection, self.add_manifest)
+        pairs = list(selection.items)
         merged: dict[str, list] = {}  # sha256 -> [adapter, scale, role]
         expanded = 0
         for name, weight in pairs:

@@ -10,10 +10,9 @@ from pathlib import Path
 from edgelora.config import Config, data_dir, load_config
 from edgelora.runtime.engine import Completion, Engine
 from edgelora.roles.residency import Registry
-from edgelora.roles.manifest import BASE_ROLE, Resolved, Role, RoleAdapter, RoleCatalog, bundled_dir
+from edgelora.roles.manifest import Resolved, Role, RoleAdapter, RoleCatalog, bundled_dir
+from edgelora.roles.selection import AUTO, Selection, is_manifest_path, parse_selection  # noqa: F401 (AUTO: also imported from here)
 from edgelora.routing.router import Route, route
-
-AUTO = "auto"
 
 
 def user_roles_dir() -> Path:
@@ -68,23 +67,37 @@ class Roles:
         self.config = config or load_config()
         self.catalog = catalog or RoleCatalog(default_folders(self.config), manifests=list(extra))
         self.registry = Registry(engine, self.config, force=force)
-        self.specs: list[str] = [BASE_ROLE]
-        self.current = Active(self.catalog.resolve([BASE_ROLE]))
+        self.selection = Selection()  # what was asked for: roles with weights, or 'auto'
+        self.current = Active(self.catalog.resolve(self.selection))  # what answers (auto: the last routed)
 
     @property
     def auto(self) -> bool:
-        return self.specs == [AUTO]
+        return self.selection.is_auto
 
-    def use(self, specs: str | Sequence[str]) -> Active:
-        """Switch to role(s): 'name', ['a:0.7', 'b:0.3'], 'base' or 'auto' (decided per prompt).
-        On any error the previous role stays active."""
-        specs = [specs] if isinstance(specs, str) else list(specs) or [BASE_ROLE]
-        if specs == [AUTO]:
-            self.specs = specs
+    @property
+    def specs(self) -> list[str]:
+        """The selection as 'name[:W]' strings (``use`` takes them back)."""
+        return self.selection.specs
+
+    def select(self, selection: Selection | str | Sequence[str]) -> Active:
+        """Switch to a selection (roles/selection.py's grammar: 'name', 'a:0.7+b:0.3', ['a:0.7', 'b:0.3'],
+        './x.toml', 'base' or 'auto', decided per prompt). On any error the previous role stays active."""
+        selection = parse_selection(selection)
+        if selection.is_auto:
+            self.selection = selection
             return self.current
-        resolved = self.catalog.resolve(specs)
+        resolved = self.catalog.resolve(selection)  # a manifest path is loaded here
         self.registry.apply(resolved)
-        self.specs = specs
+        self.selection = _absolute(selection)
+        self.current = Active(resolved)
+        return self.current
+
+    use = select  # the name the CLI, the TUI and README's Python API have used
+
+    def apply(self, resolved: Resolved) -> Active:
+        """Adapters no role selection names (llama-server's per-request lora ids), applied as they are."""
+        self.registry.apply(resolved)
+        self.selection = Selection(tuple(resolved.roles) or Selection().items)
         self.current = Active(resolved)
         return self.current
 
@@ -97,7 +110,7 @@ class Roles:
 
     def preload(self, specs: Sequence[str]) -> None:
         for spec in specs:
-            self.registry.preload(self.catalog.resolve([spec]))
+            self.registry.preload(self.catalog.resolve(spec))
 
     def route(self, prompt: str) -> Route:
         """Choose among the roles that fit the loaded base; say so when the best match did not."""
@@ -112,25 +125,49 @@ class Roles:
                                           f"it {why}", chosen.score)
         return chosen
 
-    def _prepare(self, messages: Sequence[dict], sampling: dict) -> tuple[list[dict], dict]:
+    # ---------------------------------------------------------------- the steps of a turn (conversation/turn.py)
+
+    def prepare(self, route_text: str) -> Active:
+        """The role that answers ``route_text``, its adapters applied: routed now under 'auto'."""
         if self.auto:
-            last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-            chosen = self.route(last)
+            chosen = self.route(route_text)
             resolved = self.catalog.resolve([chosen.role])
             self.registry.apply(resolved)
             self.current = Active(resolved, chosen)
+        return self.current
+
+    def messages_for(self, messages: Sequence[dict]) -> list[dict]:
+        """What the answering role sees: its ``history`` setting applied, its system prompt first
+        unless the conversation has one."""
         msgs = earlier_turns_seen(messages, self.current.resolved.history)
         system = self.current.resolved.system
         if system and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": system})
-        merged = {**self.current.resolved.sampling, **{k: v for k, v in sampling.items() if v is not None}}
-        return msgs, merged
+        return msgs
+
+    def sampling_for(self, sampling: dict) -> dict:
+        """The answering role's sampling defaults, overridden by the values given (None: not given)."""
+        return {**self.current.resolved.sampling, **{k: v for k, v in sampling.items() if v is not None}}
 
     def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
-        msgs, merged = self._prepare(messages, sampling)
-        return self.engine.stream_chat(msgs, **merged)
+        """The Python API's one call: the same steps as conversation.turn.Turn, with no history."""
+        self.prepare(last_user_text(messages))
+        return self.engine.stream_chat(self.messages_for(messages), **self.sampling_for(sampling))
 
     def chat(self, messages: Sequence[dict], **sampling) -> Completion:
         for _ in self.stream_chat(messages, **sampling):
             pass
         return self.engine.last  # type: ignore[return-value]
+
+
+def last_user_text(messages: Sequence[dict]) -> str:
+    """What 'auto' routes on: the last user message."""
+    return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def _absolute(selection: Selection) -> Selection:
+    """Manifest paths made absolute, so the selection saved in the history means the same file from any folder."""
+    if not selection.manifests:
+        return selection
+    return Selection(tuple((str(Path(n).expanduser().resolve()) if is_manifest_path(n) else n, w)
+                           for n, w in selection.items))

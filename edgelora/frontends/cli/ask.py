@@ -12,7 +12,8 @@ import click
 from edgelora.conversation.chat import ctrl_c_cancels as _ctrl_c_cancels
 from edgelora.frontends.cli.completion import complete_role
 from edgelora.frontends.cli.doctor import _why_no_offload
-from edgelora.frontends.cli.options import (_engine_options, _role_stack, _spec_name, _unique_name, parse_spec)
+from edgelora.frontends.cli.options import _engine_options, _unique_name, parse_spec, role_selection
+from edgelora.runtime.sampling import click_options as _sampling_options
 
 
 @click.command()
@@ -25,13 +26,7 @@ from edgelora.frontends.cli.options import (_engine_options, _role_stack, _spec_
               help="Load these roles' adapters at start (resident, not active).")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @_engine_options
-@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="Nucleus sampling: keep the likeliest tokens up to this total probability.")
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Sample among the K likeliest tokens (0 = all).")
-@click.option("--min-p", type=click.FloatRange(0, 1), default=None, help="Drop tokens less likely than this fraction of the likeliest.")
-@click.option("--repeat-penalty", type=click.FloatRange(min=0), default=None, help="Penalty for repeating tokens (1 = none).")
-@click.option("--seed", type=int, default=None, help="Sampling seed.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate [default: 256].")
+@_sampling_options()  # --temperature --top-p --top-k --min-p --repeat-penalty --seed --max-tokens: the one table
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, model, adapters, usage, timings.")
 @click.option("-c", "--continue", "cont", is_flag=True, help="Continue the latest conversation (from the TUI or ask).")
@@ -41,15 +36,15 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from edgelora.config import load_config
     from edgelora.runtime.engine import Engine
-    from edgelora.roles.session import AUTO, Roles
+    from edgelora.roles.session import Roles
 
     piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     text = "\n\n".join(p for p in (piped.strip(), prompt or "") if p)
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
     raw = [parse_spec(s, "--adapter") for s in adapters]
-    paths = (_spec_name(s) for s in role_specs)
-    manifests = [Path(p) for p in paths if p.endswith(".toml")]
+    selection = role_selection(role_specs, "--role")  # the repeated flags stack: one selection
+    manifests = [Path(p) for p in selection.manifests]
 
     config = load_config()
     t0 = time.perf_counter()
@@ -61,17 +56,13 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if verbose:
         for name, paths in roles.catalog.shadowed.items():
             click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
-    specs = _role_stack(role_specs, "--role") or ["base"]
-    names = [_spec_name(s) for s in specs]
-    if AUTO in names and len(names) > 1:
-        raise click.BadParameter("'auto' picks one role per prompt; it cannot be stacked", param_hint="--role")
     roles.preload(preload)
-    roles.use(specs)  # 'auto' decides per prompt, inside the chat turn
+    roles.select(selection)  # 'auto' decides per prompt, inside the turn
     for path, scale in raw:
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale, force=force)
     load_s = time.perf_counter() - t0
 
-    from edgelora.conversation.chat import ChatSession, role_specs_from_label
+    from edgelora.conversation.chat import ChatSession
     from edgelora.conversation.history import History, HistoryError
 
     no_log = no_log or not config.save_history
@@ -86,10 +77,9 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         latest = history.latest()
         if latest is not None:
             session.resume(latest.id)
-            if not role_specs:  # continuing keeps the conversation's role unless --role says otherwise
-                said = [m.label for m in history.messages(latest.id) if m.role == "assistant" and m.label]
-                if said:
-                    roles.use(role_specs_from_label(said[-1]))
+            saved = session.saved_selection(latest.id)
+            if not role_specs and saved is not None:  # continuing keeps the conversation's role unless --role says otherwise
+                roles.select(saved)
             if no_log:
                 session.history = None
     if system:

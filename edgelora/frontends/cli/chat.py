@@ -8,7 +8,8 @@ import click
 
 from edgelora.errors import EdgeloraError
 from edgelora.frontends.cli.completion import complete_role
-from edgelora.frontends.cli.options import _engine_options
+from edgelora.frontends.cli.options import _engine_options, role_selection
+from edgelora.runtime.sampling import click_options as sampling_options
 
 
 @click.command()
@@ -18,8 +19,7 @@ from edgelora.frontends.cli.options import _engine_options
 @click.option("-c", "--continue", "cont", is_flag=True, help="Resume the latest conversation.")
 @click.option("--preload", multiple=True, metavar="ROLE", shell_complete=complete_role, help="Load these roles' adapters at start.")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens per answer [default: 256].")
+@sampling_options(["temperature", "max_tokens"])  # bounded by the one sampling table
 @click.option("--plain", is_flag=True, help="A line-by-line chat instead of the app (automatic when stdin or stdout is not a terminal).")
 @_engine_options
 def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temperature=None, max_tokens=None,
@@ -38,7 +38,7 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, force=force)
     roles.preload(preload)
-    roles.use(list(role_specs) or ["base"])
+    roles.select(role_selection(role_specs, "--role"))
     history = History() if config.save_history else None
     if cont and history is not None:
         latest = history.latest()

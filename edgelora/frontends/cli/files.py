@@ -11,7 +11,7 @@ import click
 
 from edgelora.errors import EdgeloraError
 from edgelora.frontends.cli.completion import complete_role
-from edgelora.frontends.cli.options import (_model_option, _role_stack, _spec_name)
+from edgelora.frontends.cli.options import _model_option, role_selection
 
 
 @click.command()
@@ -92,16 +92,17 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
     """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, a manifest path, or a stack a:0.7+b:0.3)."""
     from edgelora.config import load_config
-    from edgelora.export.vllm import export_roles, split_stack
+    from edgelora.export.vllm import export_roles
     from edgelora.models.catalog import resolve_model
     from edgelora.roles.manifest import RoleCatalog
+    from edgelora.roles.selection import with_names
     from edgelora.roles.session import default_folders
 
-    parts = [split_stack(spec) for spec in role_specs]
-    manifests = [Path(_spec_name(p)) for stack in parts for p in stack if _spec_name(p).endswith(".toml")]
-    specs = ["+".join(_role_stack(stack, "ROLE")) for stack in parts]  # the rules `ask --role` applies
+    selections = [role_selection([spec], "ROLE") for spec in role_specs]  # the one grammar, as `ask --role`
+    manifests = [Path(p) for s in selections for p in s.manifests]
     config = load_config()
     catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)], manifests=manifests)
+    specs = [str(with_names(s, catalog.add_manifest)) for s in selections]  # a manifest path exports as its role
     base_path = resolve_model(model or config.default_model)
     doc = export_roles(specs, Path(to), catalog, base_path, hf_base=hf_base, force=force,
                        progress=lambda msg: click.echo(msg, err=True))

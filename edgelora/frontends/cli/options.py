@@ -12,14 +12,11 @@ EXIT_USER_ERROR = 2
 
 
 def parse_spec(spec: str, flag: str) -> tuple[str, float]:
-    """'PATH[:SCALE]' -> (PATH, SCALE). A suffix that is not a number belongs to the path."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    """'PATH[:SCALE]' -> (PATH, SCALE) for `--adapter` (a file, not a role). A suffix that is not a
+    number belongs to the path."""
+    from edgelora.roles.selection import parse_adapter_spec
+
+    return parse_adapter_spec(spec)
 
 
 def _model_option(f):
@@ -44,33 +41,16 @@ def _unique_name(eng, stem: str) -> str:
     return name
 
 
-def _spec_name(spec: str) -> str:
-    """The role or manifest path of 'x:WEIGHT', by the one grammar roles use (-0.5 and 1e0 are weights too)."""
-    from edgelora.roles.manifest import parse_spec as parse_role_spec
+def role_selection(specs, flag: str):
+    """Role specs as `ask --role` takes them (repeated flags stack) -> one Selection, by the one
+    grammar (roles/selection.py); a bad one is a usage error naming the flag."""
+    from edgelora.errors import SelectionError
+    from edgelora.roles.selection import parse_selection
 
-    return parse_role_spec(spec)[0]
-
-
-def _role_stack(specs, flag: str) -> list[str]:
-    """Role specs stacked as `ask --role` takes them: a manifest path becomes its role's name, a role
-    given twice is refused (its weight would be summed past what was asked)."""
-    specs = [_role_name(s, None) for s in specs]
-    names = [_spec_name(s) for s in specs]
-    if len(set(names)) < len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
-                                 param_hint=flag)
-    return specs
-
-
-def _role_name(spec: str, roles) -> str:
-    """A manifest path in --role becomes the name of the role it defines."""
-    path = _spec_name(spec)
-    if path.endswith(".toml"):
-        from edgelora.roles.manifest import load_manifest
-
-        return load_manifest(path).name + spec[len(path):]  # its ':WEIGHT' as given
-    return spec
+    try:
+        return parse_selection(list(specs))
+    except SelectionError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from None
 
 
 def _catalog(extra=()):

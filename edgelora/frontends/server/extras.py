@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from edgelora.roles.manifest import BASE_ROLE, RoleError, UnknownRoleError
 from edgelora.frontends.server.requests import APIError, read_json
-from edgelora.roles.session import AUTO
+from edgelora.roles.selection import AUTO, parse_selection
 
 WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -57,7 +57,10 @@ def _unknown_name(catalog, model: str) -> bool:
     """No role answers to this name, read as 'name' or 'name:weight'."""
     name = model.rpartition(":")[0] or model
     try:
-        catalog.resolve([model])
+        selection = parse_selection(model)
+        if selection.manifests:  # refused as such (no file is read for a client), not answered by the fallback
+            return False
+        catalog.resolve(selection)
         return False
     except UnknownRoleError as exc:  # not a known role that includes an unknown one: the operator's to fix
         return exc.name in (model, name)
@@ -299,7 +302,7 @@ def _piece(engine, token: int) -> str:
 
 
 def _default_params() -> dict:
-    from edgelora.runtime.engine import SAMPLING_DEFAULTS
+    from edgelora.runtime.sampling import SAMPLING_DEFAULTS
 
     params = {k: v for k, v in SAMPLING_DEFAULTS.items() if k not in ("max_tokens", "stop")}
     return {**params, "n_predict": -1, "stop": []}
