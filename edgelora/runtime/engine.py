@@ -42,19 +42,7 @@ from edgelora.errors import AdapterError, EdgeloraError, ModelError, UnknownAdap
 from edgelora.runtime.gate import Gate
 from edgelora.models.gguf_info import GGUFInfo, read_gguf, validate_adapter, validate_base_model
 from edgelora.models.catalog import known_chat_template, resolve_model
-
-# Sampling options accepted by complete/chat/stream_* and their defaults (llama.cpp's usual ones).
-SAMPLING_DEFAULTS = {
-    "temperature": 0.8,
-    "top_p": 0.95,
-    "top_k": 40,
-    "min_p": 0.05,
-    "repeat_penalty": 1.0,
-    "seed": 0,
-    "max_tokens": 256,
-    "stop": None,
-}
-
+from edgelora.runtime.sampling import SAMPLING_DEFAULTS, _BOUNDS, _sampling_options  # noqa: F401 (re-exported)
 
 _SERIALS = itertools.count(1)
 DEFAULT_CTX = 2048
@@ -823,32 +811,3 @@ def _split_contents(prompt: str, marked: str, messages: list[dict]) -> list[tupl
 def _find_stop(text: str, stop: list[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else None
-
-
-_BOUNDS = {  # (low, high, integer): outside these llama.cpp overflows, or the answer is noise
-    "temperature": (0, 100, False), "top_p": (0, 1, False), "top_k": (0, 1 << 20, True), "min_p": (0, 1, False),
-    "repeat_penalty": (0, 100, False), "seed": (-1, 2**32 - 1, True), "max_tokens": (-1, 1 << 24, True),
-}
-
-
-def _sampling_options(sampling: dict) -> dict:
-    """Our sampling names -> Llama.generate's, with edgelora's defaults, each checked."""
-    unknown = set(sampling) - SAMPLING_DEFAULTS.keys()
-    if unknown:
-        raise EdgeloraError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-    opts = {**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}}
-    for key, (lo, hi, integer) in _BOUNDS.items():
-        value = opts[key]
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or not (lo <= value <= hi):  # NaN fails the comparison too
-            kind, span = ("an integer", f"{lo} to {hi}") if integer else ("a number", f"{lo:g} to {hi:g}")
-            raise EdgeloraError(f"{key.replace('_', '-')} must be {kind} from {span}, got {value!r}")
-    stop = opts.pop("stop")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(x, str) for x in stop):
-        raise EdgeloraError(f"stop must be strings, got {stop!r}")
-    opts["stop"] = stop
-    opts["temp"] = float(opts.pop("temperature"))
-    opts["max_tokens"] = int(opts["max_tokens"])
-    opts["seed"] = int(opts["seed"])
-    return opts

@@ -299,7 +299,7 @@ def _piece(engine, token: int) -> str:
 
 
 def _default_params() -> dict:
-    from edgelora.runtime.engine import SAMPLING_DEFAULTS
+    from edgelora.runtime.sampling import SAMPLING_DEFAULTS
 
     params = {k: v for k, v in SAMPLING_DEFAULTS.items() if k not in ("max_tokens", "stop")}
     return {**params, "n_predict": -1, "stop": []}
