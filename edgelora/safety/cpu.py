@@ -17,18 +17,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import llama_cpp
-
+from edgelora.runtime import llama
 from edgelora.runtime.backend import backend_info
-from edgelora.safety import verdicts
+from edgelora.runtime.llama import LlamaHandle
+from edgelora.safety import probes, verdicts
 from edgelora.errors import EdgeloraError
 
 SETTINGS = ("auto", "on", "off")
@@ -83,7 +80,7 @@ def has_amx() -> bool:
 def probe_key(file_type: object) -> str:
     """The probe's verdict holds for one llama.cpp build, one CPU feature set and one quantization
     (``general.file_type``: llama.cpp picks kernels per weight type)."""
-    parts = [backend_info().llama_cpp_python, llama_cpp.__file__, cpu_features(), _cpu_model(), str(file_type)]
+    parts = [backend_info().llama_cpp_python, llama.package_file(), cpu_features(), _cpu_model(), str(file_type)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -154,22 +151,17 @@ def probe_argv(model_path: Path) -> list[str]:
 
 def run_probe(model_path: Path) -> tuple[bool | None, str, float]:
     """(safe, reason, seconds): load and decode with the extra buffers on, in a child process."""
-    t0 = time.perf_counter()
-    try:
-        child = subprocess.run(probe_argv(model_path), stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=PROBE_TIMEOUT_S, env={**os.environ, ENV: "on"})
-    except subprocess.TimeoutExpired:
-        return None, f"probe timed out after {PROBE_TIMEOUT_S:g} s; off for this run", time.perf_counter() - t0
-    seconds = time.perf_counter() - t0
+    child = probes.run_child(probe_argv(model_path), PROBE_TIMEOUT_S, env={**os.environ, ENV: "on"})
     features = cpu_features()
-    if child.returncode == 0 and child.stdout.strip().endswith(b"ok"):
-        return True, f"probe decoded a batch safely with them on ({features})", seconds
-    if child.returncode < 0:
-        name = signal.Signals(-child.returncode).name
-        return False, f"probe crashed with {name} with them on ({features}); llama.cpp issue 20824", seconds
-    # An ordinary failure (a file llama.cpp cannot load) says nothing about the host: not remembered.
-    tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {child.returncode}"]
-    return None, f"probe failed with them on ({tail[0][:160]}); off for this run", seconds
+    if child.outcome == "ok":
+        return True, f"probe decoded a batch safely with them on ({features})", child.seconds
+    if child.outcome == "crashed":
+        return False, f"probe crashed with {child.detail} with them on ({features}); llama.cpp issue 20824", child.seconds
+    # A timeout, a kill from outside (the OOM killer) or an ordinary failure (a file llama.cpp cannot
+    # load) says nothing about the host: not remembered.
+    why = {"timeout": f"probe timed out after {PROBE_TIMEOUT_S:g} s",
+           "killed": f"probe was killed by {child.detail}, not a crash"}.get(child.outcome, f"probe failed with them on ({child.detail})")
+    return None, f"{why}; off for this run", child.seconds
 
 
 MAX_THREADS = 512  # GGML_MAX_N_THREADS: more would overrun ggml's thread arrays
@@ -198,40 +190,14 @@ def check_threads(n_threads: int | None) -> int:
     return n_threads
 
 
-_params_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def extra_buffers(enabled: bool):
-    """Make ``Llama(...)`` load with ``use_extra_bufts = enabled``.
-
-    llama-cpp-python's Llama has no keyword for it: it starts from llama_model_default_params(), so
-    that function is wrapped for the duration of one construction."""
-    module = llama_cpp.llama_cpp
-    with _params_lock:
-        original = module.llama_model_default_params
-
-        def params():
-            p = original()
-            p.use_extra_bufts = enabled
-            return p
-
-        module.llama_model_default_params = params
-        try:
-            yield
-        finally:
-            module.llama_model_default_params = original
-
-
 def _probe_main(model_path: str) -> int:
     """Child side: load with the extra buffers on and decode a multi-token batch, then a few tokens."""
-    with extra_buffers(True):
-        llama = llama_cpp.Llama(model_path=model_path, n_ctx=256, n_batch=64, verbose=False)
-    tokens = llama.tokenize(PROBE_PROMPT.encode())
-    llama.eval(tokens)
+    handle = LlamaHandle(model_path, n_ctx=256, n_batch=64, extra_buffers=True)
+    tokens = handle.tokenize(PROBE_PROMPT.encode())
+    handle.eval(tokens)
     for _ in range(4):
-        llama.eval([llama.sample(temp=0.0)])
-    llama.close()
+        handle.eval([handle.sample(temp=0.0)])
+    handle.close()
     print("ok")
     return 0
 
