@@ -8,8 +8,9 @@ decodes a multi-token batch. If the child dies, the engine loads with them off. 
 per (llama.cpp build, CPU features, model quantization) in the user cache folder, so the probe runs
 once per host and model type.
 
-The setting ``cpu_extra_buffers`` ("auto", "on", "off") in the config file, or the environment
-variable EDGELORA_CPU_EXTRA_BUFFERS, overrides the probe for people who know their machine.
+The setting ``cpu_extra_buffers`` ("auto", "on", "off") in the config file (read by the front end and
+passed down), or the environment variable EDGELORA_CPU_EXTRA_BUFFERS, overrides the probe for people
+who know their machine.
 """
 
 from __future__ import annotations
@@ -52,19 +53,26 @@ class CPUPath:
         return f"extra buffers {'on' if self.extra_buffers else 'off'} ({self.reason})"
 
 
-def configured_setting() -> tuple[str, str]:
-    """(setting, where it came from): the environment variable wins over the config file."""
+def configured_setting(config_value: str | None = None) -> tuple[str, str]:
+    """(setting, where it came from): the environment variable wins over ``config_value`` (the config
+    file's, read by the front end), which wins over the default, 'auto'."""
     value = os.environ.get(ENV)
     if value is not None:
         where = ENV
+    elif config_value is not None:
+        value, where = config_value, "config cpu_extra_buffers"
     else:
-        from edgelora.config import load_config
-
-        value, where = load_config().cpu_extra_buffers, "config cpu_extra_buffers"
+        value, where = "auto", "default"
     value = value.strip().lower()
     if value not in SETTINGS:
         raise EdgeloraError(f"{where}: must be one of {', '.join(SETTINGS)}, got {value!r}")
     return value, where
+
+
+def engine_settings(config, n_threads: int | None = None) -> dict:
+    """Engine keywords from the front end's config (read once there): a --threads flag wins over the config."""
+    return {"n_threads": n_threads if n_threads is not None else config.threads,
+            "cpu_extra_buffers": configured_setting(config.cpu_extra_buffers)[0]}
 
 
 def cpu_features() -> str:
@@ -123,9 +131,9 @@ def demote_after_crash(note: str) -> int:
     return changed
 
 
-def decide(model_path: Path, setting: str | None = None, file_type: object = None) -> CPUPath:
-    """Use llama.cpp's extra buffer types only where they are known to be safe on this host."""
-    where = "argument"
+def decide(model_path: Path, setting: str | None = None, file_type: object = None, where: str = "argument") -> CPUPath:
+    """Use llama.cpp's extra buffer types only where they are known to be safe on this host.
+    ``setting`` None: the environment variable, else 'auto' (the config file is the front end's to read)."""
     if setting is None:
         setting, where = configured_setting()
     elif setting not in SETTINGS:
@@ -177,13 +185,9 @@ def default_threads() -> int:
 
 
 def check_threads(n_threads: int | None) -> int:
-    """The thread count to use: the argument, else config `threads`, else every core."""
+    """The thread count to use: the argument (the front end passes config `threads`), else every core."""
     if n_threads is None:
-        from edgelora.config import load_config
-
-        n_threads = load_config().threads
-        if n_threads is None:
-            return default_threads()
+        return default_threads()
     limit = min(MAX_THREADS, 4 * default_threads())
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= limit:
         raise EdgeloraError(f"--threads {n_threads}: must be 1 to {limit} (this machine has {default_threads()} cores)")

@@ -10,7 +10,7 @@ import pytest
 from edgelora import Engine
 from edgelora.errors import EngineBusyError
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 MSGS = [{"role": "user", "content": "Write two sentences about ships."}]
 

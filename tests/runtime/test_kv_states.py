@@ -3,7 +3,7 @@ evaluated, and the answer is exactly what a fresh evaluation gives."""
 
 from edgelora import Engine
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 TURNS = [
     "Tell me about the sea in two sentences.",
