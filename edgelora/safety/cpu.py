@@ -168,7 +168,7 @@ def run_probe(model_path: Path) -> tuple[bool | None, str, float]:
     # A timeout, a kill from outside (the OOM killer) or an ordinary failure (a file llama.cpp cannot
     # load) says nothing about the host: not remembered.
     why = {"timeout": f"probe timed out after {PROBE_TIMEOUT_S:g} s",
-           "killed": f"probe was killed by {child.detail}, not a crash"}.get(child.outcome, f"probe failed with them on ({child.detail})")
+           "killed": f"probe was killed by signal {child.detail}, not a crash"}.get(child.outcome, f"probe failed with them on ({child.detail})")
     return None, f"{why}; off for this run", child.seconds
 
 

@@ -152,7 +152,7 @@ def run_probe(model_path: Path, n_gpu_layers: int, adapter_path: Path,
         if child.outcome == "timeout":
             return None, f"the probe timed out after {PROBE_TIMEOUT_S:g} s", seconds
         if child.outcome == "killed":  # from outside (OOM killer, Ctrl-C, a service stop): no verdict
-            return None, f"the probe was killed by {child.detail}", seconds
+            return None, f"the probe was killed by signal {child.detail}", seconds
         return None, f"the probe failed ({child.detail})", seconds
     return True, (f"{PROBE_CHILDREN} child processes switched adapters {PROBE_SWITCHES} times each "
                   "and decoded safely"), time.perf_counter() - t0
