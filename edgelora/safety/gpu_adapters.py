@@ -162,7 +162,8 @@ def _probe_main(model_path: str, n_gpu_layers: str, adapter_path: str) -> int:
     """Child side: what the engine does on a switch, a few times: set adapters, clear the KV cache
     (a new conversation under another set), decode two tokens."""
     extra_buffers = {"on": True, "off": False}.get(os.environ.get(cpu.ENV, "").strip().lower())
-    handle = LlamaHandle(model_path, n_gpu_layers=int(n_gpu_layers), n_ctx=256, extra_buffers=extra_buffers)
+    handle = LlamaHandle(model_path, n_gpu_layers=int(n_gpu_layers), n_ctx=256, n_threads=cpu.default_threads(),
+                         extra_buffers=extra_buffers)
     adapter = handle.adapter_init(adapter_path)
     if adapter is None:
         raise SystemExit(f"llama.cpp refused the adapter {adapter_path}")

@@ -69,3 +69,10 @@ def test_the_gpu_probe_child_loads_the_model_the_way_the_engine_did(own_cache, m
     monkeypatch.setattr(gpu_adapters, "probe_argv", lambda *a: [sys.executable, "-c", code])
     safe, _, _ = gpu_adapters.run_probe(tmp_path / "m.gguf", 99, tmp_path / "a.gguf", extra_buffers=False)
     assert safe is True and seen.read_text() == "off"
+
+
+def test_the_real_adapter_probe_children_switch_and_decode(own_cache, smol_path, smol_adapters):
+    """The children run the handle's switch path for real (on the CPU here: no device needed to run them)."""
+    safe, reason, seconds = gpu_adapters.run_probe(smol_path, 0, smol_adapters["a"], extra_buffers=False)
+    assert safe is True, reason
+    assert f"{gpu_adapters.PROBE_CHILDREN} child processes" in reason and seconds < gpu_adapters.PROBE_TIMEOUT_S
