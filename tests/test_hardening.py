@@ -248,8 +248,8 @@ def test_fifos_are_refused_not_waited_on(tmp_path, isolated_home, smol_adapters,
 def test_a_runaway_chat_template_is_stopped(engine):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    saved = engine._formatter
-    engine._formatter = Jinja2ChatFormatter(
+    saved = engine._template.formatter
+    engine._template.formatter = Jinja2ChatFormatter(
         template="{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
         eos_token="", bos_token="")
     try:
@@ -258,7 +258,7 @@ def test_a_runaway_chat_template_is_stopped(engine):
             engine.render_chat(MSG)
         assert time.monotonic() - t0 < 10
     finally:
-        engine._formatter = saved
+        engine._template.formatter = saved
     assert engine.chat(MSG, max_tokens=2, **GREEDY).text
 
 

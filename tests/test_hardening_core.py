@@ -42,15 +42,15 @@ VERBOSE_TEMPLATE = ("{% for i in range(100000) %}" + "x" * 200 + "{% endfor %}" 
 
 
 def test_a_chat_template_that_writes_megabytes_is_stopped_in_the_engine(engine):
-    saved = engine._formatter
-    engine._formatter = engine._chat_formatter(VERBOSE_TEMPLATE)
+    saved = engine._template.formatter
+    engine._template.formatter = engine._template.make_formatter(VERBOSE_TEMPLATE)
     try:
         t0 = time.monotonic()
         with pytest.raises(errors.ModelError, match="chat template wrote over .* characters, more than the 1024-token"):
             engine.render_chat(MSG)
         assert time.monotonic() - t0 < 5
     finally:
-        engine._formatter = saved
+        engine._template.formatter = saved
     assert engine.chat(MSG, max_tokens=2, **GREEDY).text
 
 
@@ -100,13 +100,13 @@ def test_native_handles_are_released_safely_whatever_order_the_collector_frees_t
         eng = Engine(n_ctx=256)
         stream = eng.stream_chat([{"role": "user", "content": "Tell me a story."}], max_tokens=50, temperature=0.0)
         next(stream)
-        eng.llama._ctx.close()  # the context first (LlamaContext.__del__)
+        eng.llama._llama._ctx.close()  # the context first (llama-cpp-python's LlamaContext.__del__, forced)
         stream.close()
         print("stream closed after its context", flush=True)
 
         eng = Engine(n_ctx=256)
         eng.attach(sys.argv[1], name="a")
-        eng.llama.close()  # the model first, and the adapters llama.cpp frees with it (Llama.__del__)
+        eng.llama.close()  # the model first, and the adapters llama.cpp frees with it (Llama.__del__, forced)
         eng.close()
         print("engine closed after its model", flush=True)
     """, str(smol_adapters["a"]))

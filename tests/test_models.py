@@ -86,7 +86,7 @@ def test_pull_of_an_installed_split_model_assembles_it_with_progress_and_it_chat
     eng = Engine("gemma3-270m", n_ctx=256)
     try:
         tokens, _ = eng.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
-        text = "".join(eng.llama._model.token_get_text(t) for t in tokens)
+        text = "".join(eng.llama.token_text(t) for t in tokens)
         assert text == "<bos><start_of_turn>user\nBe▁brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
     finally:
         eng.close()

@@ -159,7 +159,7 @@ def test_a_native_crash_makes_the_adapter_check_run_again(guard_cache):
 
     env = {**os.environ, "EDGELORA_CACHE_DIR": str(guard_cache.parent)}
     crash = subprocess.run([sys.executable, "-c", (
-        "from edgelora import crashnote; crashnote.start('ask'); "
+        "from edgelora.safety import crashnote; crashnote.start('ask'); "
         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")], env=env, capture_output=True)
     assert crash.returncode == -signal.SIGSEGV
     gpu_adapters._write_verdict("k", {"safe": True, "reason": "probe decoded"})

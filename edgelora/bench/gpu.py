@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.bench.synthetic import write_synthetic_adapter
 from edgelora.runtime.backend import backend_info
 from edgelora.runtime.engine import Engine
 from edgelora.errors import AdapterError
@@ -34,8 +35,6 @@ def bench_gpu(model_path: Path, repeat: int, say) -> dict:
     if not b.offload_devices:
         why = "CPU-only llama.cpp build" if b.build == "CPU" else f"the {b.build} build sees no GPU device"
         return {"skipped": why}
-    from edgelora.bench.run import write_synthetic_adapter
-
     tmp = Path(tempfile.mkdtemp(prefix="edgelora-bench-gpu-"))
     adapter = write_synthetic_adapter(tmp / "a.gguf", model_path, seed=1, std=0.05)
     result: dict = {}

@@ -18,38 +18,16 @@ import tracemalloc
 from pathlib import Path
 from typing import Callable
 
-import gguf
-import llama_cpp
 import numpy as np
 
+from edgelora.bench.synthetic import write_synthetic_adapter
+from edgelora.runtime import llama
 from edgelora.runtime.engine import Engine
 from edgelora.models.gguf_info import read_gguf
 from edgelora.models.catalog import resolve_model
 
-PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 PROMPT = "Once upon a time, in a small village by the sea,"
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
-
-
-def write_synthetic_adapter(path: Path, base_path: Path, rank: int = 8, seed: int = 0, std: float = 0.02,
-                            projections: tuple[str, ...] = PROJECTIONS) -> Path:
-    """A random LoRA on the given projections of every layer (numpy shapes: a (r, n_in), b (n_out, r))."""
-    info = read_gguf(base_path)
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), info.architecture)
-    writer.add_type("adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(rank))
-    for name, ne in info.tensors.items():
-        if name.startswith("blk.") and name.split(".")[2] in projections:
-            n_in, n_out = ne
-            writer.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) * std).astype(np.float16))
-            writer.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * std).astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 HF_PROJECTIONS = {
@@ -266,7 +244,7 @@ def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
     reload, reload_tok = [], []
     for i in range(repeat):
         t0 = time.perf_counter()
-        raw = llama_cpp.Llama(str(model_path), lora_path=str(b if i % 2 else a), n_ctx=2048, verbose=False)
+        raw = llama.baseline_llama(str(model_path), lora_path=str(b if i % 2 else a), n_ctx=2048)
         reload.append(time.perf_counter() - t0)
         raw.create_completion(PROMPT, max_tokens=1, temperature=0)
         reload_tok.append(time.perf_counter() - t0)
@@ -283,7 +261,7 @@ def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
         out = eng.complete(PROMPT, max_tokens=n_tokens, temperature=0)
         return out.completion_tokens / out.total_s
 
-    raw = llama_cpp.Llama(str(model_path), lora_path=str(a), n_ctx=2048, verbose=False)
+    raw = llama.baseline_llama(str(model_path), lora_path=str(a), n_ctx=2048)
 
     def raw_rate() -> float:
         raw.reset()

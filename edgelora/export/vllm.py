@@ -142,7 +142,7 @@ def _unique(specs: list[str]) -> list[str]:
 def _resolve(spec: str, catalog: RoleCatalog) -> Resolved:
     """The role stack's adapters, refused as `ask` refuses them (scales within ±4) and checked
     against their pins, before anything is converted."""
-    from edgelora.runtime.engine import _check_scale
+    from edgelora.runtime.adapters import check_scale as _check_scale
 
     parts = split_stack(spec)
     if parts == [BASE_ROLE]:

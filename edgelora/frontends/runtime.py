@@ -9,6 +9,7 @@ from pathlib import Path
 from edgelora.config import Config
 from edgelora.roles.session import Roles
 from edgelora.runtime.engine import Engine
+from edgelora.safety.cpu import engine_settings
 
 
 def open_runtime(config: Config, *, model: str | None = None, n_gpu_layers: int = 0, n_ctx: int | None = None,
@@ -17,8 +18,7 @@ def open_runtime(config: Config, *, model: str | None = None, n_gpu_layers: int 
     """Engine + Roles (+ preload) from the command's options and ``config``; ``roles.engine`` is the engine.
     ``manifests``: role manifests given by path; ``force``: use roles made for another base."""
     engine = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
-                    n_threads=n_threads if n_threads is not None else config.threads,
-                    cpu_extra_buffers=config.cpu_extra_buffers, kv_cache_bytes=config.kv_cache_bytes,
+                    **engine_settings(config, n_threads), kv_cache_bytes=config.kv_cache_bytes,
                     verbose=verbose, reuse_prefix=reuse_prefix, config=config)
     try:
         roles = Roles(engine, config, extra=list(manifests), force=force)

@@ -6,9 +6,8 @@ import ctypes
 import functools
 import importlib.metadata
 from dataclasses import dataclass
-from pathlib import Path
 
-import llama_cpp
+from edgelora.runtime import llama
 
 GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "HIP", "SYCL", "OpenCL", "MUSA", "CANN")
 
@@ -35,7 +34,7 @@ class BackendInfo:
 
 def _libggml() -> ctypes.CDLL | None:
     """ggml's own library (it ships beside libllama in llama_cpp/lib)."""
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    lib_dir = llama.library_dir()
     for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
         path = lib_dir / name
         if path.exists():
@@ -116,14 +115,14 @@ def _registered_devices() -> tuple[Device, ...]:
 
 @functools.cache  # the build does not change while the process runs; the TUI asks on every refresh
 def backend_info() -> BackendInfo:
-    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    system = llama.system_info()
     backends = _registered_backends()
     if not backends:  # fall back to the names llama.cpp prints in its system info
         backends = tuple(b for b in GPU_BACKENDS if f"{b} :" in system or f"{b.upper()} :" in system) + ("CPU",)
     return BackendInfo(
         llama_cpp_python=importlib.metadata.version("llama-cpp-python"),
         backends=backends,
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        gpu_offload=llama.supports_gpu_offload(),
         system_info=system,
         devices=_registered_devices(),
     )

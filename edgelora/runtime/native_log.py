@@ -10,14 +10,13 @@ import collections
 import contextlib
 import sys
 
-import llama_cpp
+from edgelora.runtime import llama
 
 _recent: collections.deque[str] = collections.deque(maxlen=64)
 _verbose = False
 _captures: list[list[str]] = []  # open capture() blocks, innermost last
 
 
-@llama_cpp.llama_log_callback
 def _on_log(level: int, text: bytes, user_data) -> None:
     line = text.decode("utf-8", errors="replace")
     _recent.append(line)
@@ -29,7 +28,7 @@ def _on_log(level: int, text: bytes, user_data) -> None:
 
 
 def install() -> None:
-    llama_cpp.llama_log_set(_on_log, None)
+    llama.set_log_callback(_on_log)
 
 
 def set_verbose(verbose: bool) -> None:

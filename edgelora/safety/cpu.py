@@ -8,8 +8,9 @@ decodes a multi-token batch. If the child dies, the engine loads with them off. 
 per (llama.cpp build, CPU features, model quantization) in the user cache folder, so the probe runs
 once per host and model type.
 
-The setting ``cpu_extra_buffers`` ("auto", "on", "off") in the config file, or the environment
-variable EDGELORA_CPU_EXTRA_BUFFERS, overrides the probe for people who know their machine.
+The setting ``cpu_extra_buffers`` ("auto", "on", "off") in the config file (read by the front end and
+passed down), or the environment variable EDGELORA_CPU_EXTRA_BUFFERS, overrides the probe for people
+who know their machine.
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import llama_cpp
-
+from edgelora.runtime import llama
 from edgelora.runtime.backend import backend_info
-from edgelora.safety import verdicts
+from edgelora.runtime.llama import LlamaHandle
+from edgelora.safety import probes, verdicts
 from edgelora.errors import EdgeloraError
 
 SETTINGS = ("auto", "on", "off")
@@ -55,19 +53,26 @@ class CPUPath:
         return f"extra buffers {'on' if self.extra_buffers else 'off'} ({self.reason})"
 
 
-def configured_setting() -> tuple[str, str]:
-    """(setting, where it came from): the environment variable wins over the config file."""
+def configured_setting(config_value: str | None = None) -> tuple[str, str]:
+    """(setting, where it came from): the environment variable wins over ``config_value`` (the config
+    file's, read by the front end), which wins over the default, 'auto'."""
     value = os.environ.get(ENV)
     if value is not None:
         where = ENV
+    elif config_value is not None:
+        value, where = config_value, "config cpu_extra_buffers"
     else:
-        from edgelora.config import load_config
-
-        value, where = load_config().cpu_extra_buffers, "config cpu_extra_buffers"
+        value, where = "auto", "default"
     value = value.strip().lower()
     if value not in SETTINGS:
         raise EdgeloraError(f"{where}: must be one of {', '.join(SETTINGS)}, got {value!r}")
     return value, where
+
+
+def engine_settings(config, n_threads: int | None = None) -> dict:
+    """Engine keywords from the front end's config (read once there): a --threads flag wins over the config."""
+    return {"n_threads": n_threads if n_threads is not None else config.threads,
+            "cpu_extra_buffers": configured_setting(config.cpu_extra_buffers)[0]}
 
 
 def cpu_features() -> str:
@@ -83,7 +88,7 @@ def has_amx() -> bool:
 def probe_key(file_type: object) -> str:
     """The probe's verdict holds for one llama.cpp build, one CPU feature set and one quantization
     (``general.file_type``: llama.cpp picks kernels per weight type)."""
-    parts = [backend_info().llama_cpp_python, llama_cpp.__file__, cpu_features(), _cpu_model(), str(file_type)]
+    parts = [backend_info().llama_cpp_python, llama.package_file(), cpu_features(), _cpu_model(), str(file_type)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -126,9 +131,9 @@ def demote_after_crash(note: str) -> int:
     return changed
 
 
-def decide(model_path: Path, setting: str | None = None, file_type: object = None) -> CPUPath:
-    """Use llama.cpp's extra buffer types only where they are known to be safe on this host."""
-    where = "argument"
+def decide(model_path: Path, setting: str | None = None, file_type: object = None, where: str = "argument") -> CPUPath:
+    """Use llama.cpp's extra buffer types only where they are known to be safe on this host.
+    ``setting`` None: the environment variable, else 'auto' (the config file is the front end's to read)."""
     if setting is None:
         setting, where = configured_setting()
     elif setting not in SETTINGS:
@@ -154,22 +159,17 @@ def probe_argv(model_path: Path) -> list[str]:
 
 def run_probe(model_path: Path) -> tuple[bool | None, str, float]:
     """(safe, reason, seconds): load and decode with the extra buffers on, in a child process."""
-    t0 = time.perf_counter()
-    try:
-        child = subprocess.run(probe_argv(model_path), stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=PROBE_TIMEOUT_S, env={**os.environ, ENV: "on"})
-    except subprocess.TimeoutExpired:
-        return None, f"probe timed out after {PROBE_TIMEOUT_S:g} s; off for this run", time.perf_counter() - t0
-    seconds = time.perf_counter() - t0
+    child = probes.run_child(probe_argv(model_path), PROBE_TIMEOUT_S, env={**os.environ, ENV: "on"})
     features = cpu_features()
-    if child.returncode == 0 and child.stdout.strip().endswith(b"ok"):
-        return True, f"probe decoded a batch safely with them on ({features})", seconds
-    if child.returncode < 0:
-        name = signal.Signals(-child.returncode).name
-        return False, f"probe crashed with {name} with them on ({features}); llama.cpp issue 20824", seconds
-    # An ordinary failure (a file llama.cpp cannot load) says nothing about the host: not remembered.
-    tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {child.returncode}"]
-    return None, f"probe failed with them on ({tail[0][:160]}); off for this run", seconds
+    if child.outcome == "ok":
+        return True, f"probe decoded a batch safely with them on ({features})", child.seconds
+    if child.outcome == "crashed":
+        return False, f"probe crashed with {child.detail} with them on ({features}); llama.cpp issue 20824", child.seconds
+    # A timeout, a kill from outside (the OOM killer) or an ordinary failure (a file llama.cpp cannot
+    # load) says nothing about the host: not remembered.
+    why = {"timeout": f"probe timed out after {PROBE_TIMEOUT_S:g} s",
+           "killed": f"probe was killed by signal {child.detail}, not a crash"}.get(child.outcome, f"probe failed with them on ({child.detail})")
+    return None, f"{why}; off for this run", child.seconds
 
 
 MAX_THREADS = 512  # GGML_MAX_N_THREADS: more would overrun ggml's thread arrays
@@ -185,53 +185,23 @@ def default_threads() -> int:
 
 
 def check_threads(n_threads: int | None) -> int:
-    """The thread count to use: the argument, else config `threads`, else every core."""
+    """The thread count to use: the argument (the front end passes config `threads`), else every core."""
     if n_threads is None:
-        from edgelora.config import load_config
-
-        n_threads = load_config().threads
-        if n_threads is None:
-            return default_threads()
+        return default_threads()
     limit = min(MAX_THREADS, 4 * default_threads())
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= limit:
         raise EdgeloraError(f"--threads {n_threads}: must be 1 to {limit} (this machine has {default_threads()} cores)")
     return n_threads
 
 
-_params_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def extra_buffers(enabled: bool):
-    """Make ``Llama(...)`` load with ``use_extra_bufts = enabled``.
-
-    llama-cpp-python's Llama has no keyword for it: it starts from llama_model_default_params(), so
-    that function is wrapped for the duration of one construction."""
-    module = llama_cpp.llama_cpp
-    with _params_lock:
-        original = module.llama_model_default_params
-
-        def params():
-            p = original()
-            p.use_extra_bufts = enabled
-            return p
-
-        module.llama_model_default_params = params
-        try:
-            yield
-        finally:
-            module.llama_model_default_params = original
-
-
 def _probe_main(model_path: str) -> int:
     """Child side: load with the extra buffers on and decode a multi-token batch, then a few tokens."""
-    with extra_buffers(True):
-        llama = llama_cpp.Llama(model_path=model_path, n_ctx=256, n_batch=64, verbose=False)
-    tokens = llama.tokenize(PROBE_PROMPT.encode())
-    llama.eval(tokens)
+    handle = LlamaHandle(model_path, n_ctx=256, n_batch=64, extra_buffers=True)
+    tokens = handle.tokenize(PROBE_PROMPT.encode())
+    handle.eval(tokens)
     for _ in range(4):
-        llama.eval([llama.sample(temp=0.0)])
-    llama.close()
+        handle.eval([handle.sample(temp=0.0)])
+    handle.close()
     print("ok")
     return 0
 

@@ -19,20 +19,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import llama_cpp
-
-from edgelora.safety import verdicts
+from edgelora.runtime import llama
+from edgelora.runtime.llama import LlamaHandle
+from edgelora.safety import cpu, probes, verdicts
 from edgelora.errors import AdapterError, EdgeloraError
 
 ENV = "EDGELORA_GPU_ADAPTERS"
-# What a driver bug kills a process with; SIGKILL, SIGTERM or SIGINT come from outside and decide nothing.
-CRASH_SIGNALS = {s.value for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP)}
 SETTINGS = ("auto", "on", "off")
 PROBE_TIMEOUT_S = 300.0
 # Each switch rebuilds llama.cpp's compute buffers. On Mesa 22.3 llvmpipe a process either dies in
@@ -66,12 +62,12 @@ def _driver_libraries() -> list[str]:
 
 
 def probe_key(devices: list[tuple[str, str]]) -> str:
-    parts = [llama_cpp.__file__, _build_id(), *(f"{n}={d}" for n, d in devices), *_driver_libraries()]
+    parts = [llama.package_file(), _build_id(), *(f"{n}={d}" for n, d in devices), *_driver_libraries()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _build_id() -> str:
-    lib = Path(llama_cpp.__file__).parent / "lib"
+    lib = llama.library_dir()
     with contextlib.suppress(OSError):
         return ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(lib.glob("lib*.so*")))
     return ""
@@ -107,8 +103,10 @@ def forget_after_crash() -> int:
     return len(safe)
 
 
-def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], adapter_path: Path) -> None:
-    """Raise AdapterError (one line) unless adapters are known or found safe on these devices."""
+def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], adapter_path: Path,
+          extra_buffers: bool | None = None) -> None:
+    """Raise AdapterError (one line) unless adapters are known or found safe on these devices.
+    ``extra_buffers``: the CPU path the model was loaded with (cpu.py), for the probe to load it the same way."""
     where = ", ".join(f"{n} ({d})" for n, d in devices)
     mode = setting()
     if mode == "on":
@@ -119,7 +117,7 @@ def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], a
     key = probe_key(devices)
     verdict = _read_verdicts().get(key)
     if not (isinstance(verdict, dict) and isinstance(verdict.get("safe"), bool)):
-        safe, reason, seconds = run_probe(model_path, n_gpu_layers, adapter_path)
+        safe, reason, seconds = run_probe(model_path, n_gpu_layers, adapter_path, extra_buffers)
         if safe is None:  # timed out or failed for an ordinary reason: decide nothing for later runs
             raise AdapterError(f"{adapter_path}: could not check adapters on {where}: {reason}; "
                                f"load the model with n_gpu_layers=0 (--n-gpu-layers 0), or set {ENV}=on to skip the check")
@@ -137,39 +135,49 @@ def probe_argv(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> list[
     return [sys.executable, "-c", code, str(model_path), str(n_gpu_layers), str(adapter_path)]
 
 
-def run_probe(model_path: Path, n_gpu_layers: int, adapter_path: Path) -> tuple[bool | None, str, float]:
+def run_probe(model_path: Path, n_gpu_layers: int, adapter_path: Path,
+              extra_buffers: bool | None = None) -> tuple[bool | None, str, float]:
     """(safe, reason, seconds): PROBE_CHILDREN children in turn; the first that dies decides."""
     t0 = time.perf_counter()
+    env = dict(os.environ)
+    if extra_buffers is not None:  # the child loads the model as the engine did
+        env[cpu.ENV] = "on" if extra_buffers else "off"
     for _ in range(PROBE_CHILDREN):
-        try:
-            child = subprocess.run(probe_argv(model_path, n_gpu_layers, adapter_path), stdin=subprocess.DEVNULL,
-                                   capture_output=True, timeout=PROBE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return None, f"the probe timed out after {PROBE_TIMEOUT_S:g} s", time.perf_counter() - t0
+        child = probes.run_child(probe_argv(model_path, n_gpu_layers, adapter_path), PROBE_TIMEOUT_S, env=env)
         seconds = time.perf_counter() - t0
-        if child.returncode == 0 and child.stdout.strip().endswith(b"ok"):
+        if child.outcome == "ok":
             continue
-        if -child.returncode in CRASH_SIGNALS:
-            name = signal.Signals(-child.returncode).name
-            return False, f"a child process died with {name} decoding after an adapter switch", seconds
-        if child.returncode < 0:  # killed from outside (OOM killer, Ctrl-C, a service stop): no verdict
-            return None, f"the probe was killed by signal {-child.returncode}", seconds
-        tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {child.returncode}"]
-        return None, f"the probe failed ({tail[0][:160]})", seconds
+        if child.outcome == "crashed":
+            return False, f"a child process died with {child.detail} decoding after an adapter switch", seconds
+        if child.outcome == "timeout":
+            return None, f"the probe timed out after {PROBE_TIMEOUT_S:g} s", seconds
+        if child.outcome == "killed":  # from outside (OOM killer, Ctrl-C, a service stop): no verdict
+            return None, f"the probe was killed by signal {child.detail}", seconds
+        return None, f"the probe failed ({child.detail})", seconds
     return True, (f"{PROBE_CHILDREN} child processes switched adapters {PROBE_SWITCHES} times each "
                   "and decoded safely"), time.perf_counter() - t0
 
 
 def _probe_main(model_path: str, n_gpu_layers: str, adapter_path: str) -> int:
-    """Child side: what the engine does on a switch, a few times: set adapters, decode, unset, decode."""
-    from edgelora.runtime.engine import Engine
-
-    os.environ[ENV] = "on"  # this process is the check
-    with Engine(model_path, n_gpu_layers=int(n_gpu_layers), n_ctx=256, kv_cache_bytes=0) as eng:
-        eng.load(adapter_path, name="probe", force=True)
-        for i in range(PROBE_SWITCHES):
-            eng.set_adapters(PROBE_SCALES[i % len(PROBE_SCALES)])
-            eng.new_conversation()
-            eng.complete(PROBE_PROMPT, max_tokens=2, temperature=0.0)
+    """Child side: what the engine does on a switch, a few times: set adapters, clear the KV cache
+    (a new conversation under another set), decode two tokens."""
+    extra_buffers = {"on": True, "off": False}.get(os.environ.get(cpu.ENV, "").strip().lower())
+    handle = LlamaHandle(model_path, n_gpu_layers=int(n_gpu_layers), n_ctx=256, n_threads=cpu.default_threads(),
+                         extra_buffers=extra_buffers)
+    adapter = handle.adapter_init(adapter_path)
+    if adapter is None:
+        raise SystemExit(f"llama.cpp refused the adapter {adapter_path}")
+    tokens = handle.tokenize(PROBE_PROMPT.encode())
+    for i in range(PROBE_SWITCHES):
+        scales = PROBE_SCALES[i % len(PROBE_SCALES)]
+        if not handle.set_adapters([(adapter, s) for s in scales.values()]):
+            raise SystemExit("llama.cpp could not set the adapter")
+        handle.clear()
+        for n, _ in enumerate(handle.generate(tokens, temp=0.0)):
+            if n == 1:
+                break
+    handle.set_adapters([])
+    handle.adapter_free(adapter)
+    handle.close()
     print("ok")
     return 0

@@ -12,6 +12,7 @@ from edgelora.train.role import (Result, TrainError, TrainOptions, check_name, c
 def run_train(*, name: str, data: str, targets: str, model: str | None, **options) -> None:
     from edgelora.config import load_config
     from edgelora.runtime.engine import Engine
+    from edgelora.safety.cpu import engine_settings
     from edgelora.roles.manifest import RoleCatalog
     from edgelora.roles.session import default_folders, user_roles_dir
 
@@ -27,7 +28,7 @@ def run_train(*, name: str, data: str, targets: str, model: str | None, **option
     missing = [] if opts.dry_run else missing_packages()
     if missing:
         raise TrainError(f"training needs {', '.join(missing)}: {INSTALL_HINT}")
-    engine = Engine(model or config.default_model, n_ctx=None, n_threads=config.threads)
+    engine = Engine(model or config.default_model, n_ctx=None, **engine_settings(config))
     try:
         result = train_role(opts, engine, catalog, roles_dir)
     finally:

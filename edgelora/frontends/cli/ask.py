@@ -36,6 +36,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from edgelora.config import load_config
     from edgelora.runtime.engine import Engine
+    from edgelora.safety.cpu import engine_settings
     from edgelora.roles.session import Roles
 
     piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
@@ -48,7 +49,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
 
     config = load_config()
     t0 = time.perf_counter()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, **engine_settings(config, n_threads),
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     if n_gpu_layers and not eng.gpu_layers:
         click.echo(f"edgelora: note: --n-gpu-layers {n_gpu_layers}: nothing offloaded ({_why_no_offload()}); running on the CPU", err=True)

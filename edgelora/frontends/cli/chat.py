@@ -30,11 +30,12 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
     from edgelora.conversation.chat import ChatSession
     from edgelora.config import load_config
     from edgelora.runtime.engine import Engine
+    from edgelora.safety.cpu import engine_settings
     from edgelora.conversation.history import History
     from edgelora.roles.session import Roles
 
     config = load_config()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, **engine_settings(config, n_threads),
                  kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
     roles = Roles(eng, config, force=force)
     roles.preload(preload)

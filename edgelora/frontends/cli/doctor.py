@@ -124,9 +124,12 @@ def _cpu_report(model_path, info) -> dict:
     """Which CPU kernel path llama.cpp takes here and why (may run the one-time probe)."""
     import os
 
+    from edgelora.config import load_config
     from edgelora.safety import cpu
 
-    path = cpu.decide(model_path, file_type=info.metadata.get("general.file_type"))
+    config = load_config()
+    setting, where = cpu.configured_setting(config.cpu_extra_buffers)
+    path = cpu.decide(model_path, setting, file_type=info.metadata.get("general.file_type"), where=where)
     return {**path.as_dict(), "features": cpu.cpu_features(), "amx": cpu.has_amx(),
-            "threads": cpu.check_threads(None), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "threads": cpu.check_threads(config.threads), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}

@@ -247,9 +247,9 @@ class StatusBar(Static):
         if roles.auto:
             adapters = f"auto ({adapters})"
         resident = sum(a.size for a in eng.resident.values()) / 1e6
-        size = eng.llama.n_ctx() if eng.llama else 0
+        size = eng.context_size
         if used is None:
-            used = eng.llama.n_tokens if eng.llama else 0
+            used = eng.context_used
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
         model = eng.model_path.stem if len(eng.model_path.stem) <= 18 else eng.model_path.stem[:17] + "…"
         self._parts = [model, eng.device, adapters, f"ctx {used}/{size}", speed, f"{resident:.1f} MB resident",

@@ -4,7 +4,7 @@ import pytest
 
 from edgelora import Engine
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 

@@ -17,7 +17,7 @@ from edgelora import Engine
 from edgelora.safety import cpu
 from edgelora.errors import EdgeloraError
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 # 30+ tokens once templated: a batch this size is what crashed on AMX hosts (Engine().complete("hi") did not)
 CHAT_PROMPT = "Please explain in two plain sentences why the sky looks blue in the day and red at sunset."
@@ -95,10 +95,15 @@ def test_the_setting_overrides_the_probe(own_cache, monkeypatch, smol_path, valu
 def test_the_setting_from_the_config_file_and_bad_values(own_cache, monkeypatch, isolated_home, smol_path):
     monkeypatch.setattr(cpu, "probe_argv", lambda path: pytest.fail("a forced setting must not probe"))
     (isolated_home / "config.toml").write_text('cpu_extra_buffers = "off"\n')
-    assert cpu.decide(smol_path, file_type=3).extra_buffers is False
+    from edgelora.config import load_config
+
+    setting = cpu.engine_settings(load_config())["cpu_extra_buffers"]  # the front end reads the config, once
+    assert cpu.decide(smol_path, setting, file_type=3).extra_buffers is False
     monkeypatch.setenv(cpu.ENV, "sometimes")
     with pytest.raises(EdgeloraError, match=cpu.ENV):
         cpu.decide(smol_path, file_type=3)
+    with pytest.raises(EdgeloraError, match=cpu.ENV):  # the environment wins over the config there too
+        cpu.engine_settings(load_config())
     result = cli("ask", "hi", "--no-log", env={cpu.ENV: "sometimes"})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and cpu.ENV in result.stderr
 
@@ -106,7 +111,7 @@ def test_the_setting_from_the_config_file_and_bad_values(own_cache, monkeypatch,
 def test_a_native_crash_is_reported_once_on_the_next_run(own_cache):
     # a CLI run that dies the way the AMX crash did: SIGSEGV inside the process, after the run marker
     crash = subprocess.run([sys.executable, "-c", (
-        "from edgelora import crashnote; crashnote.start('ask'); "
+        "from edgelora.safety import crashnote; crashnote.start('ask'); "
         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")],
         env={**os.environ, "EDGELORA_CACHE_DIR": str(own_cache)}, capture_output=True)
     assert crash.returncode == -signal.SIGSEGV
@@ -147,3 +152,23 @@ def test_openmp_waiting_is_set_before_llama_cpp_loads_and_the_user_wins(user_env
             "print(os.environ.get('GOMP_SPINCOUNT'), 'libgomp' in maps)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == [expected, "True"]
+
+
+def test_the_engine_takes_its_cpu_settings_from_its_caller_not_the_config_file(own_cache, monkeypatch, smol_path):
+    """Settings are read once, by the front end: core code never re-reads the config file behind it."""
+    import edgelora.config
+
+    monkeypatch.setattr(edgelora.config, "load_config", lambda *a, **k: pytest.fail("the engine read the config file"))
+    monkeypatch.setenv(cpu.ENV, "off")  # no probe: this test is about where the settings come from
+    with Engine(smol_path, n_ctx=64) as eng:
+        assert eng.n_threads == cpu.default_threads()
+    with Engine(smol_path, n_ctx=64, n_threads=1) as eng:
+        assert eng.n_threads == 1
+
+
+def test_the_cli_passes_the_config_threads_down(own_cache, isolated_home):
+    (isolated_home / "config.toml").write_text("threads = 1\n")
+    doctor = cli("doctor", "--json", env={"EDGELORA_CACHE_DIR": str(own_cache), cpu.ENV: "off",
+                                          "EDGELORA_HOME": str(isolated_home)})
+    assert doctor.returncode == 0, doctor.stderr
+    assert json.loads(doctor.stdout)["cpu"]["threads"] == 1

@@ -3,7 +3,7 @@ evaluated, and the answer is exactly what a fresh evaluation gives."""
 
 from edgelora import Engine
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 TURNS = [
     "Tell me about the sea in two sentences.",
@@ -70,3 +70,20 @@ def test_state_cache_respects_its_budget_and_free(smol_path, smol_adapters):
         eng.free("b")
         assert all(item[0] != "b" for key in eng.kv_states._states for item in key)
         assert len(eng.kv_states) <= len(keys)
+
+
+def test_the_context_in_use_is_what_the_kv_cache_holds_and_a_switch_back_restores_it(smol_path, smol_adapters):
+    """Engine.context_used (the TUI's "ctx used/size") counts the cells the context holds now."""
+    with Engine(smol_path, n_ctx=256) as eng:
+        assert (eng.context_used, eng.context_size) == (0, 256)
+        out = eng.complete("The sea is", max_tokens=6, **GREEDY)
+        held = eng.context_used
+        # every prompt token and every sampled token but the last, which was never decoded
+        assert held == out.prompt_tokens + out.completion_tokens - (out.finish_reason == "length")
+        eng.attach(smol_adapters["a"], name="a")
+        eng.complete("Mountains", max_tokens=2, **GREEDY)
+        assert eng.context_used < held  # the other set's cells were put aside...
+        eng.detach("a")
+        again = eng.complete("The sea is", max_tokens=1, **GREEDY)  # ...and are back under the first set
+        assert again.cached_tokens == again.prompt_tokens - 1
+    assert eng.context_used == 0 and eng.context_size == 0  # closed

@@ -1,0 +1,95 @@
+"""The token loop: one generation over the handle's ``generate``, as text.
+
+Exact token counts, stop strings (text that might start one is held back), incremental UTF-8
+decoding, the finish reason ('stop', 'length', 'cancelled') and timings. Anything that must happen
+between two generated tokens goes in ``TokenLoop.run``, the one place the loop lives."""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from edgelora.runtime.llama import LlamaHandle
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapters: list[dict] = field(default_factory=list)
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (same adapter set), not re-evaluated
+
+    @property
+    def tokens_per_s(self) -> float:
+        gen_s = self.total_s - self.ttft_s
+        # The first token's time is prefill; the rate counts the tokens after it.
+        if self.completion_tokens > 1 and gen_s > 0:
+            return (self.completion_tokens - 1) / gen_s
+        return 0.0
+
+    @property
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+
+
+def find_stop(text: str, stop: list[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+class TokenLoop:
+    """One generation: what it produced so far, and why it ended."""
+
+    def __init__(self, llama: LlamaHandle, stop: list[str], max_tokens: int, cancel: threading.Event):
+        self.llama, self.stop, self.max_tokens, self.cancel = llama, stop, max_tokens, cancel
+        self.text, self.n_out, self.finish = "", 0, "length"
+        self.ttft = 0.0
+        self.t0 = time.perf_counter()
+
+    def run(self, tokens: list[int], sampling: dict, on_first_token: Callable[[], None]) -> Iterator[str]:
+        """Yield text as it becomes safe to show (no stop string can start in it any more)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        hold = max((len(s) for s in self.stop), default=1) - 1  # chars that might start a stop string
+        emitted = 0
+        for token in self.llama.generate(tokens, **sampling):
+            if self.n_out == 0:
+                self.ttft = time.perf_counter() - self.t0
+                on_first_token()
+            if self.llama.is_eog(token):
+                self.finish = "stop"
+                break
+            self.n_out += 1
+            self.text += decoder.decode(self.llama.detokenize([token]))
+            cut = find_stop(self.text, self.stop)
+            if cut is not None:
+                self.text, self.finish = self.text[:cut], "stop"
+                break
+            safe = len(self.text) - hold
+            if safe > emitted:
+                yield self.text[emitted:safe]
+                emitted = safe
+            if self.n_out >= self.max_tokens:
+                break
+            if self.cancel.is_set():
+                self.finish = "cancelled"
+                break
+        if len(self.text) > emitted:
+            yield self.text[emitted:]
+
+    def completion(self, prompt_tokens: int, adapters: list[dict], cached: int) -> Completion:
+        return Completion(text=self.text, finish_reason=self.finish, prompt_tokens=prompt_tokens,
+                          completion_tokens=self.n_out, adapters=adapters, ttft_s=self.ttft,
+                          total_s=time.perf_counter() - self.t0, cached_tokens=cached)

@@ -1,0 +1,322 @@
+"""The one module that talks to llama-cpp-python: a thin handle over one model and its context.
+
+Everything else in edgelora goes through here, so a llama-cpp-python release that renames an
+internal breaks this file only (tests/runtime/test_llama_handle_is_the_only_llama_cpp_user.py keeps
+it so). In the spirit of llama-cpp-python's own ``_internals.py``: loading and ``generate`` (prefix
+reuse, its sampler) stay llama-cpp-python's ``Llama``; what it has no public call for (the KV state
+of one sequence, the adapter API, the abort callback, the extra buffer types at load, the chat
+template's environment) is done here, once.
+
+The per-sequence calls take ``seq_id``; the context holds one sequence today (``seq_id=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_chat_format
+import numpy as np
+
+ABORTED = "returned 2"  # llama_decode's status when the abort callback stopped it, as Llama words the error
+
+
+# ------------------------------------------------------------------ the build (no model needed)
+
+def package_file() -> str:
+    """The llama_cpp package's own file: part of every probe verdict's key (another install is another build)."""
+    return llama_cpp.__file__
+
+
+def library_dir() -> Path:
+    """Where libllama and ggml's libraries ship."""
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+_log_callbacks: list = []  # ctypes callbacks must outlive every call llama.cpp makes to them
+
+
+def set_log_callback(fn: Callable[[int, bytes, object], None]) -> None:
+    """Route llama.cpp's and ggml's log lines, process-wide, to ``fn(level, text, user_data)``."""
+    cb = llama_cpp.llama_log_callback(fn)
+    _log_callbacks.append(cb)
+    llama_cpp.llama_log_set(cb, None)
+
+
+def baseline_llama(model_path: str, lora_path: str | None = None, n_ctx: int = 2048):
+    """llama-cpp-python's own ``Llama`` as a user of it would make one: bench's baseline to beat."""
+    return llama_cpp.Llama(model_path, lora_path=lora_path, n_ctx=n_ctx, verbose=False)
+
+
+def is_abort(exc: BaseException) -> bool:
+    """Did this error come from llama_decode stopped by the abort callback (not a real failure)?"""
+    return isinstance(exc, RuntimeError) and ABORTED in str(exc)
+
+
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _extra_buffers(enabled: bool):
+    """Make ``Llama(...)`` load with ``use_extra_bufts = enabled``.
+
+    llama-cpp-python's Llama has no keyword for it: it starts from llama_model_default_params(), so
+    that function is wrapped for the duration of one construction."""
+    module = llama_cpp.llama_cpp
+    with _params_lock:
+        original = module.llama_model_default_params
+
+        def params():
+            p = original()
+            p.use_extra_bufts = enabled
+            return p
+
+        module.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = original
+
+
+@dataclass
+class SeqState:
+    """What one sequence holds: its tokens and llama.cpp's serialized KV cells for them."""
+
+    tokens: np.ndarray
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.tokens.nbytes
+
+
+class LlamaHandle:
+    """One loaded model and its context. Public llama-cpp-python facts (``metadata``, ``n_ctx()``,
+    ``tokenize``...) are passed through under their own names; the rest is one method per job."""
+
+    def __init__(self, model_path: str | Path, *, n_gpu_layers: int = 0, n_ctx: int = 512, n_threads: int | None = None,
+                 n_batch: int = 512, seed: int = 0, verbose: bool = False, extra_buffers: bool | None = None,
+                 op_offload: bool | None = None):
+        """``extra_buffers``: llama.cpp's CPU extra buffer types (repacking, AMX) on or off; None: its default.
+        ``op_offload`` defaults to ``n_gpu_layers != 0``: a GPU build otherwise ships big CPU-side batches
+        to the device, and 0 layers means CPU."""
+        kwargs = dict(model_path=str(model_path), n_gpu_layers=n_gpu_layers,
+                      op_offload=n_gpu_layers != 0 if op_offload is None else op_offload,
+                      n_ctx=n_ctx, n_batch=n_batch, seed=seed, use_mmap=True, verbose=verbose)
+        if n_threads is not None:
+            kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
+        with _extra_buffers(extra_buffers) if extra_buffers is not None else contextlib.nullcontext():
+            self._llama = llama_cpp.Llama(**kwargs)
+        self._abort_cb = None
+
+    # -------------------------------------------------------------- facts
+
+    @property
+    def metadata(self) -> dict:
+        return self._llama.metadata
+
+    @property
+    def model_params(self):
+        """What llama.cpp was given to load the model (llama_model_params)."""
+        return self._llama.model_params
+
+    @property
+    def context_params(self):
+        return self._llama.context_params
+
+    def n_ctx(self) -> int:
+        return self._llama.n_ctx()
+
+    def n_vocab(self) -> int:
+        return self._llama.n_vocab()
+
+    def token_bos(self) -> int:
+        return self._llama.token_bos()
+
+    def token_eos(self) -> int:
+        return self._llama.token_eos()
+
+    def token_text(self, token: int) -> str:
+        """The token's text as the vocabulary spells it (``<|im_start|>``, ``▁brief``)."""
+        return self._llama._model.token_get_text(token)
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT or any token the model marks so."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, token))
+
+    def control_tokens(self) -> dict[str, int]:
+        """Control tokens (<|im_start|>, <start_of_turn>...) by their text."""
+        model = self._llama._model
+        return {model.token_get_text(i): i for i in range(self.n_vocab())
+                if model.token_get_attr(i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL and model.token_get_text(i)}
+
+    def longest_token_chars(self) -> int:
+        """The most characters any one token stands for."""
+        model = self._llama._model
+        return max((len(model.token_get_text(i)) for i in range(self.n_vocab())), default=1)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._llama.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        return self._llama.detokenize(list(tokens), special=special)
+
+    def chat_formatter(self, template: str, bound: Callable | None = None):
+        """llama-cpp-python's sandboxed Jinja chat formatter for ``template`` with this model's BOS/EOS;
+        ``bound(compiled_template)`` may wrap the compiled template (e.g. to cap its output)."""
+        model = self._llama._model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        if bound is not None:
+            formatter._environment = bound(formatter._environment)
+        return formatter
+
+    # -------------------------------------------------------------- liveness
+
+    @property
+    def ctx(self):
+        """llama.cpp's context, or None once freed: by close(), or by the Llama's own finalizer, which the
+        garbage collector may run before an open stream's cleanup or the engine's."""
+        return getattr(getattr(getattr(self, "_llama", None), "_ctx", None), "ctx", None)
+
+    @property
+    def model_alive(self) -> bool:
+        """False once the model is freed (it took its adapters with it)."""
+        return getattr(getattr(getattr(self, "_llama", None), "_model", None), "model", None) is not None
+
+    def close(self) -> None:
+        self._llama.close()
+
+    # -------------------------------------------------------------- adapters
+
+    def adapter_init(self, path: str | Path):
+        """Load a LoRA adapter into the model: its pointer, or None (the reason is in llama.cpp's log)."""
+        handle = llama_cpp.llama_adapter_lora_init(self._llama._model.model, str(path).encode())
+        return handle or None
+
+    def adapter_free(self, adapter) -> None:
+        """Free an adapter; it must be detached from every context first."""
+        llama_cpp.llama_adapter_lora_free(adapter)
+
+    def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> bool:
+        """Replace the context's whole active set with ``(adapter, scale)`` pairs ([] detaches all).
+        KV cells are untouched: what they hold was computed under the old set."""
+        n = len(adapters)
+        if n:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*[h for h, _ in adapters])
+            scales = (ctypes.c_float * n)(*[s for _, s in adapters])
+        else:
+            handles, scales = None, None
+        return llama_cpp.llama_set_adapters_lora(self.ctx, handles, n, scales) == 0
+
+    # -------------------------------------------------------------- memory, per sequence
+
+    def _one_sequence(self, seq_id: int) -> None:
+        if seq_id != 0:
+            raise NotImplementedError("this context holds one sequence (seq_id 0)")
+
+    def n_cached(self, seq_id: int = 0) -> int:
+        """How many tokens of the sequence have their KV cells in the context."""
+        self._one_sequence(seq_id)
+        return self._llama.n_tokens
+
+    def cached_tokens(self, seq_id: int = 0) -> np.ndarray:
+        self._one_sequence(seq_id)
+        return self._llama.input_ids[: self._llama.n_tokens]
+
+    def reusable_prefix(self, tokens: Sequence[int], seq_id: int = 0) -> int:
+        """How many of ``tokens`` ``generate`` will take from the KV cache (Llama.generate's own rule)."""
+        n = min(self.n_cached(seq_id), len(tokens))
+        if n == 0:
+            return 0
+        diff = np.flatnonzero(self.cached_tokens(seq_id)[:n] != np.asarray(tokens[:n]))
+        common = int(diff[0]) if diff.size else n
+        return common - 1 if common == len(tokens) else common
+
+    def clear_tokens(self, seq_id: int = 0) -> None:
+        """Forget which tokens the sequence holds, keeping the cells: the next ``eval`` starts at position 0."""
+        self._one_sequence(seq_id)
+        self._llama.reset()
+
+    def clear(self, seq_id: int = 0) -> None:
+        """Forget the sequence's tokens and their KV cells."""
+        self._one_sequence(seq_id)
+        self._llama.reset()
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        if mem is not None:
+            llama_cpp.llama_memory_clear(mem, True)
+
+    def save_state(self, seq_id: int = 0) -> SeqState:
+        ctx = self.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id)
+        return SeqState(tokens=self.cached_tokens(seq_id).copy(), data=bytes(buf)[:n])
+
+    def restore_state(self, state: SeqState, seq_id: int = 0) -> bool:
+        """Put a saved state back; False (and nothing cached) when llama.cpp does not take it."""
+        self._one_sequence(seq_id)
+        buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq_id) != len(state.data):
+            self.clear(seq_id)
+            return False
+        n = len(state.tokens)
+        self._llama.input_ids[:n] = state.tokens
+        self._llama.n_tokens = n
+        self._llama._requires_eval = True  # logits are not restored: generate() re-decodes the last token
+        return True
+
+    # -------------------------------------------------------------- evaluation
+
+    def set_seed(self, seed: int) -> None:
+        self._llama.set_seed(seed)
+
+    def set_threads(self, n_gen: int, n_batch: int) -> None:
+        """Threads for generation (one token) and for prompt batches, from the next decode on."""
+        llama_cpp.llama_set_n_threads(self.ctx, n_gen, n_batch)
+
+    def generate(self, tokens: Sequence[int], **sampling) -> Iterator[int]:
+        """Tokens sampled after ``tokens``, reusing the longest cached prefix (Llama.generate)."""
+        return self._llama.generate(tokens, **sampling)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` after the cached ones."""
+        self._llama.eval(list(tokens))
+
+    def sample(self, temp: float = 0.0) -> int:
+        return self._llama.sample(temp=temp)
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last decoded position (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
+
+    def on_abort(self, should_abort: Callable[[object], bool]) -> None:
+        """The function llama.cpp will ask, between graph nodes while ``watch_abort(True)``, whether to stop."""
+        self._abort_cb = llama_cpp.ggml_abort_callback(should_abort)  # kept alive with the handle
+
+    def watch_abort(self, on: bool) -> None:
+        """Let the abort callback stop decodes, or not (it costs a Python round trip per graph node)."""
+        ctx = self.ctx
+        if ctx is None:  # freed: nothing left to stop
+            return
+        cb = self._abort_cb if on and self._abort_cb is not None else llama_cpp.ggml_abort_callback()
+        llama_cpp.llama_set_abort_callback(ctx, cb, None)

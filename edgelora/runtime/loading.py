@@ -1,0 +1,76 @@
+"""Loading the base: resolve and check it before llama.cpp sees it, then load it through the handle.
+
+llama.cpp asserts (kills the process) on some malformed models and only says "failed" on others,
+so the file is read and checked first, and a failed load is explained from the file and the log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from edgelora.errors import AdapterError, EdgeloraError, ModelError
+from edgelora.models.gguf_info import GGUFInfo, read_gguf, validate_base_model
+from edgelora.runtime import native_log
+from edgelora.runtime import offload
+from edgelora.runtime.llama import LlamaHandle
+
+DEFAULT_CTX = 2048
+
+
+def read_base(model_path: Path) -> GGUFInfo:
+    """The base's metadata and tensor shapes, refused with one line if it is not a base llama.cpp can load."""
+    try:
+        base = read_gguf(model_path)
+    except AdapterError as exc:  # not a GGUF at all: a model error here, not an adapter's
+        raise ModelError(str(exc)) from None
+    if base.metadata.get("general.type") == "adapter":
+        raise ModelError(f"{model_path} is a LoRA adapter, not a base model; pass it with --adapter")
+    validate_base_model(base)  # what llama.cpp asserts on would kill the process
+    return base
+
+
+def check_ctx(base: GGUFInfo, model_path: Path, n_ctx: int | None) -> int:
+    """The context size: ``n_ctx``, or by default 2048 tokens (less if the model was trained for less)."""
+    trained = base.metadata.get(f"{base.architecture}.context_length")
+    limit = int(trained) if isinstance(trained, int) and 0 < trained < (1 << 24) else 1 << 17
+    if n_ctx is None:
+        return min(DEFAULT_CTX, limit)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit:
+        raise EdgeloraError(f"--ctx {n_ctx}: must be 16 to {limit} (the context {model_path.name} was trained for)")
+    return n_ctx
+
+
+@dataclass
+class Loaded:
+    llama: LlamaHandle
+    offload: offload.Offload  # what llama.cpp did with n_gpu_layers, from its own log
+    load_s: float
+
+
+def load(model_path: Path, *, n_gpu_layers: int, n_ctx: int, n_threads: int, n_batch: int, seed: int,
+         verbose: bool, extra_buffers: bool) -> Loaded:
+    t0 = time.perf_counter()
+    try:
+        with native_log.capture() as load_log:
+            llama = LlamaHandle(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+                                n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=extra_buffers)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(_why_not_a_model(model_path, exc)) from None
+    except jinja2.TemplateError as exc:  # llama-cpp-python compiles the model's chat templates at load
+        raise ModelError(f"{model_path}: its chat template does not compile ({exc})") from None
+    return Loaded(llama, offload.parse(load_log), time.perf_counter() - t0)
+
+
+def _why_not_a_model(path: Path, exc: Exception) -> str:
+    """llama.cpp only says it failed; look at the file to say why."""
+    try:
+        meta = read_gguf(path).metadata
+    except AdapterError as err:  # not a GGUF at all
+        return str(err)
+    if meta.get("general.type") == "adapter":
+        return f"{path} is a LoRA adapter, not a base model; pass it with --adapter"
+    log = native_log.recent(2)
+    return f"{path}: llama.cpp could not load it ({log or exc}; run with -v for its log)"
