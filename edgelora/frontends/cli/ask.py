@@ -35,9 +35,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
         no_stream, cont, no_log, **sampling):
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from edgelora.config import load_config
-    from edgelora.runtime.engine import Engine
-    from edgelora.safety.cpu import engine_settings
-    from edgelora.roles.session import Roles
+    from edgelora.frontends.runtime import open_runtime
 
     piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     text = "\n\n".join(p for p in (piped.strip(), prompt or "") if p)
@@ -49,15 +47,14 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
 
     config = load_config()
     t0 = time.perf_counter()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, **engine_settings(config, n_threads),
-                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
+    roles = open_runtime(config, model=model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+                         verbose=verbose, manifests=manifests, preload=preload, force=force)
+    eng = roles.engine
     if n_gpu_layers and not eng.gpu_layers:
         click.echo(f"edgelora: note: --n-gpu-layers {n_gpu_layers}: nothing offloaded ({_why_no_offload()}); running on the CPU", err=True)
-    roles = Roles(eng, config, extra=manifests, force=force)
     if verbose:
         for name, paths in roles.catalog.shadowed.items():
             click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
-    roles.preload(preload)
     roles.select(selection)  # 'auto' decides per prompt, inside the turn
     for path, scale in raw:
         eng.attach(path, name=_unique_name(eng, Path(path).stem), scale=scale, force=force)

@@ -29,16 +29,12 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
     With --plain, or when stdin or stdout is not a terminal, a line chat: one prompt or /command per line."""
     from edgelora.conversation.chat import ChatSession
     from edgelora.config import load_config
-    from edgelora.runtime.engine import Engine
-    from edgelora.safety.cpu import engine_settings
     from edgelora.conversation.history import History
-    from edgelora.roles.session import Roles
+    from edgelora.frontends.runtime import open_runtime
 
     config = load_config()
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, **engine_settings(config, n_threads),
-                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose)
-    roles = Roles(eng, config, force=force)
-    roles.preload(preload)
+    roles = open_runtime(config, model=model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+                         verbose=verbose, preload=preload, force=force)
     roles.select(role_selection(role_specs, "--role"))
     history = History() if config.save_history else None
     if cont and history is not None:
@@ -59,7 +55,7 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
         from edgelora.frontends.tui.app import run_app
 
         run_app(session, resume=resume)
-    eng.close()
+    roles.engine.close()
 
 
 def _is_tty(stream) -> bool:

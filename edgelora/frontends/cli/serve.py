@@ -29,11 +29,9 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     import uvicorn
 
     from edgelora.config import load_config
-    from edgelora.runtime.engine import Engine
-    from edgelora.safety.cpu import engine_settings
+    from edgelora.frontends.runtime import open_runtime
     from edgelora.frontends.server.app import Service, build_app, is_loopback, loopback_hosts
     from edgelora.frontends.server.extras import check_cors_origins, check_fallback_role
-    from edgelora.roles.session import Roles
     from edgelora.frontends.server.http import max_connections_for, uvicorn_settings
 
     if not is_loopback(host) and not api_key:
@@ -42,10 +40,9 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
         raise click.BadParameter(problem, param_hint="--cors-origin")
     config = load_config()
     config.roles_dirs = [*config.roles_dirs, *role_dirs]
-    eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, **engine_settings(config, n_threads),
-                 kv_cache_bytes=config.kv_cache_bytes, verbose=verbose, reuse_prefix=not no_prefix_reuse)
-    roles = Roles(eng, config, force=force)
-    roles.preload(preload)
+    roles = open_runtime(config, model=model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
+                         verbose=verbose, reuse_prefix=not no_prefix_reuse, preload=preload, force=force)
+    eng = roles.engine
     fallback_role = fallback_role or config.fallback_role
     try:
         check_fallback_role(roles.catalog, fallback_role)
