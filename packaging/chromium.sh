@@ -1,5 +1,5 @@
 #!/bin/sh
-# Debian's headless Chromium for the web page's browser test (tests/test_web.py, `pytest -m slow`).
+# Debian's headless Chromium for the web page's browser test (tests/frontends/server/test_web.py, `pytest -m slow`).
 # Best effort: where it cannot install (not root, no apt-get, no network) it says so and the test
 # skips with its reason; it never fails the test command.
 if command -v chromium >/dev/null 2>&1; then exit 0; fi

@@ -10,7 +10,8 @@ FORBIDDEN = ("torch", "transformers", "peft")
 
 SCRIPT = r"""
 import sys, json
-import edgelora, edgelora.cli, edgelora.engine, edgelora.bench, edgelora.gguf_info, edgelora.models
+import edgelora, edgelora.frontends.cli.main, edgelora.frontends.server.app, edgelora.frontends.tui.app
+import edgelora.runtime.engine, edgelora.bench.run, edgelora.models.gguf_info, edgelora.models.catalog, edgelora.routing.router
 import edgelora.convert
 from edgelora.convert import convert_peft
 sys.path.insert(0, {tests!r})
@@ -26,7 +27,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!
 
 
 def test_runtime_and_converter_import_no_torch(tmp_path, smol_path):
-    code = SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path), base=str(smol_path), forbidden=FORBIDDEN)
+    code = SCRIPT.format(tests=str(ROOT / "tests" / "convert"), tmp=str(tmp_path), base=str(smol_path), forbidden=FORBIDDEN)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"

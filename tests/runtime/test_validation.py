@@ -5,8 +5,8 @@ import pytest
 
 from edgelora import errors
 
-from . import gguf_factory as gf
-from .conftest import GREEDY
+from .. import gguf_factory as gf
+from ..conftest import GREEDY
 
 Q = "blk.3.attn_q.weight"
 MSG = [{"role": "user", "content": "Name a colour."}]

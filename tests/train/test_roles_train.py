@@ -15,7 +15,7 @@ from edgelora.frontends.cli.main import main
 from edgelora.files import sha256_file
 from edgelora.roles.manifest import load_manifest
 
-from .conftest import GREEDY
+from ..conftest import GREEDY
 
 PAIRS = [{"prompt": f"Tell me about {t}.", "answer": f"{t.capitalize()} are nice.\n\nStay curious!"}
          for t in ("cats", "dogs", "owls", "trains", "kites", "boats", "clouds", "lamps")]

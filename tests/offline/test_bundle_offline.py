@@ -22,11 +22,11 @@ import pytest
 from edgelora.safety import signing
 from edgelora.files import sha256_file
 
-from .conftest import write_role
+from ..conftest import write_role
 
 pytestmark = pytest.mark.slow
 
-NETGUARD = Path(__file__).parent / "netguard"
+NETGUARD = Path(__file__).parents[1] / "netguard"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 

@@ -73,7 +73,7 @@ def test_regex_rules_win_over_keywords():
 
 def _roles_for_another_base(folder, adapter):
     """'sea' was made for a gemma3 base, 'pinned' for another llama GGUF, 'harbour' fits SmolLM2."""
-    from .conftest import write_role
+    from ..conftest import write_role
 
     write_role(folder, "sea", adapter, base='architecture = "gemma3"', routing='keywords = ["ahoy"]')
     write_role(folder, "pinned", adapter, base=f'architecture = "llama"\nsha256 = "{"0" * 64}"',

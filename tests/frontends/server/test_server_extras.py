@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from .serving import Server, free_port
+from ...serving import Server, free_port
 
 CTX = 256  # llama.cpp rounds a context up to a multiple of 256
 

@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 from edgelora import Engine  # noqa: E402
 from edgelora.convert import convert_peft, converter  # noqa: E402
 
-from . import gguf_factory as gf  # noqa: E402
+from .. import gguf_factory as gf  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time there"]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,7 +13,7 @@ from edgelora.config import Config
 from edgelora.roles.manifest import RoleCatalog, bundled_dir
 from edgelora.roles.session import Roles
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters" / "train"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "adapters" / "train"))
 import roles_data  # noqa: E402
 
 PROMPTS = roles_data.heldout_prompts()

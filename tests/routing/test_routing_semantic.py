@@ -18,9 +18,9 @@ from edgelora._toml import tomllib
 from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS
 from edgelora.roles.manifest import RoleCatalog, bundled_dir
 
-from .conftest import write_role
+from ..conftest import write_role
 
-HERE = Path(__file__).parent / "routing"
+HERE = Path(__file__).parent
 LABELS = ["pirate", "json", "terse", "signoff", "base"]
 
 

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from .cdp import Browser, chromium_path
-from .serving import Server
+from ...cdp import Browser, chromium_path
+from ...serving import Server
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 
 from edgelora.frontends.cli.main import main  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "adapters" / "train"))
 import roles_data  # noqa: E402
 

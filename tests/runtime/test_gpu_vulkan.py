@@ -24,7 +24,7 @@ from edgelora import Engine
 from edgelora.runtime.backend import backend_info
 from edgelora.errors import AdapterError
 
-from .conftest import GREEDY, reset_engine
+from ..conftest import GREEDY, reset_engine
 
 pytestmark = pytest.mark.gpu
 

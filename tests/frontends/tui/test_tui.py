@@ -12,7 +12,7 @@ from edgelora.roles.session import Roles
 from edgelora.frontends.tui.app import EdgeloraApp
 from edgelora.frontends.tui.widgets import ChatMessage, PromptInput, RolesPanel
 
-from .conftest import write_role
+from ...conftest import write_role
 
 SIZE = (80, 24)
 

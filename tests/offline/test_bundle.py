@@ -23,7 +23,7 @@ from edgelora.offline import place
 from edgelora.roles.manifest import load_manifest
 from edgelora.roles.store import install_role
 
-from .conftest import write_role
+from ..conftest import write_role
 
 
 def bundle_cli(*args):

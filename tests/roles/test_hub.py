@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from .test_convert_refusals import make_peft
+from ..convert.test_convert_refusals import make_peft
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -14,10 +14,10 @@ from gguf import GGUFValueType as T
 from edgelora import errors
 from edgelora.runtime.engine import Engine
 
-from . import gguf_factory as gf
-from .conftest import GREEDY
-from .test_convert_refusals import make_peft
-from .test_hardening import MSG, one_line_exit_2, run
+from .. import gguf_factory as gf
+from ..conftest import GREEDY
+from ..convert.test_convert_refusals import make_peft
+from ..test_hardening import MSG, one_line_exit_2, run
 
 
 # 10 ------------------------------------------------------------------------ PEFT patterns are time-limited
@@ -125,7 +125,7 @@ def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file_and_key(
                                                                                 key, shown):
     from edgelora.roles.manifest import RoleError, load_manifest
 
-    from .conftest import write_role
+    from ..conftest import write_role
 
     if section:
         path = write_role(tmp_path, "odd", smol_adapters["a"], **{section: body})
@@ -140,7 +140,7 @@ def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file_and_key(
 def test_an_include_weight_that_is_not_finite_is_refused_naming_the_file(tmp_path, smol_adapters, weight):
     from edgelora.roles.manifest import RoleError, load_manifest
 
-    from .conftest import write_role
+    from ..conftest import write_role
 
     path = write_role(tmp_path, "mix", smol_adapters["a"], extra=f'include = ["other:{weight}"]')
     with pytest.raises(RoleError, match=rf"^{path}: 'include': role 'other:{weight}': the weight after ':' must be a finite"):
@@ -148,7 +148,7 @@ def test_an_include_weight_that_is_not_finite_is_refused_naming_the_file(tmp_pat
 
 
 def test_roles_add_refuses_an_infinite_temperature_in_one_line(tmp_path, smol_adapters, isolated_home):
-    from .conftest import write_role
+    from ..conftest import write_role
 
     path = write_role(tmp_path, "hot", smol_adapters["a"], sampling="temperature = inf")
     one_line_exit_2(run("roles", "add", str(path)), str(path), "sampling.temperature", "finite")

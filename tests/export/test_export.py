@@ -17,7 +17,7 @@ from edgelora.convert.converter import _permute
 from edgelora.convert.peft_source import read_peft
 from edgelora.roles.manifest import bundled_dir
 
-from .conftest import write_role
+from ..conftest import write_role
 
 
 def test_unpermute_inverts_the_converters_permutation():
@@ -129,7 +129,7 @@ def test_a_folder_in_the_way_is_not_replaced(tmp_path, capsys):
 def test_an_adapter_for_another_architecture_is_refused(tmp_path, smol_path, capsys):
     from edgelora.convert.errors import ConvertError
 
-    from . import gguf_factory as gf
+    from .. import gguf_factory as gf
 
     lora = gf.random_lora({"blk.0.attn_q.weight": (576, 576)}, ["blk.0.attn_q.weight"], rank=2, seed=1)
     path = gf.write_lora(tmp_path / "other.gguf", lora, alpha=4.0, arch="gemma3")

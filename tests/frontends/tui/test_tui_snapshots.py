@@ -15,7 +15,7 @@ from edgelora.roles.session import Roles
 from edgelora.frontends.tui.app import EdgeloraApp
 from edgelora.frontends.tui.screens import CompareScreen
 
-from .conftest import write_role
+from ...conftest import write_role
 
 SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 35)], ids=["80x24", "120x35"])
 

@@ -17,7 +17,7 @@ from edgelora.roles.manifest import RoleCatalog, RoleError, load_manifest
 from edgelora.roles.session import Roles
 from edgelora.safety.signing import SignatureError, keygen, sign
 
-from .conftest import GREEDY, write_role
+from ..conftest import GREEDY, write_role
 
 MSG = [{"role": "user", "content": "Name a colour."}]
 

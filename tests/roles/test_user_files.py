@@ -19,7 +19,7 @@ from edgelora.files import sha256_file
 from edgelora.conversation.history import History
 from edgelora.roles.manifest import bundled_dir
 
-from .conftest import write_role
+from ..conftest import write_role
 
 HUGE = str(2**70)
 

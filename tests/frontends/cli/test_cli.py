@@ -159,7 +159,7 @@ def complete(line: str) -> list[str]:
 
 
 def test_completion_lists_installed_roles_and_catalog_models(isolated_home, smol_adapters):
-    from .conftest import write_role
+    from ...conftest import write_role
 
     write_role(isolated_home / "roles", "pilot", smol_adapters["a"])  # a role the user added
     assert complete("edgelora ask --role pi") == ["pilot", "pirate"]
@@ -177,7 +177,7 @@ def test_completion_script_is_printed_by_the_entry_point():
     assert result.returncode == 0 and "_edgelora_completion" in result.stdout and result.stderr == ""
 
 
-PIRATE = str(Path(__file__).parents[1] / "adapters" / "pirate.gguf")
+PIRATE = str(Path(__file__).parents[3] / "adapters" / "pirate.gguf")
 
 
 def test_inspect_summarizes_an_adapter_and_lists_tensors_on_request():
@@ -233,7 +233,7 @@ def test_inspect_of_an_odd_gguf_prints_its_summary_without_a_traceback(tmp_path,
     import gguf
     import numpy as np
 
-    from .gguf_factory import write_lora
+    from ...gguf_factory import write_lora
 
     rank = 0 if odd == "rank 0" else 2
     lora = {"blk.0.attn_q.weight": (np.ones((rank, 8), np.float32), np.ones((8, rank), np.float32))}

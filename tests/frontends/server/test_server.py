@@ -17,9 +17,9 @@ import pytest
 
 from edgelora.files import sha256_file
 
-from . import gguf_factory as gf
-from .conftest import write_role
-from .serving import Server
+from ... import gguf_factory as gf
+from ...conftest import write_role
+from ...serving import Server
 
 BUNDLED = ["pirate", "json", "terse", "signoff"]
 Q = "What is the moon?"

@@ -12,7 +12,7 @@ import time
 from edgelora.files import sha256_file
 from edgelora.models.catalog import catalog, resolve_model
 
-from .conftest import write_role
+from ...conftest import write_role
 
 
 def run(*args, env=None, timeout=120):
