@@ -100,34 +100,19 @@ def _cpu_model() -> str:
     return ""
 
 
-def verdicts_path() -> Path:
-    from edgelora.config import cache_dir
-
-    return cache_dir() / "cpu-probe.json"
-
-
-def _read_verdicts() -> dict:
-    return verdicts.read(verdicts_path())
-
-
-def _write_verdict(key: str, verdict: dict) -> None:
-    _write_verdicts({**_read_verdicts(), key: verdict})
-
-
-def _write_verdicts(data: dict) -> None:
-    verdicts.write(verdicts_path(), data)
+STORE = verdicts.Store("cpu-probe.json")
 
 
 def demote_after_crash(note: str) -> int:
     """A run crashed natively: stop trusting every cached 'safe' verdict. Returns how many changed."""
-    data = _read_verdicts()
+    data = STORE.read()
     changed = 0
     for key, verdict in data.items():
         if isinstance(verdict, dict) and verdict.get("extra_buffers"):
             data[key] = {**verdict, "extra_buffers": False, "reason": note}
             changed += 1
     if changed:
-        _write_verdicts(data)
+        STORE.write(data)
     return changed
 
 
@@ -141,12 +126,12 @@ def decide(model_path: Path, setting: str | None = None, file_type: object = Non
     if setting != "auto":
         return CPUPath(setting == "on", setting, "setting", f"forced {setting} by {where}")
     key = probe_key(file_type)
-    cached = _read_verdicts().get(key)
+    cached = STORE.read().get(key)
     if isinstance(cached, dict) and isinstance(cached.get("extra_buffers"), bool):
         return CPUPath(cached["extra_buffers"], "auto", "cache", str(cached.get("reason", "")))
     safe, reason, seconds = run_probe(model_path)
     if safe is not None:  # a timeout or an ordinary failure decides nothing for later runs
-        _write_verdict(key, {"extra_buffers": safe, "reason": reason, "probe_s": round(seconds, 3),
+        STORE.put(key, {"extra_buffers": safe, "reason": reason, "probe_s": round(seconds, 3),
                              "features": cpu_features(), "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     return CPUPath(bool(safe), "auto", "probe", reason, round(seconds, 3))
 

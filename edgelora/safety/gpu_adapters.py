@@ -73,33 +73,18 @@ def _build_id() -> str:
     return ""
 
 
-def verdicts_path() -> Path:
-    from edgelora.config import cache_dir
-
-    return cache_dir() / "gpu-adapter-probe.json"
-
-
-def _read_verdicts() -> dict:
-    return verdicts.read(verdicts_path())
-
-
-def _write_verdict(key: str, verdict: dict) -> None:
-    _write_verdicts({**_read_verdicts(), key: verdict})
-
-
-def _write_verdicts(data: dict) -> None:
-    verdicts.write(verdicts_path(), data)
+STORE = verdicts.Store("gpu-adapter-probe.json")
 
 
 def forget_after_crash() -> int:
     """A run died natively: forget 'safe' verdicts, so the next adapter on a device is checked again
     (the probe can miss a rare crash; whether this one came from a device is not known)."""
-    data = _read_verdicts()
+    data = STORE.read()
     safe = [k for k, v in data.items() if isinstance(v, dict) and v.get("safe") is True]
     for key in safe:
         del data[key]
     if safe:
-        _write_verdicts(data)
+        STORE.write(data)
     return len(safe)
 
 
@@ -115,7 +100,7 @@ def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], a
         raise AdapterError(f"{adapter_path}: adapters on {where} are off ({ENV}=off); "
                            "load the model with n_gpu_layers=0 (--n-gpu-layers 0) to use adapters on the CPU")
     key = probe_key(devices)
-    verdict = _read_verdicts().get(key)
+    verdict = STORE.read().get(key)
     if not (isinstance(verdict, dict) and isinstance(verdict.get("safe"), bool)):
         safe, reason, seconds = run_probe(model_path, n_gpu_layers, adapter_path, extra_buffers)
         if safe is None:  # timed out or failed for an ordinary reason: decide nothing for later runs
@@ -123,7 +108,7 @@ def check(model_path: Path, n_gpu_layers: int, devices: list[tuple[str, str]], a
                                f"load the model with n_gpu_layers=0 (--n-gpu-layers 0), or set {ENV}=on to skip the check")
         verdict = {"safe": safe, "reason": reason, "probe_s": round(seconds, 3), "devices": where,
                    "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_verdict(key, verdict)
+        STORE.put(key, verdict)
     if not verdict["safe"]:
         raise AdapterError(f"{adapter_path}: LoRA adapters crash llama.cpp on {where} ({verdict['reason']}); "
                            f"load the model with n_gpu_layers=0 (--n-gpu-layers 0) to use adapters on the CPU, or set {ENV}=on to try anyway")

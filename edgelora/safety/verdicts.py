@@ -1,25 +1,41 @@
-"""A small JSON file of cached verdicts (cpu.py's extra-buffers probe, gpu_adapters.py's adapter
-check): read whole, written whole through a temporary file and a rename, never fatal."""
+"""The probes' verdicts (cpu.py's extra-buffers probe, gpu_adapters.py's adapter check): a small JSON
+file per probe in the user cache, read whole, written whole and atomically, never fatal."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
-
-def read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+from edgelora.convert.errors import ConvertError
+from edgelora.files import atomic_output
 
 
-def write(path: Path, data: dict) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
+class Store:
+    """One probe's verdicts by key (host, build, model kind), in ``<cache>/<name>``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def path(self) -> Path:
+        from edgelora.config import cache_dir  # where the cache is may change per process (tests, EDGELORA_CACHE_DIR)
+
+        return cache_dir() / self.name
+
+    def read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, data: dict) -> None:
+        path = self.path
+        with contextlib.suppress(OSError, ConvertError):  # a read-only cache only costs a probe next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
+
+    def put(self, key: str, verdict: dict) -> None:
+        self.write({**self.read(), key: verdict})

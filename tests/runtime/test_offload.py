@@ -162,8 +162,8 @@ def test_a_native_crash_makes_the_adapter_check_run_again(guard_cache):
         "from edgelora.safety import crashnote; crashnote.start('ask'); "
         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")], env=env, capture_output=True)
     assert crash.returncode == -signal.SIGSEGV
-    gpu_adapters._write_verdict("k", {"safe": True, "reason": "probe decoded"})
-    gpu_adapters._write_verdict("bad", {"safe": False, "reason": "probe died"})
+    gpu_adapters.STORE.put("k", {"safe": True, "reason": "probe decoded"})
+    gpu_adapters.STORE.put("bad", {"safe": False, "reason": "probe died"})
     after = subprocess.run([sys.executable, "-m", "edgelora", "config", "show"], env=env, capture_output=True, text=True)
     assert after.returncode == 0
     notes = [line for line in after.stderr.splitlines() if "native crash" in line]

@@ -79,7 +79,7 @@ def test_an_ordinary_load_failure_is_not_remembered_as_a_host_verdict(own_cache,
     monkeypatch.setattr(cpu, "probe_argv", lambda path: [sys.executable, "-c", "raise SystemExit('cannot load')"])
     path = cpu.decide(smol_path, "auto", file_type=3)
     assert path.extra_buffers is False and "cannot load" in path.reason
-    assert not cpu.verdicts_path().exists()
+    assert not cpu.STORE.path.exists()
 
 
 @pytest.mark.parametrize("value, expected", [("off", False), ("on", True), ("OFF", False)])
@@ -115,13 +115,13 @@ def test_a_native_crash_is_reported_once_on_the_next_run(own_cache):
         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")],
         env={**os.environ, "EDGELORA_CACHE_DIR": str(own_cache)}, capture_output=True)
     assert crash.returncode == -signal.SIGSEGV
-    cpu._write_verdicts({"k": {"extra_buffers": True, "reason": "probe decoded"}})
+    cpu.STORE.write({"k": {"extra_buffers": True, "reason": "probe decoded"}})
 
     first = cli("config", "show", env={"EDGELORA_CACHE_DIR": str(own_cache)})
     assert first.returncode == 0
     notes = [line for line in first.stderr.splitlines() if "native crash" in line]
     assert len(notes) == 1 and "edgelora ask" in notes[0] and cpu.ENV in notes[0] and "-v" in notes[0]
-    assert json.loads(cpu.verdicts_path().read_text())["k"]["extra_buffers"] is False  # no second crash
+    assert json.loads(cpu.STORE.path.read_text())["k"]["extra_buffers"] is False  # no second crash
     second = cli("config", "show", env={"EDGELORA_CACHE_DIR": str(own_cache)})
     assert "native crash" not in second.stderr
 

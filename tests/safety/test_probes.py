@@ -49,7 +49,7 @@ def test_the_cpu_probe_killed_by_the_oom_killer_keeps_no_verdict(own_cache, monk
     monkeypatch.setattr(cpu, "probe_argv", lambda path: dies_with(signal.SIGKILL))
     path = cpu.decide(tmp_path / "m.gguf", "auto", file_type=3)
     assert path.extra_buffers is False and "SIGKILL" in path.reason and "off for this run" in path.reason
-    assert not cpu.verdicts_path().exists()  # the next run probes again
+    assert not cpu.STORE.path.exists()  # the next run probes again
 
 
 def test_both_probes_classify_a_death_the_same_way(own_cache, monkeypatch, tmp_path):
