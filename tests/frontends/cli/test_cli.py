@@ -248,3 +248,18 @@ def test_inspect_of_an_odd_gguf_prints_its_summary_without_a_traceback(tmp_path,
     expected = {"string alpha": ("alpha", "'16' (not a number)"), "rank 0": ("alpha", "16"),
                 "file_type a list": ("quantization", "[1, 2]")}[odd]
     assert fields[expected[0]] == expected[1]
+
+
+def test_ask_auto_prints_its_choice_and_reason_on_stderr_and_q_silences_it(isolated_home):
+    def ask(*extra):
+        return subprocess.run([sys.executable, "-m", "edgelora", "ask", "What is 12 times 7?", "--role", "auto",
+                               "--max-tokens", "2", "--temperature", "0", "--no-log", *extra],
+                              capture_output=True, text=True, timeout=180)
+
+    said = ask()
+    assert said.returncode == 0, said.stderr[-300:]
+    lines = [line for line in said.stderr.splitlines() if line.startswith("edgelora: auto -> ")]
+    assert len(lines) == 1 and lines[0].startswith("edgelora: auto -> base (") and lines[0].endswith(")"), said.stderr
+    assert "auto ->" not in said.stdout  # the answer stays clean for pipes
+    quiet = ask("-q")
+    assert quiet.returncode == 0 and "auto ->" not in quiet.stderr, quiet.stderr[-300:]
