@@ -22,6 +22,7 @@ import gguf
 import llama_cpp
 import numpy as np
 
+from .bench_contention import MachineWatch, not_idle_warning
 from .engine import Engine
 from .gguf_info import read_gguf
 from .models import resolve_model
@@ -216,22 +217,33 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
     say = progress or (lambda _msg: None)
     sections = tuple(sections or SECTIONS)
     model_path = resolve_model(model)
-    result: dict = {"model": str(model_path), "n_tokens": n_tokens, "repeat": repeat}
-    if "core" in sections:
+    result: dict = {"model": str(model_path), "n_tokens": n_tokens, "repeat": repeat, "machine": {}}
+    for section in SECTIONS:
+        if section in sections:
+            watch = MachineWatch()  # load average before/after: a busy machine is said, not hidden
+            _run_section(section, result, model_path, n_tokens, repeat, say)
+            result["machine"][section] = watch.finish()
+            warning = not_idle_warning(section, result["machine"][section])
+            if warning:
+                say(warning)
+    return result
+
+
+def _run_section(section: str, result: dict, model_path: Path, n_tokens: int, repeat: int, say) -> None:
+    if section == "core":
         result.update(_bench_core(model_path, n_tokens, repeat, say))
-    if "cpu" in sections:
+    elif section == "cpu":
         from .bench_cpu import bench_cpu
 
         result["cpu"] = bench_cpu(model_path, repeat, say)
-    if "server" in sections:
+    elif section == "server":
         from .bench_server import bench_server
 
         result["server"] = bench_server(model_path, repeat, say)
-    if "gpu" in sections:
+    elif section == "gpu":
         from .bench_gpu import bench_gpu
 
         result["gpu"] = bench_gpu(model_path, repeat, say)
-    return result
 
 
 def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
@@ -315,7 +327,7 @@ def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
 
 def _ask_first_output(model_path: Path) -> float:
     """Wall time from starting `edgelora ask` until its first byte of answer on stdout."""
-    cmd = [sys.executable, "-m", "edgelora", "ask", "-m", str(model_path), "Say hello.", "--max-tokens", "8", "--temperature", "0"]
+    cmd = [sys.executable, "-m", "edgelora", "ask", "--no-log", "-m", str(model_path), "Say hello.", "--max-tokens", "8", "--temperature", "0"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env={**os.environ})
     proc.stdout.read(1)
@@ -325,6 +337,7 @@ def _ask_first_output(model_path: Path) -> float:
 
 
 def print_table(r: dict) -> str:
+    warnings = [w for section, m in r.get("machine", {}).items() if (w := not_idle_warning(section, m))]
     rows = _core_rows(r) if "tokens_per_s" in r else []
     if "cpu" in r:
         from .bench_cpu import cpu_rows
@@ -338,8 +351,11 @@ def print_table(r: dict) -> str:
         from .bench_gpu import gpu_rows
 
         rows += gpu_rows(r["gpu"])
+    for section, m in r.get("machine", {}).items():
+        rows.append((f"machine during {section}", ("idle" if m["idle"] else "busy") + f", load average {m['load_before']:.2f} -> {m['load_after']:.2f}"
+                     + (f", other programs {m['others_cpu']:.2f} cores" if "others_cpu" in m else "")))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(warnings + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
 def _core_rows(r: dict) -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ def _model_option(f):
 
 def _engine_options(f):
     f = click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log.")(f)
-    f = click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: config `threads`, else every core).")(f)
+    f = click.option("--threads", "n_threads", type=int, default=None, help="Pin the CPU thread count (default: config `threads`, else adaptive: README 'Threads on a busy machine').")(f)
     f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens [default: 2048, or less if the model was trained for less].")(f)
     f = click.option(
         "--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
@@ -217,6 +217,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
             "offload": eng.offload.as_dict(),
+            "threads": eng.threads.report(),  # the thread policy and the counts it chose (thread_policy.py)
             "usage": out.usage,
             "timings": {
                 "load_s": round(load_s, 4),
@@ -384,12 +385,12 @@ def _cpu_report(model_path, info) -> dict:
     """Which CPU kernel path llama.cpp takes here and why (may run the one-time probe)."""
     import os
 
-    from . import cpu
+    from . import cpu, thread_policy
 
     path = cpu.decide(model_path, file_type=info.metadata.get("general.file_type"))
     return {**path.as_dict(), "features": cpu.cpu_features(), "amx": cpu.has_amx(),
             "threads": cpu.check_threads(None), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), **thread_policy.doctor_report()}
 
 
 @cli.command()
@@ -495,7 +496,7 @@ def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=None, help="Repetitions, the median is reported [default: 5; 1 with --quick].")
-@click.option("--quick", is_flag=True, help="One repetition and 32 tokens (about 1 minute for the core section instead of ~5).")
+@click.option("--quick", is_flag=True, help="The core section only (unless --only), one repetition, 32 tokens: README 'Benchmarks' says how long.")
 @click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server", "gpu"]),
               help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
                    "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT; "
@@ -505,6 +506,7 @@ def bench(as_json, model, tokens, repeat, sections, quick):
     from .bench import print_table, run_bench
 
     repeat = repeat or (1 if quick else 5)
+    sections = sections or (("core",) if quick else ())  # --quick alone: the core section only
     tokens = 32 if quick and tokens == 128 else tokens
     t0 = time.perf_counter()
     result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None,

@@ -31,7 +31,7 @@ import jinja2
 import llama_cpp
 import numpy as np
 
-from . import cpu, gpu_adapters, native_log, offload, trust
+from . import cpu, gpu_adapters, native_log, offload, thread_policy, trust
 from .backend import backend_info
 from .errors import AdapterError, EdgeloraError, ModelError, UnknownAdapterError
 from .gate import Gate
@@ -182,7 +182,8 @@ class Engine:
         if self.base.metadata.get("general.type") == "adapter":
             raise ModelError(f"{self.model_path} is a LoRA adapter, not a base model; pass it with --adapter")
         validate_base_model(self.base)  # what llama.cpp asserts on would kill the process
-        n_threads = cpu.check_threads(n_threads)
+        self.threads = thread_policy.for_engine(n_threads)  # pinned by the user, else adaptive per decode
+        n_threads = self.threads.initial
         n_ctx = self._check_ctx(n_ctx)
         gpu_adapters.setting()  # a bad EDGELORA_GPU_ADAPTERS is an error on every build, not only with a GPU
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
@@ -578,7 +579,8 @@ class Engine:
             ttft = 0.0
             self._watch_prefill(True)  # cancel() and Ctrl+C also stop a long prompt evaluation
             try:
-                for token in self.llama.generate(tokens, **opts):
+                steps = self.llama.generate(tokens, **opts)
+                for token in self.threads.drive(steps, len(tokens) - cached, self._set_threads):
                     if n_out == 0:
                         ttft = time.perf_counter() - t0
                         self._watch_prefill(False)  # between tokens the loop checks for itself
@@ -626,6 +628,10 @@ class Engine:
             self._gate.release(stream=True)
         if self._interrupted:  # Ctrl+C arrived inside llama.cpp: the callback stopped it; pass it on
             raise KeyboardInterrupt
+
+    def _set_threads(self, n: int) -> None:
+        """The thread count for the next decode (thread_policy.py chooses it)."""
+        llama_cpp.llama_set_n_threads(self.llama._ctx.ctx, n, n)
 
     def _watch_prefill(self, on: bool) -> None:
         """llama.cpp calls the abort callback between graph nodes: on only while the prompt is evaluated,
