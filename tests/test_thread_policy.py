@@ -130,3 +130,70 @@ def test_load_meter_sees_a_competing_busy_process():
     finally:
         busy.kill()
         busy.wait()
+
+
+# ---------------------------------------------------------------------------- through the real engine and CLI
+
+
+@pytest.fixture
+def two_busy_processes():
+    """Two CPU-bound processes on this process's cores: other programs fill at least one core."""
+    cores = sorted(os.sched_getaffinity(0))
+    code = ("import os, time\nos.sched_setaffinity(0, {cores})\nend = time.monotonic() + 60\n"
+            "while time.monotonic() < end: pass\n").format(cores=set(cores))
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) != 2, reason="needs Linux, 2 cores")
+def test_engine_generates_with_one_thread_while_other_programs_fill_a_core(engine, two_busy_processes):
+    shared, engine.threads = engine.threads, ThreadPolicy(2, others=LoadMeter())  # fresh, as a new process's
+    try:
+        time.sleep(LoadMeter.WINDOW_S)
+        engine.chat([{"role": "user", "content": "Describe a forest."}], max_tokens=8, temperature=0)
+        report = engine.threads.report()
+    finally:
+        engine.threads = shared
+    assert report["policy"] == "adaptive"
+    assert report["other_programs_cpu"] >= 0.6
+    assert report["generation"] == 1 and report["prompt"] == 1
+    assert set(report["steps"]["generation"]) == {"1"}  # not one slow 2-thread step first
+
+
+def test_ask_json_reports_the_thread_policy_and_a_pinned_count_is_kept(isolated_home):
+    from click.testing import CliRunner
+
+    from edgelora.cli import cli
+
+    def ask(*args):
+        result = CliRunner().invoke(cli, ["ask", "--json", "--no-log", "--temperature", "0", "--max-tokens", "4", *args, "Hi."])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["threads"]
+
+    adaptive = ask()
+    assert adaptive["policy"] == "adaptive" and adaptive["candidates"][0] == 1
+    assert adaptive["generation"] in adaptive["candidates"]
+    assert ask("--threads", "1") == {"policy": "fixed", "cores": adaptive["cores"], "candidates": [1],
+                                     "generation": 1, "prompt": 1, "pinned_by": "threads argument"}
+    (isolated_home / "config.toml").write_text("threads = 1\n")
+    assert ask()["pinned_by"] == "config threads"
+
+
+def test_doctor_shows_the_thread_policy_and_what_it_would_pick_now():
+    from click.testing import CliRunner
+
+    from edgelora.cli import cli
+
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["cpu"]
+    assert report["thread_policy"].startswith("adaptive 1-")
+    n, _, cores = report["thread_policy_now"].partition(" of ")
+    assert 1 <= int(n) <= int(cores.split()[0])
