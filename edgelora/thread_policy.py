@@ -153,33 +153,47 @@ class ThreadPolicy:
 
 
 class LoadMeter:
-    """CPU cores other programs used over the last window: the machine's busy time (/proc/stat, steal
-    included: a hypervisor's other guests compete too) minus this process's own CPU time."""
+    """CPU cores other programs used lately: the machine's busy time (/proc/stat, steal included: a
+    hypervisor's other guests compete too) minus this process's own CPU time, per 0.25 s window.
+    It answers the highest of the last second's windows: a core taken is seen at once, a core freed
+    only once it stayed free for a second (a single quiet window between a build's jobs is not room)."""
 
     WINDOW_S = 0.25  # /proc/stat counts in 10 ms ticks: shorter windows are mostly rounding
+    HOLD_S = 1.0
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 read: Callable[[], tuple[float, float] | None] | None = None):
+        """``read()``: (machine busy seconds, own CPU seconds) since some fixed point; None: unknown."""
         self.clock = clock
-        self.value: float | None = None
+        self.read = read or _busy_and_own_s
+        self.recent: list[tuple[float, float]] = []  # (end of window, others' cores in it)
         self._last = self._sample()
 
     def _sample(self):
-        busy = _machine_busy_s()
-        return None if busy is None else (self.clock(), busy, time.process_time())
+        counters = self.read()
+        return None if counters is None else (self.clock(), *counters)
 
     def __call__(self) -> float | None:
         if self._last is None:
             return None
         t, busy, own = self._last
-        if self.clock() - t < self.WINDOW_S:
-            return self.value
-        now = self._sample()
-        if now is None:
-            return self.value
-        self._last = now
-        wall = now[0] - t
-        self.value = max(0.0, ((now[1] - busy) - (now[2] - own)) / wall)
-        return self.value
+        now = self.clock()
+        if now - t >= self.WINDOW_S:
+            sample = self._sample()
+            if sample is not None:
+                self._last = sample
+                self.recent.append((now, max(0.0, ((sample[1] - busy) - (sample[2] - own)) / (now - t))))
+        self.recent = [(at, v) for at, v in self.recent if now - at <= self.HOLD_S] or self.recent[-1:]
+        return max((v for _, v in self.recent), default=None)
+
+    @property
+    def value(self) -> float | None:
+        return self.recent[-1][1] if self.recent else None
+
+
+def _busy_and_own_s() -> tuple[float, float] | None:
+    busy = _machine_busy_s()
+    return None if busy is None else (busy, time.process_time())
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -116,6 +116,21 @@ def test_drive_sets_the_count_before_each_decode_and_times_it():
     assert sum(a.steps for a in policy.arms["generation"].values()) == 4
 
 
+def test_load_meter_sees_a_core_taken_at_once_and_a_core_freed_only_after_a_second():
+    clock, counters = [0.0], [0.0, 0.0]  # (machine busy seconds, own CPU seconds)
+    meter = LoadMeter(clock=lambda: clock[0], read=lambda: tuple(counters))
+
+    def window(others: float, own: float = 1.0) -> float | None:
+        clock[0] += LoadMeter.WINDOW_S
+        counters[0] += (others + own) * LoadMeter.WINDOW_S
+        counters[1] += own * LoadMeter.WINDOW_S
+        return meter()
+
+    assert window(0.0) == pytest.approx(0.0)
+    assert window(1.0) == pytest.approx(1.0)  # a build starts: seen in the next window
+    assert [round(window(0.0), 2) for _ in range(5)] == [1.0, 1.0, 1.0, 1.0, 0.0]  # free for a second
+
+
 def test_load_meter_sees_a_competing_busy_process():
     meter = LoadMeter()
     if meter() is None and meter._last is None:
