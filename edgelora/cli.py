@@ -496,9 +496,9 @@ def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=None, help="Repetitions, the median is reported [default: 5; 1 with --quick].")
-@click.option("--quick", is_flag=True, help="The core section only (unless --only), one repetition, 32 tokens: README 'Benchmarks' says how long.")
+@click.option("--quick", is_flag=True, help="The core section only (unless --only), one repetition, 32 tokens: README 'Benchmark' says how long.")
 @click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server", "gpu"]),
-              help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
+              help="Run only these sections (repeatable; default: all). cpu: contention table, threads, OpenMP wait policy, load, "
                    "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT; "
                    "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
 def bench(as_json, model, tokens, repeat, sections, quick):

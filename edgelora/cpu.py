@@ -176,8 +176,8 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS: more would overrun ggml's thread arrays
 
 
 def default_threads() -> int:
-    """Every core this process may use. Measured on 2 cores (README 'Threads'): with a short OpenMP
-    spin (edgelora/__init__.py) 2 threads beat 1 both idle and under a competing load."""
+    """Every core this process may use: the most threads the adaptive policy (thread_policy.py) runs,
+    on an idle machine; under competing work it runs fewer (README 'Threads on a busy machine')."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
