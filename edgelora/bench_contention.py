@@ -136,9 +136,10 @@ def contention_table(model: Path, rounds: int, say: Callable[[str], None], loads
             runs: dict[str, list[float]] = {v: [] for v in variants}
             steps: dict[str, int] = {}  # generation steps the default policy ran at each count
             with competing(load, model):
-                for _ in range(rounds):
-                    for name, make in variants.items():
-                        policy = make()
+                names = list(variants)
+                for i in range(rounds):
+                    for name in names[i % len(names):] + names[:i % len(names)]:  # rotated: no variant always first
+                        policy = variants[name]()
                         time.sleep(LoadMeter.WINDOW_S)  # its first reading, as an engine's load time gives it
                         runs[name].append(_rate(eng, policy))
                         if name == "default":
