@@ -168,7 +168,8 @@ def cpu_rows(r: dict) -> list[tuple[str, str]]:
             val = v.get("error") or f"{v['gen_tok_s']:.1f} tok/s gen, {v['prompt_tok_s']:.0f} tok/s prompt" + (
                 " (capped)" if v.get("capped") else "")
             rows.append((f"{label}: {k}{mark}", val))
-    rows.append(("default idle / best idle", f"{r['default_idle_vs_best_idle']:.2f}x"))
+    quiet = "idle" if r.get("idle_machine", {}).get("idle") else "no added load"
+    rows.append((f"{quiet}: all cores, default spin / best", f"{r['default_idle_vs_best_idle']:.2f}x"))
     if r["default_loaded_vs_active_loaded"] is not None:
         rows.append(("default loaded / OpenMP active loaded", f"{r['default_loaded_vs_active_loaded']:.1f}x"))
     ext = r["extra_buffers"]
