@@ -159,6 +159,7 @@ class LoadMeter:
     only once it stayed free for a second (a single quiet window between a build's jobs is not room)."""
 
     WINDOW_S = 0.25  # /proc/stat counts in 10 ms ticks: shorter windows are mostly rounding
+    FIRST_S = 0.05  # but the first reading must not wait: a model can load faster than a window
     HOLD_S = 1.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
@@ -178,7 +179,7 @@ class LoadMeter:
             return None
         t, busy, own = self._last
         now = self.clock()
-        if now - t >= self.WINDOW_S:
+        if now - t >= (self.WINDOW_S if self.recent else self.FIRST_S):
             sample = self._sample()
             if sample is not None:
                 self._last = sample

@@ -120,13 +120,15 @@ def test_load_meter_sees_a_core_taken_at_once_and_a_core_freed_only_after_a_seco
     clock, counters = [0.0], [0.0, 0.0]  # (machine busy seconds, own CPU seconds)
     meter = LoadMeter(clock=lambda: clock[0], read=lambda: tuple(counters))
 
-    def window(others: float, own: float = 1.0) -> float | None:
-        clock[0] += LoadMeter.WINDOW_S
-        counters[0] += (others + own) * LoadMeter.WINDOW_S
-        counters[1] += own * LoadMeter.WINDOW_S
+    def window(others: float, own: float = 1.0, seconds: float = LoadMeter.WINDOW_S) -> float | None:
+        clock[0] += seconds
+        counters[0] += (others + own) * seconds
+        counters[1] += own * seconds
         return meter()
 
-    assert window(0.0) == pytest.approx(0.0)
+    assert window(1.0, seconds=0.1) == pytest.approx(1.0)  # the first answer comes before a full window
+    assert window(0.0) == pytest.approx(1.0)
+    assert [round(window(0.0), 2) for _ in range(4)] == [1.0, 1.0, 1.0, 0.0]
     assert window(1.0) == pytest.approx(1.0)  # a build starts: seen in the next window
     assert [round(window(0.0), 2) for _ in range(5)] == [1.0, 1.0, 1.0, 1.0, 0.0]  # free for a second
 
