@@ -4,7 +4,8 @@ import os
 
 # OpenMP reads these once, when llama.cpp's CPU library loads (the import below). Its default
 # busy-waiting collapses generation when other programs want the cores (0.2 tok/s measured), and
-# passive waiting loses 3x when idle; a short spin holds up both ways (README 'Threads').
+# passive waiting loses 3x when idle; a short spin keeps idle speed, and under load the thread
+# policy runs only as many threads as there are free cores (README 'Threads on a busy machine').
 # A wait policy or spin count the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "10000"

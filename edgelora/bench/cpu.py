@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgelora.safety import cpu
+from edgelora.bench.contention import MachineWatch, contention_rows, contention_table
 
 GEN_TOKENS = 48
 CAP_S = 12.0  # a variant that collapses under load stops here; its rate is what it managed
@@ -94,8 +95,12 @@ def bench_cpu(model: Path, repeat: int, say: Callable[[str], None]) -> dict:
                 runs[f"threads={t},omp={pol}"].append(_variant(model, t, pol))
         return {k: _median_of(v) for k, v in runs.items()}
 
-    say("CPU: threads x OpenMP wait policy, idle...")
+    result["contention"] = contention_table(model, min(repeat, 3), say)
+
+    say("CPU: threads x OpenMP wait policy, no added load...")
+    watch = MachineWatch()
     result["idle"] = measure()
+    result["idle_machine"] = watch.finish()  # "idle" in the table only if the machine was
     say(f"CPU: threads x OpenMP wait policy, under a busy loop on each of {cores} cores...")
     with CompetingLoad():
         result["loaded"] = measure()
@@ -155,14 +160,16 @@ def _median_of(runs: list[dict]) -> dict:
 
 
 def cpu_rows(r: dict) -> list[tuple[str, str]]:
-    rows = []
+    rows = contention_rows(r["contention"]) if "contention" in r else []
     for load in ("idle", "loaded"):
+        label = load if load == "loaded" or r.get("idle_machine", {}).get("idle") else "no added load (machine busy)"
         for k, v in r[load].items():
-            mark = " (default)" if k == r["default"] else ""
+            mark = " (default spin)" if k == r["default"] else ""
             val = v.get("error") or f"{v['gen_tok_s']:.1f} tok/s gen, {v['prompt_tok_s']:.0f} tok/s prompt" + (
                 " (capped)" if v.get("capped") else "")
-            rows.append((f"{load}: {k}{mark}", val))
-    rows.append(("default idle / best idle", f"{r['default_idle_vs_best_idle']:.2f}x"))
+            rows.append((f"{label}: {k}{mark}", val))
+    quiet = "idle" if r.get("idle_machine", {}).get("idle") else "no added load"
+    rows.append((f"{quiet}: all cores, default spin / best", f"{r['default_idle_vs_best_idle']:.2f}x"))
     if r["default_loaded_vs_active_loaded"] is not None:
         rows.append(("default loaded / OpenMP active loaded", f"{r['default_loaded_vs_active_loaded']:.1f}x"))
     ext = r["extra_buffers"]

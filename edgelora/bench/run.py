@@ -25,6 +25,7 @@ from edgelora.runtime import llama
 from edgelora.runtime.engine import Engine
 from edgelora.models.gguf_info import read_gguf
 from edgelora.models.catalog import resolve_model
+from edgelora.bench.contention import MachineWatch, not_idle_warning
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
@@ -194,22 +195,33 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
     say = progress or (lambda _msg: None)
     sections = tuple(sections or SECTIONS)
     model_path = resolve_model(model)
-    result: dict = {"model": str(model_path), "n_tokens": n_tokens, "repeat": repeat}
-    if "core" in sections:
+    result: dict = {"model": str(model_path), "n_tokens": n_tokens, "repeat": repeat, "machine": {}}
+    for section in SECTIONS:
+        if section in sections:
+            watch = MachineWatch()  # load average before/after: a busy machine is said, not hidden
+            _run_section(section, result, model_path, n_tokens, repeat, say)
+            result["machine"][section] = watch.finish()
+            warning = not_idle_warning(section, result["machine"][section])
+            if warning:
+                say(warning)
+    return result
+
+
+def _run_section(section: str, result: dict, model_path: Path, n_tokens: int, repeat: int, say) -> None:
+    if section == "core":
         result.update(_bench_core(model_path, n_tokens, repeat, say))
-    if "cpu" in sections:
+    elif section == "cpu":
         from edgelora.bench.cpu import bench_cpu
 
         result["cpu"] = bench_cpu(model_path, repeat, say)
-    if "server" in sections:
+    elif section == "server":
         from edgelora.bench.server import bench_server
 
         result["server"] = bench_server(model_path, repeat, say)
-    if "gpu" in sections:
+    elif section == "gpu":
         from edgelora.bench.gpu import bench_gpu
 
         result["gpu"] = bench_gpu(model_path, repeat, say)
-    return result
 
 
 def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
@@ -293,7 +305,7 @@ def _bench_core(model_path: Path, n_tokens: int, repeat: int, say) -> dict:
 
 def _ask_first_output(model_path: Path) -> float:
     """Wall time from starting `edgelora ask` until its first byte of answer on stdout."""
-    cmd = [sys.executable, "-m", "edgelora", "ask", "-m", str(model_path), "Say hello.", "--max-tokens", "8", "--temperature", "0"]
+    cmd = [sys.executable, "-m", "edgelora", "ask", "--no-log", "-m", str(model_path), "Say hello.", "--max-tokens", "8", "--temperature", "0"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env={**os.environ})
     proc.stdout.read(1)
@@ -303,6 +315,7 @@ def _ask_first_output(model_path: Path) -> float:
 
 
 def print_table(r: dict) -> str:
+    warnings = [w for section, m in r.get("machine", {}).items() if (w := not_idle_warning(section, m))]
     rows = _core_rows(r) if "tokens_per_s" in r else []
     if "cpu" in r:
         from edgelora.bench.cpu import cpu_rows
@@ -316,8 +329,11 @@ def print_table(r: dict) -> str:
         from edgelora.bench.gpu import gpu_rows
 
         rows += gpu_rows(r["gpu"])
+    for section, m in r.get("machine", {}).items():
+        rows.append((f"machine during {section}", ("idle" if m["idle"] else "busy") + f", load average {m['load_before']:.2f} -> {m['load_after']:.2f}"
+                     + (f", other programs {m['others_cpu']:.2f} cores" if "others_cpu" in m else "")))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(warnings + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
 def _core_rows(r: dict) -> list[tuple[str, str]]:

@@ -36,6 +36,7 @@ from edgelora.runtime.kv import KVSets, KVStateCache
 from edgelora.runtime.llama import is_abort
 from edgelora.runtime.sampling import _sampling_options
 from edgelora.runtime.template import ChatTemplate
+from edgelora.runtime import thread_policy
 from edgelora.safety import cpu
 from edgelora.safety import gpu_adapters
 
@@ -62,8 +63,9 @@ class Engine:
         cpu_extra_buffers: str | None = None,
         reuse_prefix: bool = True,
         config=None,
+        threads_pinned_by: str = "threads argument",
     ):
-        """``n_threads`` None: edgelora's default (cpu.default_threads). ``cpu_extra_buffers``: 'auto'
+        """``n_threads`` None: adaptive, every core when idle and fewer under competing work (thread_policy.py); a number pins it. ``cpu_extra_buffers``: 'auto'
         (probe this host once, in a child process), 'on' or 'off'; None reads the config/environment.
         ``reuse_prefix`` False evaluates every prompt from scratch: greedy answers then repeat exactly
         (llama.cpp's CPU kernels round differently for different batch sizes, so a prompt evaluated
@@ -73,7 +75,8 @@ class Engine:
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = loading.read_base(self.model_path)
-        n_threads = cpu.check_threads(n_threads)
+        self.threads = thread_policy.for_engine(n_threads, threads_pinned_by)  # pinned, else adaptive per decode
+        n_threads = self.threads.initial
         n_ctx = loading.check_ctx(self.base, self.model_path, n_ctx)
         gpu_adapters.setting()  # a bad EDGELORA_GPU_ADAPTERS is an error on every build, not only with a GPU
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
@@ -328,11 +331,12 @@ class Engine:
             cached = self.llama.reusable_prefix(tokens)
             self.llama.set_seed(seed)
             report = self.adapter_report()
-            loop = TokenLoop(self.llama, stop, max_tokens, self._cancel)
+            loop = TokenLoop(self.llama, stop, max_tokens, self._cancel, threads=self.threads)
             self._watch_prefill(True)  # cancel() and Ctrl+C also stop a long prompt evaluation
             try:
                 # between tokens the loop checks for itself
-                yield from loop.run(tokens, opts, on_first_token=lambda: self._watch_prefill(False))
+                yield from loop.run(tokens, opts, on_first_token=lambda: self._watch_prefill(False),
+                                    n_new=len(tokens) - cached)
             except RuntimeError as exc:
                 if not is_abort(exc):  # only an abort by our callback is a cancellation
                     raise

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from edgelora.runtime.thread_policy import ThreadPolicy
 from edgelora.runtime.llama import LlamaHandle
 
 
@@ -53,18 +54,24 @@ def find_stop(text: str, stop: list[str]) -> int | None:
 class TokenLoop:
     """One generation: what it produced so far, and why it ended."""
 
-    def __init__(self, llama: LlamaHandle, stop: list[str], max_tokens: int, cancel: threading.Event):
+    def __init__(self, llama: LlamaHandle, stop: list[str], max_tokens: int, cancel: threading.Event,
+                 threads: ThreadPolicy | None = None):
         self.llama, self.stop, self.max_tokens, self.cancel = llama, stop, max_tokens, cancel
+        self.threads = threads  # chooses each decode's thread count (thread_policy.py); None: as loaded
         self.text, self.n_out, self.finish = "", 0, "length"
         self.ttft = 0.0
         self.t0 = time.perf_counter()
 
-    def run(self, tokens: list[int], sampling: dict, on_first_token: Callable[[], None]) -> Iterator[str]:
-        """Yield text as it becomes safe to show (no stop string can start in it any more)."""
+    def run(self, tokens: list[int], sampling: dict, on_first_token: Callable[[], None], n_new: int = 0) -> Iterator[str]:
+        """Yield text as it becomes safe to show (no stop string can start in it any more).
+        ``n_new``: prompt tokens the first decode evaluates (the rest come from the KV cache)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in self.stop), default=1) - 1  # chars that might start a stop string
         emitted = 0
-        for token in self.llama.generate(tokens, **sampling):
+        steps = self.llama.generate(tokens, **sampling)
+        if self.threads is not None:
+            steps = self.threads.drive(steps, n_new, lambda n: self.llama.set_threads(n, n))
+        for token in steps:
             if self.n_out == 0:
                 self.ttft = time.perf_counter() - self.t0
                 on_first_token()

@@ -72,6 +72,7 @@ def configured_setting(config_value: str | None = None) -> tuple[str, str]:
 def engine_settings(config, n_threads: int | None = None) -> dict:
     """Engine keywords from the front end's config (read once there): a --threads flag wins over the config."""
     return {"n_threads": n_threads if n_threads is not None else config.threads,
+            "threads_pinned_by": "threads argument" if n_threads is not None else "config threads",
             "cpu_extra_buffers": configured_setting(config.cpu_extra_buffers)[0]}
 
 
@@ -161,8 +162,8 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS: more would overrun ggml's thread arrays
 
 
 def default_threads() -> int:
-    """Every core this process may use. Measured on 2 cores (README 'Threads'): with a short OpenMP
-    spin (edgelora/__init__.py) 2 threads beat 1 both idle and under a competing load."""
+    """Every core this process may use: the most threads the adaptive policy (thread_policy.py) runs,
+    on an idle machine; under competing work it runs fewer (README 'Threads on a busy machine')."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

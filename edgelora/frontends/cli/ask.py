@@ -112,6 +112,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
             "offload": eng.offload.as_dict(),
+            "threads": eng.threads.report(),  # the thread policy and the counts it chose (thread_policy.py)
             "usage": out.usage,
             "timings": {
                 "load_s": round(load_s, 4),

@@ -15,9 +15,9 @@ from edgelora.frontends.cli.options import _model_option
 @_model_option
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens generated per throughput run.")
 @click.option("--repeat", type=click.IntRange(min=1), default=None, help="Repetitions, the median is reported [default: 5; 1 with --quick].")
-@click.option("--quick", is_flag=True, help="One repetition and 32 tokens (about 1 minute for the core section instead of ~5).")
+@click.option("--quick", is_flag=True, help="The core section only (unless --only), one repetition, 32 tokens: README 'Benchmark' says how long.")
 @click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server", "gpu"]),
-              help="Run only these sections (repeatable; default: all). cpu: threads, OpenMP wait policy, load, "
+              help="Run only these sections (repeatable; default: all). cpu: contention table, threads, OpenMP wait policy, load, "
                    "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT; "
                    "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
 def bench(as_json, model, tokens, repeat, sections, quick):
@@ -25,6 +25,7 @@ def bench(as_json, model, tokens, repeat, sections, quick):
     from edgelora.bench.run import print_table, run_bench
 
     repeat = repeat or (1 if quick else 5)
+    sections = sections or (("core",) if quick else ())  # --quick alone: the core section only
     tokens = 32 if quick and tokens == 128 else tokens
     t0 = time.perf_counter()
     result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None,

@@ -125,6 +125,7 @@ def _cpu_report(model_path, info) -> dict:
     import os
 
     from edgelora.config import load_config
+    from edgelora.runtime import thread_policy
     from edgelora.safety import cpu
 
     config = load_config()
@@ -132,4 +133,4 @@ def _cpu_report(model_path, info) -> dict:
     path = cpu.decide(model_path, setting, file_type=info.metadata.get("general.file_type"), where=where)
     return {**path.as_dict(), "features": cpu.cpu_features(), "amx": cpu.has_amx(),
             "threads": cpu.check_threads(config.threads), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), **thread_policy.doctor_report(config.threads)}

@@ -25,7 +25,7 @@ def _model_option(f):
 
 def _engine_options(f):
     f = click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log.")(f)
-    f = click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: config `threads`, else every core).")(f)
+    f = click.option("--threads", "n_threads", type=int, default=None, help="Pin the CPU thread count (default: config `threads`, else adaptive: README 'Threads on a busy machine').")(f)
     f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens [default: 2048, or less if the model was trained for less].")(f)
     f = click.option(
         "--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
