@@ -22,6 +22,7 @@ from gguf import GGUFValueType as T
 from edgelora.safety import cpu
 
 from edgelora import errors
+from edgelora.config import load_config
 from edgelora.frontends.cli.main import cli
 from edgelora.runtime.engine import Engine
 from edgelora.models.gguf_info import read_gguf
@@ -102,6 +103,7 @@ def test_require_signatures_applies_to_adapters_given_by_path(answering, isolate
     eng, still_answers = answering
     trusted, other = keygen(tmp_path / "trusted.pem"), keygen(tmp_path / "other.pem")
     (isolated_home / "config.toml").write_text(f'require_signatures = true\ntrusted_keys = ["{trusted}"]\n')
+    eng.config = load_config()  # the policy the engine admits under: read once, by whoever builds it
     unsigned = shutil.copy(smol_adapters["a"], tmp_path / "unsigned.gguf")
     by_other = shutil.copy(smol_adapters["a"], tmp_path / "by-other.gguf")
     sign(Path(by_other), tmp_path / "other.pem")
@@ -240,6 +242,7 @@ def test_fifos_are_refused_not_waited_on(tmp_path, isolated_home, smol_adapters,
     signed = shutil.copy(smol_adapters["a"], tmp_path / "s.gguf")
     os.mkfifo(tmp_path / "s.gguf.sig")
     (isolated_home / "config.toml").write_text('trusted_keys = ["AAAA"]\n')
+    eng.config = load_config()
     with pytest.raises(errors.AdapterError, match="not a regular file"):
         eng.attach(signed, name="s")
     still_answers()

@@ -24,7 +24,7 @@ import numpy as np
 from edgelora.errors import AdapterError, ContextLengthError, UnknownAdapterError
 from edgelora.models.catalog import resolve_model
 from edgelora.models.gguf_info import GGUFInfo
-from edgelora.config import Config
+from edgelora.config import load_config
 from edgelora.safety import admission
 from edgelora.runtime import adapters as slots
 from edgelora.runtime import loading, native_log
@@ -70,8 +70,9 @@ class Engine:
         ``reuse_prefix`` False evaluates every prompt from scratch: greedy answers then repeat exactly
         (llama.cpp's CPU kernels round differently for different batch sizes, so a prompt evaluated
         partly from cache can flip a near-tie; README 'Reproducibility'). ``config``: whose signature
-        policy adapters are admitted under; the engine reads no config file itself (None: the defaults,
-        signatures checked when present, not required; `Roles` and the front ends pass the user's)."""
+        policy adapters are admitted under (``engine.config``); None reads the user's config file once,
+        here, so ``require_signatures`` holds for adapters attached from Python too. Nothing below the
+        engine reads the config: thread counts and the extra-buffers setting come from the caller."""
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = loading.read_base(self.model_path)
@@ -83,7 +84,7 @@ class Engine:
         self.cpu_path = cpu.decide(self.model_path, cpu_extra_buffers, self.base.metadata.get("general.file_type"))
         self.n_threads = n_threads
         self.reuse_prefix = reuse_prefix
-        self.config = config if config is not None else Config()
+        self.config = config if config is not None else load_config()  # the Python API's front door
         self.n_gpu_layers = n_gpu_layers
         self._gate = Gate()  # one holder at a time; see gate.py and README 'Threads'
         self._cancel = threading.Event()
