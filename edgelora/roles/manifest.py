@@ -63,11 +63,6 @@ _SCHEMA = {
 }
 
 
-def parse_spec(spec: str) -> tuple[str, float]:
-    """'name' or 'name:weight' -> (name, weight), by the one grammar (roles/selection.py)."""
-    return parse_role_weight(spec)
-
-
 def _check(table: dict, schema: dict, where: str, path: Path) -> None:
     for key, value in table.items():
         if key not in schema:
@@ -122,7 +117,7 @@ def load_manifest(path: str | Path) -> Role:
             raise RoleError(f"{path}: 'adapters[{i}].sha256' must be 64 lowercase hex digits")
         adapters.append(RoleAdapter((path.parent / entry["file"]).resolve(), entry["sha256"], float(entry.get("scale", 1.0))))
     try:
-        include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
+        include = [parse_role_weight(s) for s in _strings(data.get("include", []), "include", path)]
     except RoleError as exc:
         raise RoleError(f"{path}: 'include': {exc}") from None
     if not adapters and not include:

@@ -124,7 +124,7 @@ def _item(part: str, spec: str) -> tuple[str, float]:
 
 
 def parse_role_weight(spec: str) -> tuple[str, float]:
-    """One 'name[:W]' (a manifest's ``include`` entry, an old call of manifest.parse_spec)."""
+    """One 'name[:W]' (a manifest's ``include`` entry)."""
     selection = parse_selection(spec)
     if len(selection.items) != 1:
         raise SelectionError(f"role '{spec}': one role here, not a stack")

@@ -12,7 +12,8 @@ import click
 from edgelora.conversation.chat import ctrl_c_cancels as _ctrl_c_cancels
 from edgelora.frontends.cli.completion import complete_role
 from edgelora.frontends.cli.doctor import _why_no_offload
-from edgelora.frontends.cli.options import _engine_options, _unique_name, parse_spec, role_selection
+from edgelora.frontends.cli.options import _engine_options, _unique_name, role_selection
+from edgelora.roles.selection import parse_adapter_spec
 from edgelora.runtime.sampling import click_options as _sampling_options
 
 
@@ -42,7 +43,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     text = "\n\n".join(p for p in (piped.strip(), prompt or "") if p)
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
-    raw = [parse_spec(s, "--adapter") for s in adapters]
+    raw = [parse_adapter_spec(s) for s in adapters]  # --adapter PATH[:SCALE]: a file, not a role
     selection = role_selection(role_specs, "--role")  # the repeated flags stack: one selection
     manifests = [Path(p) for p in selection.manifests]
 

@@ -11,14 +11,6 @@ from edgelora.frontends.cli.completion import complete_model
 EXIT_USER_ERROR = 2
 
 
-def parse_spec(spec: str, flag: str) -> tuple[str, float]:
-    """'PATH[:SCALE]' -> (PATH, SCALE) for `--adapter` (a file, not a role). A suffix that is not a
-    number belongs to the path."""
-    from edgelora.roles.selection import parse_adapter_spec
-
-    return parse_adapter_spec(spec)
-
-
 def _model_option(f):
     return click.option("-m", "--model", metavar="MODEL", shell_complete=complete_model, help="GGUF path or catalog name (default: embedded SmolLM2).")(f)
 

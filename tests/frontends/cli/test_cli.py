@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgelora.frontends.cli.main import cli
-from edgelora.frontends.cli.options import parse_spec
+from edgelora.roles.selection import parse_adapter_spec
 
 GREEDY = ["--temperature", "0", "--seed", "0"]
 
@@ -113,10 +113,10 @@ def test_doctor_reports_backend_and_default_model(smol_path):
     assert len(report["model"]["sha256"]) == 64
 
 
-def test_parse_spec():
-    assert parse_spec("a.gguf:0.5", "--adapter") == ("a.gguf", 0.5)
-    assert parse_spec("a.gguf", "--adapter") == ("a.gguf", 1.0)
-    assert parse_spec("dir:x/a.gguf", "--adapter") == ("dir:x/a.gguf", 1.0)
+def test_an_adapter_spec_is_a_path_and_an_optional_scale():
+    assert parse_adapter_spec("a.gguf:0.5") == ("a.gguf", 0.5)
+    assert parse_adapter_spec("a.gguf") == ("a.gguf", 1.0)
+    assert parse_adapter_spec("dir:x/a.gguf") == ("dir:x/a.gguf", 1.0)
 
 
 # ---------------------------------------------------------------------------- help, completion, inspect, doctor
