@@ -41,7 +41,6 @@ class Turn:
         self.auto = roles.auto
         self.active = roles.prepare(self.prompt if self.messages is None else last_user_text(self.messages))
         sampling = roles.sampling_for(self.sampling)
-        before = engine.last
         if self.messages is not None:
             pieces = engine.stream_chat(roles.messages_for(self.messages), **sampling)
         else:
@@ -54,7 +53,7 @@ class Turn:
             self.stopped = True
             raise
         finally:
-            self.completion = engine.last if engine.last is not before else None
+            self.completion = pieces.completion
             if self.completion is not None and self.completion.finish_reason == "cancelled":
                 self.stopped = True
             if save is not None:

@@ -14,12 +14,14 @@ from edgelora.safety.cpu import engine_settings
 
 def open_runtime(config: Config, *, model: str | None = None, n_gpu_layers: int = 0, n_ctx: int | None = None,
                  n_threads: int | None = None, verbose: bool = False, reuse_prefix: bool = True,
-                 manifests: Sequence[Path] = (), preload: Sequence[str] = (), force: bool = False) -> Roles:
+                 manifests: Sequence[Path] = (), preload: Sequence[str] = (), force: bool = False,
+                 parallel: int | None = 1) -> Roles:
     """Engine + Roles (+ preload) from the command's options and ``config``; ``roles.engine`` is the engine.
-    ``manifests``: role manifests given by path; ``force``: use roles made for another base."""
+    ``manifests``: role manifests given by path; ``force``: use roles made for another base;
+    ``parallel``: sequences decoded together (None: by cores and memory, `serve`'s default)."""
     engine = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                     **engine_settings(config, n_threads), kv_cache_bytes=config.kv_cache_bytes,
-                    verbose=verbose, reuse_prefix=reuse_prefix, config=config)
+                    verbose=verbose, reuse_prefix=reuse_prefix, config=config, parallel=parallel)
     try:
         roles = Roles(engine, config, extra=list(manifests), force=force)
         roles.preload(list(preload))

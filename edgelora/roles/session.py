@@ -155,9 +155,10 @@ class Roles:
         return self.engine.stream_chat(self.messages_for(messages), **self.sampling_for(sampling))
 
     def chat(self, messages: Sequence[dict], **sampling) -> Completion:
-        for _ in self.stream_chat(messages, **sampling):
+        stream = self.stream_chat(messages, **sampling)
+        for _ in stream:
             pass
-        return self.engine.last  # type: ignore[return-value]
+        return stream.completion  # type: ignore[return-value]
 
 
 def last_user_text(messages: Sequence[dict]) -> str:

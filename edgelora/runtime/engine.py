@@ -31,10 +31,10 @@ from edgelora.runtime import loading, native_log
 from edgelora.runtime.adapters import Adapter, check_scale as _check_scale
 from edgelora.runtime.backend import backend_info
 from edgelora.runtime.gate import Gate
-from edgelora.runtime.generate import Completion, TokenLoop
-from edgelora.runtime.kv import KVSets, KVStateCache
-from edgelora.runtime.llama import is_abort
+from edgelora.runtime.generate import Completion, Stream, TokenLoop
+from edgelora.runtime.kv import KVStateCache
 from edgelora.runtime.sampling import _sampling_options
+from edgelora.runtime.scheduler import SamplerSettings, Scheduler, SeqRequest
 from edgelora.runtime.template import ChatTemplate
 from edgelora.runtime import thread_policy
 from edgelora.safety import cpu
@@ -64,6 +64,7 @@ class Engine:
         reuse_prefix: bool = True,
         config=None,
         threads_pinned_by: str = "threads argument",
+        parallel: int | None = 1,
     ):
         """``n_threads`` None: adaptive, every core when idle and fewer under competing work (thread_policy.py); a number pins it. ``cpu_extra_buffers``: 'auto'
         (probe this host once, in a child process), 'on' or 'off'; None reads the config/environment.
@@ -72,12 +73,15 @@ class Engine:
         partly from cache can flip a near-tie; README 'Reproducibility'). ``config``: whose signature
         policy adapters are admitted under (``engine.config``); None reads the user's config file once,
         here, so ``require_signatures`` holds for adapters attached from Python too. Nothing below the
-        engine reads the config: thread counts and the extra-buffers setting come from the caller."""
+        engine reads the config: thread counts and the extra-buffers setting come from the caller.
+        ``parallel``: sequences decoded together (each with ``n_ctx`` tokens of its own; scheduler.py):
+        the server's concurrent requests, the TUI's compare; 1 for one conversation; None: by cores
+        and free memory (``loading.default_parallel``)."""
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = loading.read_base(self.model_path)
-        self.threads = thread_policy.for_engine(n_threads, threads_pinned_by)  # pinned, else adaptive per decode
-        n_threads = self.threads.initial
+        threads = thread_policy.for_engine(n_threads, threads_pinned_by)  # pinned, else adaptive per decode
+        n_threads = threads.initial
         n_ctx = loading.check_ctx(self.base, self.model_path, n_ctx)
         gpu_adapters.setting()  # a bad EDGELORA_GPU_ADAPTERS is an error on every build, not only with a GPU
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
@@ -87,19 +91,33 @@ class Engine:
         self.config = config if config is not None else load_config()  # the Python API's front door
         self.n_gpu_layers = n_gpu_layers
         self._gate = Gate()  # one holder at a time; see gate.py and README 'Threads'
-        self._cancel = threading.Event()
-        self._interrupted = False
         self._resident: dict[str, Adapter] = {}
         self._active: dict[str, float] = {}  # name -> scale, in attach order
         self.last: Completion | None = None
+        self._retired: list[Adapter] = []  # freed by the caller while a running sequence still used them
+        if parallel is None:  # by cores and free memory (serve's default)
+            parallel, self.parallel_why = loading.default_parallel(self.base, n_ctx, cpu.default_threads(),
+                                                                   loading.available_memory())
+        else:
+            self.parallel_why = "given"
+        self.parallel = loading.check_parallel(parallel)
         loaded = loading.load(self.model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
-                              n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=self.cpu_path.extra_buffers)
+                              n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=self.cpu_path.extra_buffers,
+                              n_seq=self.parallel)
         self.llama, self.offload, self.load_s = loaded.llama, loaded.offload, loaded.load_s
-        self.llama.on_abort(self._should_abort)
-        # KV states of the conversation under other adapter sets: switching back to one evaluates only the new tokens.
-        self._kv = KVSets(self.llama, kv_cache_bytes)
+        # Every generation is a sequence of the scheduler; it files KV cells by the adapter set that computed them.
+        self.scheduler = Scheduler(self.llama, kv_cache_bytes=kv_cache_bytes, threads=threads)
         self._gpu_adapters_checked = False
         self._template = ChatTemplate(self.llama, self.model_path)
+
+    @property
+    def threads(self) -> thread_policy.ThreadPolicy:
+        """Chooses each decode's thread count (thread_policy.py)."""
+        return self.scheduler.threads
+
+    @threads.setter
+    def threads(self, policy: thread_policy.ThreadPolicy) -> None:
+        self.scheduler.threads = policy
 
     @property
     def base(self) -> GGUFInfo:
@@ -109,7 +127,7 @@ class Engine:
     @property
     def kv_states(self) -> KVStateCache:
         """KV states saved under other adapter sets in this conversation. A budget of 0 disables."""
-        return self._kv.saved
+        return self.scheduler.saved
 
     @property
     def architecture(self) -> str:
@@ -143,8 +161,8 @@ class Engine:
 
     @property
     def context_used(self) -> int:
-        """Tokens whose KV cells are in the context now (0 once closed)."""
-        return self.llama.n_cached() if self.llama is not None else 0
+        """Tokens whose KV cells the last generation's sequence holds (0 once closed)."""
+        return len(self.scheduler.last_slot.tokens) if self.llama is not None else 0
 
     # ------------------------------------------------------------------ adapters
 
@@ -242,26 +260,31 @@ class Engine:
         """Release a resident adapter's memory. It is detached first (llama.cpp requires that)."""
         with self._gate.hold():
             adapter = self._require(name)
-            if name in self._active:
-                self._active.pop(name)
-                self._apply()
-            self.llama.adapter_free(adapter.handle)
+            self._active.pop(name, None)
             del self._resident[name]
             self.kv_states.drop_serial(adapter.serial)
+            self._retired.append(adapter)
+            self._free_retired()
+
+    def _free_retired(self) -> None:
+        """Free the adapters let go whose sequences have ended (a running answer keeps its adapters)."""
+        for adapter in [a for a in self._retired if not self.scheduler.in_use(a.handle)]:
+            self.scheduler.forget_adapters()  # llama.cpp frees only adapters no context has set
+            self.llama.adapter_free(adapter.handle)
+            self._retired.remove(adapter)
 
     def _require(self, name: str) -> Adapter:
         return slots.require(self._resident, name)
 
     def _apply(self) -> None:
-        """Push the active set to llama.cpp. KV invalidation happens lazily in ``_prepare``."""
-        slots.push(self.llama, self._resident, self._active)
+        """The active set changed. Nothing goes to llama.cpp now: each generation takes the set active
+        when it starts, and the scheduler sets it for that sequence's decodes."""
 
-    def _prepare(self) -> None:
-        """Before any decode: forget KV entries computed under a different adapter set."""
-        self._kv.prepare(slots.set_key(self._resident, self._active))
-
-    def _clear_kv(self) -> None:
-        self._kv.clear()
+    def _request(self, tokens: list[int], max_tokens: int = 1, sampling: SamplerSettings = SamplerSettings()) -> SeqRequest:
+        """The active set, as a request carries it: handles and scales, and the key its KV is filed by."""
+        adapters = tuple((self._resident[n].handle, s) for n, s in self._active.items())
+        return SeqRequest(tokens, adapters, slots.set_key(self._resident, self._active), max_tokens, sampling,
+                          reuse_prefix=self.reuse_prefix)
 
     def adapter_report(self) -> list[dict]:
         return slots.report(self._resident, self._active)
@@ -280,19 +303,15 @@ class Engine:
         return self._template.render_chat(messages)
 
     def complete(self, prompt: str, **sampling) -> Completion:
-        for _ in self.stream_complete(prompt, **sampling):
-            pass
-        return self.last  # type: ignore[return-value]
+        return _drain(self.stream_complete(prompt, **sampling))
 
     def chat(self, messages: Sequence[dict], **sampling) -> Completion:
-        for _ in self.stream_chat(messages, **sampling):
-            pass
-        return self.last  # type: ignore[return-value]
+        return _drain(self.stream_chat(messages, **sampling))
 
-    def stream_complete(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream_complete(self, prompt: str, **sampling) -> Stream:
         return self._stream(self.tokenize(prompt), [], sampling)
 
-    def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
+    def stream_chat(self, messages: Sequence[dict], **sampling) -> Stream:
         tokens, stop = self.render_chat(messages)
         return self._stream(tokens, stop, sampling)
 
@@ -302,10 +321,10 @@ class Engine:
             self.kv_states.clear()
 
     def cancel(self) -> None:
-        """Stop the generation in progress (from another thread); it ends with finish_reason 'cancelled'."""
-        self._cancel.set()
+        """Stop every generation in progress (from another thread); each ends with finish_reason 'cancelled'."""
+        self.scheduler.cancel_all()
 
-    def _stream(self, tokens: list[int], template_stop: list[str], sampling: dict) -> Iterator[str]:
+    def _stream(self, tokens: list[int], template_stop: list[str], sampling: dict) -> Stream:
         opts = _sampling_options(sampling)
         stop = [s for s in template_stop + opts.pop("stop") if s]
         n_ctx = self.llama.n_ctx()
@@ -315,59 +334,27 @@ class Engine:
         if max_tokens <= 0 or len(tokens) + max_tokens > n_ctx:
             max_tokens = n_ctx - len(tokens)
         seed = opts.pop("seed")
-        return self._generate(tokens, stop, max_tokens, seed, opts)
+        return Stream(lambda stream: self._generate(stream, tokens, stop, max_tokens, seed, opts))
 
-    def _generate(self, tokens, stop, max_tokens, seed, opts) -> Iterator[str]:
-        """One generation (the token loop is generate.py's): cancellation, Ctrl+C, the KV decision.
-
-        The stream holds the engine from its first step until it ends or is closed (from any
-        thread): the adapter set cannot change under it (see gate.py)."""
-        self._gate.acquire(stream=True)
-        try:
-            self._cancel.clear()
-            self._interrupted = False
-            self._prepare()
-            if not self.reuse_prefix:
-                self._clear_kv()
-            cached = self.llama.reusable_prefix(tokens)
-            self.llama.set_seed(seed)
+    def _generate(self, stream: Stream, tokens, stop, max_tokens, seed, opts) -> Iterator[str]:
+        """One generation: a sequence of the scheduler under the adapter set active now, read as text
+        (generate.py's token loop). The engine is held only while the request is made: a switch
+        afterwards changes the next generation's set, never this one's (its sequence keeps its own)."""
+        sampling = SamplerSettings(temp=opts["temp"], top_k=opts["top_k"], top_p=opts["top_p"], min_p=opts["min_p"],
+                                   repeat_penalty=opts["repeat_penalty"], seed=seed)
+        with self._gate.hold():
+            seq = self.scheduler.submit(self._request(tokens, max_tokens, sampling))
             report = self.adapter_report()
-            loop = TokenLoop(self.llama, stop, max_tokens, self._cancel, threads=self.threads)
-            self._watch_prefill(True)  # cancel() and Ctrl+C also stop a long prompt evaluation
-            try:
-                # between tokens the loop checks for itself
-                yield from loop.run(tokens, opts, on_first_token=lambda: self._watch_prefill(False),
-                                    n_new=len(tokens) - cached)
-            except RuntimeError as exc:
-                if not is_abort(exc):  # only an abort by our callback is a cancellation
-                    raise
-                if not self._cancel.is_set():  # Ctrl+C hit the callback before it could note it
-                    self._interrupted = True
-                # llama_decode was aborted mid-batch: what it left in the KV cache is incomplete.
-                loop.finish = "cancelled"
-                self._clear_kv()
-            finally:
-                self._watch_prefill(False)
-                self.last = loop.completion(len(tokens), report, cached)
-        finally:
-            self._gate.release(stream=True)
-        if self._interrupted:  # Ctrl+C arrived inside llama.cpp: the callback stopped it; pass it on
-            raise KeyboardInterrupt
-
-    def _watch_prefill(self, on: bool) -> None:
-        """llama.cpp calls the abort callback between graph nodes: on only while the prompt is evaluated,
-        so the Python round trip costs nothing per generated token."""
-        llama = getattr(self, "llama", None)
-        if llama is not None:  # a stream closed after its engine (at exit, in whatever order the collector picks)
-            llama.watch_abort(on)
-
-    def _should_abort(self, _data) -> bool:
+        loop = TokenLoop(self.llama, stop, max_tokens, seq)
         try:
-            return self._cancel.is_set()
-        except KeyboardInterrupt:  # the signal handler ran inside the callback
-            self._interrupted = True
-            self._cancel.set()
-            return True
+            yield from loop.run(self.scheduler.tokens(seq))
+        except BaseException:
+            loop.finish = "cancelled"
+            raise
+        finally:
+            self.scheduler.release(seq)
+            stream.completion = self.last = loop.completion(len(tokens), report, seq.cached)
+            self._free_retired()
 
     @contextmanager
     def session(self, timeout: float | None = None):
@@ -379,10 +366,8 @@ class Engine:
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Last-position logits for ``tokens`` under the active adapters (a fresh evaluation)."""
         with self._gate.hold():
-            self._prepare()
-            self.llama.clear_tokens()
-            self.llama.eval(list(tokens))
-            return self.llama.last_logits()
+            request = self._request(list(tokens))
+            return self.scheduler.logits(request.tokens, request.adapters, request.key)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -394,13 +379,16 @@ class Engine:
         with self._gate.hold():
             self.kv_states.clear()
             self._active.clear()
-            if self._resident:
+            adapters = [*self._resident.values(), *self._retired]
+            if adapters:
                 if llama.ctx is not None:
-                    self._apply()
+                    self.scheduler.cancel_all()
+                    self.scheduler.forget_adapters()
                 if llama.model_alive:  # a freed model took its adapters with it
-                    for adapter in self._resident.values():
+                    for adapter in adapters:
                         llama.adapter_free(adapter.handle)
                 self._resident.clear()
+                self._retired.clear()
             llama.close()
             self.llama = None  # type: ignore[assignment]
 
@@ -415,3 +403,9 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _drain(stream: Stream) -> Completion:
+    for _ in stream:
+        pass
+    return stream.completion  # type: ignore[return-value]

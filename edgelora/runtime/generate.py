@@ -1,4 +1,4 @@
-"""The token loop: one generation over the handle's ``generate``, as text.
+"""The token loop: one generation's tokens (a scheduler sequence's) read as text.
 
 Exact token counts, stop strings (text that might start one is held back), incremental UTF-8
 decoding, the finish reason ('stop', 'length', 'cancelled') and timings. Anything that must happen
@@ -7,13 +7,12 @@ between two generated tokens goes in ``TokenLoop.run``, the one place the loop l
 from __future__ import annotations
 
 import codecs
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from edgelora.runtime.thread_policy import ThreadPolicy
 from edgelora.runtime.llama import LlamaHandle
+from edgelora.runtime.scheduler import Seq
 
 
 @dataclass
@@ -45,6 +44,24 @@ class Completion:
         }
 
 
+class Stream:
+    """One generation's text pieces: iterate it (or ``close()`` it to stop); ``completion`` once it
+    ended (None before). Several may be open at once: each is its own scheduler sequence."""
+
+    def __init__(self, pieces: Callable[[Stream], Iterator[str]]):
+        self.completion: Completion | None = None
+        self._pieces = pieces(self)
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
 def find_stop(text: str, stop: list[str]) -> int | None:
     """Where the first stop string starts in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -52,29 +69,22 @@ def find_stop(text: str, stop: list[str]) -> int | None:
 
 
 class TokenLoop:
-    """One generation: what it produced so far, and why it ended."""
+    """One generation read as text: what it produced so far, and why it ended."""
 
-    def __init__(self, llama: LlamaHandle, stop: list[str], max_tokens: int, cancel: threading.Event,
-                 threads: ThreadPolicy | None = None):
-        self.llama, self.stop, self.max_tokens, self.cancel = llama, stop, max_tokens, cancel
-        self.threads = threads  # chooses each decode's thread count (thread_policy.py); None: as loaded
+    def __init__(self, llama: LlamaHandle, stop: list[str], max_tokens: int, seq: Seq):
+        self.llama, self.stop, self.max_tokens, self.seq = llama, stop, max_tokens, seq
         self.text, self.n_out, self.finish = "", 0, "length"
         self.ttft = 0.0
         self.t0 = time.perf_counter()
 
-    def run(self, tokens: list[int], sampling: dict, on_first_token: Callable[[], None], n_new: int = 0) -> Iterator[str]:
-        """Yield text as it becomes safe to show (no stop string can start in it any more).
-        ``n_new``: prompt tokens the first decode evaluates (the rest come from the KV cache)."""
+    def run(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Yield text as it becomes safe to show (no stop string can start in it any more)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in self.stop), default=1) - 1  # chars that might start a stop string
         emitted = 0
-        steps = self.llama.generate(tokens, **sampling)
-        if self.threads is not None:
-            steps = self.threads.drive(steps, n_new, lambda n: self.llama.set_threads(n, n))
-        for token in steps:
-            if self.n_out == 0:
+        for token in tokens:
+            if self.n_out == 0 and not self.ttft:
                 self.ttft = time.perf_counter() - self.t0
-                on_first_token()
             if self.llama.is_eog(token):
                 self.finish = "stop"
                 break
@@ -90,12 +100,14 @@ class TokenLoop:
                 emitted = safe
             if self.n_out >= self.max_tokens:
                 break
-            if self.cancel.is_set():
+            if self.seq.cancelled:
                 self.finish = "cancelled"
                 break
+        else:
+            if self.seq.cancelled:  # stopped before its first token, or inside a decode
+                self.finish = "cancelled"
         if len(self.text) > emitted:
             yield self.text[emitted:]
-
     def completion(self, prompt_tokens: int, adapters: list[dict], cached: int) -> Completion:
         return Completion(text=self.text, finish_reason=self.finish, prompt_tokens=prompt_tokens,
                           completion_tokens=self.n_out, adapters=adapters, ttft_s=self.ttft,

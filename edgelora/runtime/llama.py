@@ -7,7 +7,9 @@ reuse, its sampler) stay llama-cpp-python's ``Llama``; what it has no public cal
 of one sequence, the adapter API, the abort callback, the extra buffer types at load, the chat
 template's environment) is done here, once.
 
-The per-sequence calls take ``seq_id``; the context holds one sequence today (``seq_id=0``).
+The context holds ``n_seq`` sequences (llama.cpp's seq_id 0..n_seq-1), each with its own ``n_ctx``
+cells; the scheduler (scheduler.py) decodes them together through ``TokenBatch``, ``decode`` and
+``Sampler``. The per-sequence KV calls take ``seq_id``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,29 @@ def is_abort(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ABORTED in str(exc)
 
 
-_params_lock = threading.Lock()
+_params_lock = threading.RLock()  # _sequences and _extra_buffers nest
+
+
+@contextlib.contextmanager
+def _sequences(n_seq: int):
+    """Make ``Llama(...)`` create its context for ``n_seq`` sequences, each with its own KV stream
+    (``kv_unified`` off: a sequence attends only to its own cells, llama-server's ``-np`` layout).
+    Llama has no keyword for either: llama_context_default_params is wrapped for one construction."""
+    module = llama_cpp.llama_cpp
+    with _params_lock:
+        original = module.llama_context_default_params
+
+        def params():
+            p = original()
+            p.n_seq_max = n_seq
+            p.kv_unified = False
+            return p
+
+        module.llama_context_default_params = params
+        try:
+            yield
+        finally:
+            module.llama_context_default_params = original
 
 
 @contextlib.contextmanager
@@ -109,16 +133,20 @@ class LlamaHandle:
 
     def __init__(self, model_path: str | Path, *, n_gpu_layers: int = 0, n_ctx: int = 512, n_threads: int | None = None,
                  n_batch: int = 512, seed: int = 0, verbose: bool = False, extra_buffers: bool | None = None,
-                 op_offload: bool | None = None):
+                 op_offload: bool | None = None, n_seq: int = 1):
         """``extra_buffers``: llama.cpp's CPU extra buffer types (repacking, AMX) on or off; None: its default.
         ``op_offload`` defaults to ``n_gpu_layers != 0``: a GPU build otherwise ships big CPU-side batches
-        to the device, and 0 layers means CPU."""
+        to the device, and 0 layers means CPU. ``n_seq`` sequences of ``n_ctx`` tokens each."""
         kwargs = dict(model_path=str(model_path), n_gpu_layers=n_gpu_layers,
                       op_offload=n_gpu_layers != 0 if op_offload is None else op_offload,
-                      n_ctx=n_ctx, n_batch=n_batch, seed=seed, use_mmap=True, verbose=verbose)
+                      n_ctx=n_ctx * n_seq, n_batch=n_batch, seed=seed, use_mmap=True, verbose=verbose)
         if n_threads is not None:
             kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
-        with _extra_buffers(extra_buffers) if extra_buffers is not None else contextlib.nullcontext():
+        self.n_seq = n_seq
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_sequences(n_seq))
+            if extra_buffers is not None:
+                stack.enter_context(_extra_buffers(extra_buffers))
             self._llama = llama_cpp.Llama(**kwargs)
         self._abort_cb = None
 
@@ -138,7 +166,12 @@ class LlamaHandle:
         return self._llama.context_params
 
     def n_ctx(self) -> int:
-        return self._llama.n_ctx()
+        """Tokens one sequence holds."""
+        return llama_cpp.llama_n_ctx_seq(self.ctx) if self.ctx is not None else self._llama.n_ctx() // self.n_seq
+
+    def n_batch(self) -> int:
+        """The most tokens one decode takes."""
+        return self._llama.n_batch
 
     def n_vocab(self) -> int:
         return self._llama.n_vocab()
@@ -230,8 +263,18 @@ class LlamaHandle:
     # -------------------------------------------------------------- memory, per sequence
 
     def _one_sequence(self, seq_id: int) -> None:
+        """The calls below that go through Llama's own bookkeeping (probes, ``logits``) know one sequence."""
         if seq_id != 0:
-            raise NotImplementedError("this context holds one sequence (seq_id 0)")
+            raise NotImplementedError("Llama's own token bookkeeping covers seq_id 0 only")
+
+    def seq_rm(self, seq_id: int, p0: int = 0) -> bool:
+        """Drop the sequence's cells from position ``p0`` on; False when llama.cpp cannot cut there
+        (e.g. a sliding-window cache): then drop them all."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        if llama_cpp.llama_memory_seq_rm(mem, seq_id, p0, -1):
+            return True
+        llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
+        return False
 
     def n_cached(self, seq_id: int = 0) -> int:
         """How many tokens of the sequence have their KV cells in the context."""
@@ -264,12 +307,23 @@ class LlamaHandle:
         if mem is not None:
             llama_cpp.llama_memory_clear(mem, True)
 
-    def save_state(self, seq_id: int = 0) -> SeqState:
+    def save_state(self, seq_id: int = 0, tokens: Sequence[int] | None = None) -> SeqState:
+        """The sequence's KV cells; ``tokens``: what they hold (default: Llama's own record, seq 0)."""
         ctx = self.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id)
-        return SeqState(tokens=self.cached_tokens(seq_id).copy(), data=bytes(buf)[:n])
+        held = self.cached_tokens(seq_id).copy() if tokens is None else np.asarray(tokens, dtype=np.intc)
+        return SeqState(tokens=held, data=bytes(buf)[:n])
+
+    def load_state(self, state: SeqState, seq_id: int) -> bool:
+        """Put a saved state into sequence ``seq_id`` (any sequence); False (and nothing kept) when
+        llama.cpp does not take it."""
+        buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq_id) != len(state.data):
+            self.seq_rm(seq_id, -1)
+            return False
+        return True
 
     def restore_state(self, state: SeqState, seq_id: int = 0) -> bool:
         """Put a saved state back; False (and nothing cached) when llama.cpp does not take it."""
@@ -309,6 +363,19 @@ class LlamaHandle:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
 
+    def decode(self, batch: TokenBatch) -> int:
+        """llama_decode: 0 done, 1 no room in the KV cache, 2 stopped by the abort callback, < 0 error."""
+        return llama_cpp.llama_decode(self.ctx, batch.batch)
+
+    def sampler(self, *, temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                seed: int) -> Sampler:
+        return Sampler(self, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+
+    def logits_at(self, index: int) -> np.ndarray:
+        """The logits the last decode kept at batch index ``index`` (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
+
     def on_abort(self, should_abort: Callable[[object], bool]) -> None:
         """The function llama.cpp will ask, between graph nodes while ``watch_abort(True)``, whether to stop."""
         self._abort_cb = llama_cpp.ggml_abort_callback(should_abort)  # kept alive with the handle
@@ -320,3 +387,69 @@ class LlamaHandle:
             return
         cb = self._abort_cb if on and self._abort_cb is not None else llama_cpp.ggml_abort_callback()
         llama_cpp.llama_set_abort_callback(ctx, cb, None)
+
+
+class TokenBatch:
+    """A llama_batch: tokens of any sequences, each with its position and whether to keep its logits."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.batch.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append one token; its index in the batch (where ``Sampler.sample`` finds its logits)."""
+        i, b = self.n, self.batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+        b.seq_id[i][0] = seq_id
+        self.n = b.n_tokens = i + 1
+        return i
+
+    def __del__(self):
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over (llama-cpp-python's and llama.cpp's default)
+
+
+class Sampler:
+    """One sequence's llama.cpp sampler chain, as llama-cpp-python builds it: the repeat penalty, then
+    greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded draw."""
+
+    def __init__(self, handle: LlamaHandle, *, temp, top_k, top_p, min_p, repeat_penalty, seed):
+        self.ctx = handle.ctx
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731 (the chain owns it)
+        if repeat_penalty != 1.0:
+            # this binding's signature has n_vocab first, then last_n (as llama.h of this build)
+            add(llama_cpp.llama_sampler_init_penalties(handle.n_vocab(), PENALTY_LAST_N, repeat_penalty, 0.0, 0.0))
+        if temp == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(top_k))
+            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(temp))
+            add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))  # -1: llama.cpp's "random seed"
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Tokens the penalty should count (the prompt's last ones)."""
+        for t in tokens[-PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(self.chain, t)
+
+    def sample(self, index: int) -> int:
+        """The next token from the logits at batch index ``index`` of the last decode (accepted)."""
+        return llama_cpp.llama_sampler_sample(self.chain, self.ctx, index)
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+    __del__ = close

@@ -50,13 +50,64 @@ class Loaded:
     load_s: float
 
 
+MAX_PARALLEL = 64  # llama.cpp's own limit on sequences per context (LLAMA_MAX_SEQ) is 256; past a few dozen on a CPU nothing gains
+
+
+MAX_DEFAULT_PARALLEL = 8  # on a 2-core CPU 8 sequences give ~1.8x one; the curve is flat past that
+KV_SHARE_OF_MEMORY = 0.25  # the most of the memory available now the sequences' KV cells may take by default
+
+
+def check_parallel(parallel: int) -> int:
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
+        raise EdgeloraError(f"--parallel {parallel!r}: must be a whole number from 1 to {MAX_PARALLEL}")
+    return parallel
+
+
+def kv_bytes_per_token(base: GGUFInfo) -> int:
+    """KV cache bytes one token takes (f16 keys and values, every layer)."""
+    meta, arch = base.metadata, base.architecture
+    layers = int(meta.get(f"{arch}.block_count", 0) or 0)
+    heads = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads) or heads)
+    width = int(meta.get(f"{arch}.embedding_length", 0) or 0)
+    k = int(meta.get(f"{arch}.attention.key_length", width // heads) or 0)
+    v = int(meta.get(f"{arch}.attention.value_length", k) or 0)
+    return max(1, layers * kv_heads * (k + v) * 2)
+
+
+def default_parallel(base: GGUFInfo, n_ctx: int, cores: int, available_bytes: int | None) -> tuple[int, str]:
+    """Sequences `serve` decodes together by default, and why: 4 per core up to 8 (batching more
+    gains little on a CPU), fewer when their KV cells would take over a quarter of the free memory."""
+    by_cores = min(MAX_DEFAULT_PARALLEL, 4 * max(1, cores))
+    per_seq = kv_bytes_per_token(base) * n_ctx
+    if available_bytes is None:
+        return by_cores, f"{cores} cores"
+    by_memory = max(1, int(available_bytes * KV_SHARE_OF_MEMORY // per_seq))
+    n = min(by_cores, by_memory)
+    why = f"{cores} cores" if n == by_cores else f"KV {per_seq / 2**20:.0f} MiB a sequence, {available_bytes / 2**30:.1f} GiB free"
+    return n, why
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def load(model_path: Path, *, n_gpu_layers: int, n_ctx: int, n_threads: int, n_batch: int, seed: int,
-         verbose: bool, extra_buffers: bool) -> Loaded:
+         verbose: bool, extra_buffers: bool, n_seq: int = 1) -> Loaded:
     t0 = time.perf_counter()
     try:
         with native_log.capture() as load_log:
             llama = LlamaHandle(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
-                                n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=extra_buffers)
+                                n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=extra_buffers,
+                                n_seq=n_seq)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(_why_not_a_model(model_path, exc)) from None
     except jinja2.TemplateError as exc:  # llama-cpp-python compiles the model's chat templates at load

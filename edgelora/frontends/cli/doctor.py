@@ -48,6 +48,7 @@ def doctor(model, n_gpu_layers, as_json):
             "size_bytes": info.size,
             "sha256": sha256_file(path),
         }
+        report["serve_parallel"] = _parallel_report(path, info)
         if n_gpu_layers:
             report["offload"] = _offload_report(path, n_gpu_layers)
     except EdgeloraError as exc:
@@ -118,6 +119,17 @@ def _offload_report(model_path, n_gpu_layers) -> dict:
         return {"requested": n_gpu_layers, **eng.offload.as_dict()}
     finally:
         eng.close()
+
+
+def _parallel_report(path, info) -> dict:
+    """What `serve` answers at once by default (scheduler.py), and why."""
+    from edgelora.runtime import loading
+    from edgelora.safety import cpu
+
+    n_ctx = loading.check_ctx(info, path, None)
+    n, why = loading.default_parallel(info, n_ctx, cpu.default_threads(), loading.available_memory())
+    return {"sequences": n, "why": why, "ctx_each": n_ctx,
+            "kv_bytes": n * n_ctx * loading.kv_bytes_per_token(info)}
 
 
 def _cpu_report(model_path, info) -> dict:

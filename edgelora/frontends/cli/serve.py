@@ -17,13 +17,16 @@ from edgelora.frontends.cli.options import _engine_options
 @click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY' (env EDGELORA_API_KEY).")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN", help="Allow browser pages from this origin (repeatable).")
 @click.option("--max-queue", type=click.IntRange(1, 1024), default=16, show_default=True, help="Requests waiting before 503.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="Requests answered at once, decoded together, each with its own --ctx [default: 4 per core up to 8, "
+                   "fewer if their KV cache would take over a quarter of free memory; `doctor` shows it].")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @click.option("--no-prefix-reuse", is_flag=True, help="Evaluate every prompt from scratch: greedy answers repeat exactly (README 'Reproducibility').")
 @click.option("--fallback-role", metavar="ROLE", help="Answer requests naming an unknown model (e.g. gpt-4o-mini) with this role "
               "instead of 404 (config key fallback_role).")
 @click.option("--quiet", is_flag=True, help="No per-request log line on stderr.")
 @_engine_options
-def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, force, no_prefix_reuse, fallback_role, quiet,
+def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, parallel, force, no_prefix_reuse, fallback_role, quiet,
           model, n_gpu_layers, n_ctx, n_threads, verbose):
     """OpenAI-compatible HTTP server: the request's `model` names the role (base, auto, pirate, a:0.7+b:0.3)."""
     import uvicorn
@@ -41,7 +44,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     config = load_config()
     config.roles_dirs = [*config.roles_dirs, *role_dirs]
     roles = open_runtime(config, model=model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
-                         verbose=verbose, reuse_prefix=not no_prefix_reuse, preload=preload, force=force)
+                         verbose=verbose, reuse_prefix=not no_prefix_reuse, preload=preload, force=force,
+                         parallel=parallel)
     eng = roles.engine
     fallback_role = fallback_role or config.fallback_role
     try:
@@ -53,6 +57,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
                     cors_origins=list(cors_origins) or None, request_log=not quiet)
     names = ", ".join(["base", "auto", *roles.catalog.names()])
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
+    click.echo(f"answers {eng.parallel} requests at once ({eng.parallel_why}), {eng.context_size} tokens of context each; "
+               f"{max_queue} more wait", err=True)
     click.echo(f"web page: http://{host}:{port}/" + (f"  unknown models answered by: {fallback_role}" if fallback_role else ""),
                err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",

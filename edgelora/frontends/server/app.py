@@ -120,12 +120,12 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         return JSONResponse({"roles": service.role_report(), "resident_bytes": service.roles.registry.resident_bytes})
 
     async def roles_reload(request: Request):
-        return JSONResponse(await service.run_job(lambda emit: service.reload()))
+        return JSONResponse(await service.run_job(service.reload))
 
     async def role_action(request: Request):
         name, action = request.path_params["name"], request.path_params["action"]
 
-        def run(emit):
+        def run():
             if is_manifest_path(name):  # a role name, never a file of the client's choice
                 raise APIError(404, f"unknown role '{name}'", code="model_not_found")
             resolved = service.roles.catalog.resolve([name])

@@ -1,6 +1,7 @@
 """The server's model owner: the engine, the roles, the one worker, llama-server-style default
-scales. Every answer is made by the one turn (conversation/turn.py) inside the worker; roles are
-chosen and reloaded through Roles' and RoleCatalog's public methods."""
+scales. Every answer is made by the one turn (conversation/turn.py) inside the worker, up to
+``engine.parallel`` at once (each a scheduler sequence); roles are chosen and reloaded through
+Roles' and RoleCatalog's public methods."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from edgelora.roles.manifest import Resolved
 from edgelora.roles.selection import Selection, parse_selection
 from edgelora.roles.session import Active, Roles
 from edgelora.runtime.engine import Engine
+from edgelora.runtime.generate import Completion
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
@@ -35,7 +37,7 @@ class Service:
         self.fallback_role = fallback_role  # answers for model names no role has (extras.fallback_note)
         self.roles = roles
         self.extra = list(extra_manifests)
-        self.worker = Worker(engine, max_queue)
+        self.worker = Worker(engine, max_queue, parallel=engine.parallel)
         self.created = int(time.time())
         self.default_scales: dict[int, float] = {}  # POST /lora-adapters: id -> scale, for requests naming no role
         self.model_id = engine.model_path.name
@@ -152,17 +154,15 @@ class Service:
     def _turn_job(self, body: dict, served: dict, fallback: dict | None, **turn) -> Callable:
         """A job that answers by the one turn (conversation/turn.py), as `ask` and the TUI do."""
 
-        def run(emit):
+        def run():
             selection = self.selection_for(served.get("model"), body.get("lora"))  # again: a reload may have come
             answer = Turn(self.roles, selection=selection, **turn)
-            for piece in answer.stream(on_start=lambda t: extras.note_answer(run, body.get("model"), t.active, fallback)):
-                emit(piece)
-            return self._result(answer.active, fallback)
+            yield from answer.stream(on_start=lambda t: extras.note_answer(run, body.get("model"), t.active, fallback))
+            return self._result(answer.completion, answer.active, fallback)
 
         return run
 
-    def _result(self, active: Active, fallback: dict | None = None) -> dict:
-        out = self.engine.last
+    def _result(self, out: Completion, active: Active, fallback: dict | None = None) -> dict:
         result = {
             "text": out.text,
             "finish_reason": "length" if out.finish_reason == "length" else "stop",

@@ -1,0 +1,392 @@
+"""The scheduler: several sequences in one llama.cpp context, decoded together.
+
+Every generation (ask, the TUI, the server, the Python API) is a ``SeqRequest`` submitted here; one
+request at a time is the case of one running sequence, not another code path.
+
+- **Adapter sets.** A request carries its own adapter set (handles, scales, and the key naming it).
+  llama.cpp applies adapters per context, not per token, so a decode step takes the running
+  sequences of ONE set, all of them in one batch, and sets take turns step by step (round robin):
+  a long answer never blocks a short one, and no token is ever computed under another set.
+- **Prompts** are evaluated in chunks inside the same steps as the other sequences' next tokens:
+  ``chunk_busy`` tokens a step while other sequences are generating, a whole ``n_batch`` otherwise.
+- **KV.** A slot (a llama.cpp seq_id) remembers the tokens it evaluated and the set that computed
+  them. A request takes the free slot whose cells share its longest prefix under the same set (a
+  returning conversation is not re-evaluated); cells of another set are never reused: they are
+  saved under their set's key (within a byte budget, ``saved``) and cleared, and a state saved
+  under the request's set is put back.
+- **Driving.** Whoever waits for a token runs steps (``tokens``), in its own thread, under one lock:
+  the one thread of ask or the TUI's worker, the server's worker. No thread of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from edgelora.errors import AdapterError, EdgeloraError
+from edgelora.runtime.kv import KVStateCache
+from edgelora.runtime.llama import LlamaHandle, Sampler, TokenBatch
+from edgelora.runtime.thread_policy import ThreadPolicy
+
+CHUNK_BUSY = 128  # prompt tokens per step while others generate: a 128-token chunk costs them ~2 tokens' time
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    temp: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SeqRequest:
+    """Everything one generation needs; nothing else crosses from the engine into the scheduler."""
+
+    tokens: list[int]
+    adapters: tuple[tuple[object, float], ...]  # (llama.cpp adapter handle, scale), in order
+    key: tuple  # identity of that set (adapters.set_key): what KV cells computed under it are filed by
+    max_tokens: int
+    sampling: SamplerSettings = SamplerSettings()
+    reuse_prefix: bool = True  # False: the whole prompt is evaluated anew (README 'Reproducibility')
+
+
+class Seq:
+    """One running generation: its slot, the prompt left to evaluate, the tokens sampled so far."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: SeqRequest):
+        self.id = next(self._ids)
+        self.request = request
+        self.slot: Slot | None = None
+        self.pending: list[int] = []  # prompt tokens still to evaluate
+        self.last: int | None = None  # the sampled token to decode next
+        self.out: deque[int] = deque()  # sampled, not yet taken by the consumer
+        self.n_sampled = 0
+        self.cached = 0  # prompt tokens whose cells were reused
+        self.sampler: Sampler | None = None
+        self.cancelled = False
+        self.done = False
+        self.error: BaseException | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.request.key
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    key: tuple | None = None  # the adapter set that computed ``tokens``
+    tokens: list[int] = None  # type: ignore[assignment]  # what the sequence's cells hold, position by position
+    seq: Seq | None = None
+    used_at: float = 0.0
+
+    def __post_init__(self):
+        self.tokens = [] if self.tokens is None else self.tokens
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, llama: LlamaHandle, *, kv_cache_bytes: int, threads: ThreadPolicy | None = None,
+                 chunk_busy: int = CHUNK_BUSY):
+        self.llama = llama
+        self.slots = [Slot(i) for i in range(llama.n_seq)]
+        self.queue: deque[Seq] = deque()
+        self.saved = KVStateCache(kv_cache_bytes)  # states of sets whose slot was taken by another
+        self.threads = threads
+        self.n_batch = llama.n_batch()
+        self.chunk_busy = min(chunk_busy, self.n_batch)
+        self.batch = TokenBatch(self.n_batch)
+        self._lock = threading.RLock()
+        self._applied: tuple | None = None  # the set the context has now (None: unknown)
+        self._last_key: tuple | None = None  # round robin over sets
+        self._threads_now: int | None = None
+        self._in_batch: list[Seq] = []
+        self.interrupted = False  # Ctrl+C arrived inside llama.cpp (the abort callback saw it)
+        self.last_slot: Slot = self.slots[0]
+        self.steps = 0
+        llama.on_abort(self._should_abort)
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, request: SeqRequest) -> Seq:
+        """Queue a generation; it starts at the next step with a free slot."""
+        seq = Seq(request)
+        with self._lock:
+            self.queue.append(seq)
+        return seq
+
+    def tokens(self, seq: Seq) -> Iterator[int]:
+        """The sequence's tokens as they come, running steps (for every sequence) while none is ready.
+        Raises what failed it; ends when it is done."""
+        while True:
+            if seq.out:
+                yield seq.out.popleft()
+                continue
+            if seq.done:
+                if seq.error is not None:
+                    raise seq.error
+                return
+            if not self.step() and not seq.done:  # nothing left to run it: never wait forever
+                seq.error, seq.done = EdgeloraError("the generation was dropped before it started"), True
+
+    def cancel(self, seq: Seq) -> None:
+        """Stop a sequence (any thread): it ends at the next step, or now if it never started."""
+        seq.cancelled = True
+
+    def cancel_all(self) -> None:
+        for seq in [*self.queue, *(s.seq for s in self.slots if s.seq is not None)]:
+            seq.cancelled = True
+
+    def release(self, seq: Seq) -> None:
+        """The consumer is gone: end the sequence now and free its slot (its cells stay for reuse)."""
+        seq.cancelled = True
+        with self._lock:
+            self._finish(seq)
+
+    @property
+    def running(self) -> list[Seq]:
+        return [s.seq for s in self.slots if s.seq is not None]
+
+    def in_use(self, handle) -> bool:
+        """Is this adapter part of a queued or running sequence's set?"""
+        seqs = [*self.queue, *self.running]
+        return any(h is handle for seq in seqs for h, _ in seq.request.adapters)
+
+    def forget_adapters(self) -> None:
+        """Detach every adapter from the context (before one is freed); the next step sets its own."""
+        with self._lock:
+            self.llama.set_adapters([])
+            self._applied = ()
+
+    def clear(self) -> None:
+        """Forget every idle slot's cells and the saved states."""
+        with self._lock:
+            self.saved.clear()
+            for slot in self.slots:
+                if slot.seq is None:
+                    self._wipe(slot)
+
+    # ------------------------------------------------------------ one step
+
+    def step(self) -> bool:
+        """Admit what fits, then one decode for one adapter set's running sequences. False when idle."""
+        with self._lock:
+            self._admit()
+            for seq in self.running:
+                if seq.cancelled or seq.n_sampled >= seq.request.max_tokens:
+                    self._finish(seq)
+            group = self._next_group()
+            if not group:
+                return bool(self.queue)
+            self._apply(group[0].request)
+            entries = self._fill(group)
+            self._decode(group, entries)
+            self.steps += 1
+            return True
+
+    def _next_group(self) -> list[Seq]:
+        running = self.running
+        keys = list(dict.fromkeys(seq.key for seq in running))
+        if not keys:
+            return []
+        at = keys.index(self._last_key) + 1 if self._last_key in keys else 0
+        key = keys[at % len(keys)]
+        self._last_key = key
+        return [seq for seq in running if seq.key == key]
+
+    def _apply(self, request: SeqRequest) -> None:
+        if request.key == self._applied:
+            return
+        if not self.llama.set_adapters(list(request.adapters)):
+            self._applied = None
+            raise AdapterError("llama.cpp could not set the adapters of a request")
+        self._applied = request.key
+
+    def _fill(self, group: list[Seq]) -> list[tuple[Seq, list[int], int | None]]:
+        """The batch for this step: each generating sequence's last token, then prompt chunks."""
+        self.batch.clear()
+        entries = []
+        for seq in group:
+            if not seq.pending and seq.last is not None:
+                index = self.batch.add(seq.last, len(seq.slot.tokens), seq.slot.seq_id, True)
+                entries.append((seq, [seq.last], index))
+        room = self.n_batch - self.batch.n
+        generating = len(entries) or any(not s.pending for s in self.running)
+        for seq in group:
+            if not seq.pending or room <= 0:
+                continue
+            n = min(len(seq.pending), room, self.chunk_busy if generating else room)
+            chunk, start = seq.pending[:n], len(seq.slot.tokens)
+            index = None
+            for i, token in enumerate(chunk):
+                last = i == n - 1 and n == len(seq.pending)
+                at = self.batch.add(token, start + i, seq.slot.seq_id, last)
+                index = at if last else index
+            entries.append((seq, chunk, index))
+            room -= n
+        return entries
+
+    def _decode(self, group: list[Seq], entries) -> None:
+        n = self.batch.n
+        prompt = n > len(entries)  # some sequence evaluates more than one token
+        threads = self._set_threads("prompt" if prompt else "generation", n)
+        self._in_batch = [seq for seq, _, _ in entries]
+        self.llama.watch_abort(prompt)  # the callback costs a round trip per graph node: prompts only
+        t0 = time.perf_counter()
+        try:
+            status = self.llama.decode(self.batch)
+        except BaseException:
+            self._fail(entries, KeyboardInterrupt())
+            raise
+        finally:
+            self.llama.watch_abort(False)
+            self._in_batch = []
+        if self.threads is not None:
+            self.threads.observe("prompt" if prompt else "generation", threads, time.perf_counter() - t0, n)
+        if status == 2:  # the abort callback: every sequence in it was cancelled (or Ctrl+C)
+            self._fail(entries, None)
+            if self.interrupted:
+                self.interrupted = False
+                raise KeyboardInterrupt
+            return
+        if status != 0:
+            self._fail(entries, EdgeloraError(f"llama_decode failed (status {status}); the context may be too small"))
+            return
+        for seq, tokens, index in entries:
+            seq.slot.tokens.extend(tokens)
+            if seq.pending:
+                del seq.pending[:len(tokens)]
+            if index is None:
+                continue
+            token = seq.sampler.sample(index)
+            seq.last = token
+            seq.n_sampled += 1
+            seq.out.append(token)
+            if self.llama.is_eog(token) or seq.n_sampled >= seq.request.max_tokens:
+                self._finish(seq)
+
+    def _set_threads(self, kind: str, n_tokens: int) -> int | None:
+        if self.threads is None:
+            return None
+        n = self.threads.choose(kind, n_tokens)
+        if n != self._threads_now:
+            self.llama.set_threads(n, n)
+            self._threads_now = n
+        return n
+
+    def _fail(self, entries, error: BaseException | None) -> None:
+        """A decode that did not complete: what it wrote to these sequences' cells is incomplete."""
+        for seq, _, _ in entries:
+            self._wipe(seq.slot)
+            seq.error = error
+            seq.cancelled = seq.cancelled or error is None
+            self._finish(seq)
+
+    def _should_abort(self, _data) -> bool:
+        try:
+            return bool(self._in_batch) and all(seq.cancelled for seq in self._in_batch)
+        except KeyboardInterrupt:  # the signal handler ran inside the callback
+            self.interrupted = True
+            return True
+
+    # ------------------------------------------------------------ slots
+
+    def _admit(self) -> None:
+        while self.queue:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            seq = self.queue.popleft()
+            if seq.cancelled:
+                seq.done = True
+                continue
+            self._place(seq, free)
+
+    def _place(self, seq: Seq, free: list[Slot]) -> None:
+        request = seq.request
+        tokens = request.tokens
+        same = [s for s in free if s.key == request.key and s.tokens] if request.reuse_prefix else []
+        slot = max(same, key=lambda s: _common_prefix(s.tokens, tokens), default=None)
+        if slot is None:  # an empty slot, else the one used longest ago: its cells go to the saved states
+            slot = min(free, key=lambda s: (bool(s.tokens), s.used_at))
+            if slot.tokens and slot.key is not None and self.saved.budget:
+                self.saved.put(slot.key, self.llama.save_state(slot.seq_id, slot.tokens))
+            self._wipe(slot)
+            state = self.saved.take(request.key) if request.reuse_prefix else None
+            if state is not None and self.llama.load_state(state, slot.seq_id):
+                slot.tokens = [int(t) for t in state.tokens]
+        keep = _common_prefix(slot.tokens, tokens)
+        if keep == len(tokens):
+            keep -= 1  # the last prompt token is evaluated again: its logits give the first answer token
+        if keep < len(slot.tokens) and not self.llama.seq_rm(slot.seq_id, keep):
+            keep = 0  # llama.cpp could not cut there (a sliding-window cache): it dropped them all
+        del slot.tokens[keep:]
+        slot.key, slot.seq, slot.used_at = request.key, seq, time.monotonic()
+        seq.slot, seq.cached, seq.pending = slot, keep, list(tokens[keep:])
+        s = request.sampling
+        seq.sampler = self.llama.sampler(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                         repeat_penalty=s.repeat_penalty, seed=s.seed)
+        if s.repeat_penalty != 1.0:
+            seq.sampler.accept(tokens)
+        self.last_slot = slot
+
+    def _wipe(self, slot: Slot) -> None:
+        self.llama.seq_rm(slot.seq_id, -1)
+        slot.tokens = []
+        slot.key = None
+
+    def _finish(self, seq: Seq) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self.queue:
+            self.queue.remove(seq)
+        slot = seq.slot
+        if slot is not None and slot.seq is seq:
+            slot.seq = None
+            slot.used_at = time.monotonic()
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+
+    # ------------------------------------------------------------ one-off evaluation
+
+    def logits(self, tokens: list[int], adapters, key: tuple, chunk: int | None = None):
+        """Last-position logits of ``tokens`` under ``adapters``, evaluated from scratch in a free slot,
+        ``chunk`` tokens a decode (default ``n_batch``)."""
+        chunk = chunk or self.n_batch
+        with self._lock:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                raise EdgeloraError("every sequence is busy; try again when a generation ends")
+            slot = min(free, key=lambda s: (bool(s.tokens), s.used_at))
+            self._wipe(slot)
+            self._apply(SeqRequest(tokens, adapters, key, 1))
+            for start in range(0, len(tokens), chunk):
+                self.batch.clear()
+                part = tokens[start:start + chunk]
+                for i, token in enumerate(part):
+                    self.batch.add(token, start + i, slot.seq_id, start + i == len(tokens) - 1)
+                status = self.llama.decode(self.batch)
+                if status != 0:
+                    self._wipe(slot)
+                    raise EdgeloraError(f"llama_decode failed (status {status})")
+                slot.tokens.extend(part)
+            slot.key = key
+            return self.llama.logits_at(self.batch.n - 1)
