@@ -182,6 +182,12 @@ class Scheduler:
                 if slot.seq is None:
                     self._wipe(slot)
 
+    def report(self) -> list[dict]:
+        """Each slot: whether it is answering, the tokens its cells hold, the adapter set that computed them."""
+        return [{"id": slot.seq_id, "is_processing": slot.seq is not None, "n_cached": len(slot.tokens),
+                 "adapters": [{"name": name, "scale": scale} for name, _, scale in (slot.key or ())]}
+                for slot in list(self.slots)]
+
     # ------------------------------------------------------------ one step
 
     def step(self) -> bool:

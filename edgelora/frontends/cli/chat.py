@@ -34,7 +34,7 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
 
     config = load_config()
     roles = open_runtime(config, model=model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
-                         verbose=verbose, preload=preload, force=force)
+                         verbose=verbose, preload=preload, force=force, parallel=2)  # /compare answers two at once
     roles.select(role_selection(role_specs, "--role"))
     history = History() if config.save_history else None
     if cont and history is not None:

@@ -247,7 +247,7 @@ def extra_routes(service) -> list[Route]:
     async def props(request: Request):
         return JSONResponse({
             "default_generation_settings": {"n_ctx": engine.llama.n_ctx(), "params": _default_params()},
-            "total_slots": 1,
+            "total_slots": engine.parallel,
             "model_path": str(engine.model_path),
             "chat_template": engine.llama.metadata.get("tokenizer.chat_template", ""),
             "modalities": {"vision": False, "audio": False},
@@ -258,8 +258,8 @@ def extra_routes(service) -> list[Route]:
 
     async def slots(request: Request):
         w = service.worker
-        return JSONResponse([{"id": 0, "n_ctx": engine.llama.n_ctx(), "is_processing": w.current is not None,
-                              "queued": w.jobs.qsize(), "adapters": engine.adapter_report()}])
+        return JSONResponse([{**slot, "n_ctx": engine.llama.n_ctx(), "queued": w.jobs.qsize()}
+                             for slot in engine.scheduler.report()])
 
     async def metrics(request: Request):
         return PlainTextResponse(metrics_text(service), media_type="text/plain; version=0.0.4")
@@ -325,7 +325,7 @@ def metrics_text(service) -> str:
         rows = [
             ("llamacpp:prompt_tokens_total", "counter", "Prompt tokens processed.", stats.prompt_tokens),
             ("llamacpp:tokens_predicted_total", "counter", "Generated tokens.", stats.completion_tokens),
-            ("llamacpp:requests_processing", "gauge", "Requests being answered.", int(w.current is not None)),
+            ("llamacpp:requests_processing", "gauge", "Requests being answered.", len(w.running)),
             ("llamacpp:requests_deferred", "gauge", "Requests waiting in the queue.", w.jobs.qsize()),
             ("edgelora_generation_seconds_total", "counter", "Seconds spent answering.", round(stats.generation_s, 4)),
             ("edgelora_requests_cancelled_total", "counter", "Requests whose client went away.", w.cancelled),

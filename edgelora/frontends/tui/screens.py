@@ -46,8 +46,11 @@ class CompareScreen(ModalScreen):
 
     @work(thread=True, exclusive=True, group="compare")
     def _run(self) -> None:
+        """Both answers at once: each is its own scheduler sequence under its own role (the engine
+        holds two), read a piece at a time in turn; the role chosen before is put back after."""
         roles = self.session.roles
         previous = list(roles.specs)
+        answers = []
         try:
             for i, name in enumerate(self.pair):
                 widget = self.query_one(f".side-{i}", ChatMessage)
@@ -57,12 +60,26 @@ class CompareScreen(ModalScreen):
                     self.app.call_from_thread(widget.set_label, f"{name} · {exc}")  # set_label escapes
                     continue
                 reply = self.session.start_reply()
-                for piece in self.session.stream_reply(reply, messages=self.prompt):
-                    self.app.call_from_thread(widget.append, piece)
-                self.app.call_from_thread(widget.finish)
-                self.app.call_from_thread(widget.set_label, reply.label)
+                pieces = self.session.stream_reply(reply, messages=self.prompt)
+                answers.append((widget, reply, pieces))
+                self._show(widget, reply, pieces, answers)  # its first piece: its sequence submitted under `name`
+            while answers:
+                for answer in list(answers):
+                    self._show(*answer, answers)
         finally:
+            for _, _, pieces in answers:
+                pieces.close()
             roles.use(previous)
+
+    def _show(self, widget, reply, pieces, answers: list) -> None:
+        """The answer's next piece in its column; at its end, its label, and it leaves ``answers``."""
+        piece = next(pieces, None)
+        if piece is not None:
+            self.app.call_from_thread(widget.append, piece)
+            return
+        answers.remove((widget, reply, pieces))
+        self.app.call_from_thread(widget.finish)
+        self.app.call_from_thread(widget.set_label, reply.label)
 
     async def action_close(self) -> None:
         if self._worker.is_running:

@@ -297,7 +297,7 @@ def test_host_header_must_name_the_server(server):
 
 
 def test_api_key_and_queue_limit(tmp_path):
-    srv = Server(tmp_path, "--api-key", "sekret", "--max-queue", "1", "--ctx", "512")
+    srv = Server(tmp_path, "--api-key", "sekret", "--max-queue", "1", "--parallel", "1", "--ctx", "512")
     try:
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         # the web page's own files need no key (a browser cannot send one); the page asks for it

@@ -23,7 +23,7 @@ CTX = 256  # llama.cpp rounds a context up to a multiple of 256
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Fallback role from the config file (the flag is checked below); the request log on."""
-    s = Server(tmp_path_factory.mktemp("extras-home"), "--ctx", str(CTX), config='fallback_role = "terse"\n')
+    s = Server(tmp_path_factory.mktemp("extras-home"), "--ctx", str(CTX), "--parallel", "2", config='fallback_role = "terse"\n')
     yield s
     s.stop()
 
@@ -120,13 +120,13 @@ def test_v1_models_id_answers_a_role_and_404s_an_unknown_one(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_props_and_slots_describe_the_context_and_the_one_slot(server):
+def test_props_and_slots_describe_the_context_and_every_slot(server):
     props = server.get("/props").json()
-    assert props["default_generation_settings"]["n_ctx"] == CTX and props["total_slots"] == 1
+    assert props["default_generation_settings"]["n_ctx"] == CTX and props["total_slots"] == 2  # --parallel 2
     assert props["model_path"].endswith(".gguf") and "im_start" in props["chat_template"]
     assert props["edgelora"]["fallback_role"] == "terse" and "pirate" in props["edgelora"]["roles"]
     slots = server.get("/slots").json()
-    assert len(slots) == 1 and slots[0]["n_ctx"] == CTX and slots[0]["is_processing"] is False
+    assert [s["id"] for s in slots] == [0, 1] and all(s["n_ctx"] == CTX and s["is_processing"] is False for s in slots)
 
 
 def _metric(text: str, name: str) -> float:

@@ -1,0 +1,189 @@
+"""Several sequences in one context (runtime/scheduler.py): each answer computed only under its own
+adapter set, KV never reused across sets, cancellation frees a slot at once, a refused request
+disturbs nobody. Real engine, real model, real adapters.
+
+"Equal" (README 'Reproducibility'): llama.cpp's CPU kernels round differently for different batch
+shapes, so an answer decoded beside others may differ from the same request alone where two tokens
+are within rounding of each other. Sequences alone in their adapter group decode in the same batch
+shape as alone and must match exactly; the others must match, or leave the solo answer only at a
+near-tie (logit gap below ``NEAR_TIE`` under their own adapters, evaluated alone)."""
+
+import numpy as np
+import pytest
+
+from edgelora import Engine
+from edgelora.errors import ContextLengthError
+
+from ..conftest import GREEDY
+
+NEAR_TIE = 0.05  # logits; a wrong adapter set moves them by whole units
+PROMPTS = ["What is the moon?", "Name three fruits.", "Why is the sea salty?", "Describe a forest."]
+
+
+@pytest.fixture(scope="module")
+def eng(smol_path, smol_adapters):
+    with Engine(smol_path, n_ctx=512, parallel=4, n_threads=2) as e:
+        e.load(smol_adapters["a"], name="a")
+        e.load(smol_adapters["b"], name="b")
+        yield e
+
+
+def _msgs(prompt):
+    return [{"role": "user", "content": prompt}]
+
+
+def _solo(eng, adapters: dict, prompt: str, max_tokens: int) -> str:
+    eng.set_adapters(adapters)
+    eng.reuse_prefix = False
+    try:
+        return eng.chat(_msgs(prompt), max_tokens=max_tokens, **GREEDY).text
+    finally:
+        eng.reuse_prefix = True
+
+
+def _together(eng, jobs: list[tuple[dict, str]], max_tokens: int) -> list:
+    """Start every job (its adapters active when it starts), then read them a piece at a time in turn."""
+    streams = []
+    eng.reuse_prefix = False
+    try:
+        for adapters, prompt in jobs:
+            eng.set_adapters(adapters)
+            stream = eng.stream_chat(_msgs(prompt), max_tokens=max_tokens, **GREEDY)
+            streams.append([stream, next(stream, "")])
+        live = list(streams)
+        while live:
+            for item in list(live):
+                piece = next(item[0], None)
+                if piece is None:
+                    live.remove(item)
+                else:
+                    item[1] += piece
+    finally:
+        eng.reuse_prefix = True
+    return [(text, stream.completion) for stream, text in streams]
+
+
+def _within_rounding(eng, adapters: dict, prompt: str, got: str, alone: str) -> bool:
+    """``got`` equals ``alone``, or leaves it where ``alone``'s token was a near-tie under ``adapters``."""
+    if got == alone:
+        return True
+    a, b = eng.tokenize(got, add_bos=False), eng.tokenize(alone, add_bos=False)
+    k = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
+    if k >= min(len(a), len(b)):
+        return False
+    eng.set_adapters(adapters)
+    prompt_tokens, _ = eng.render_chat(_msgs(prompt))
+    logits = eng.logits(prompt_tokens + a[:k])
+    return float(np.max(logits) - logits[a[k]]) < NEAR_TIE
+
+
+def test_mixed_adapter_sets_decoded_together_answer_as_each_alone(eng):
+    jobs = [({}, PROMPTS[0]), ({"a": 1.0}, PROMPTS[1]), ({"b": 1.0}, PROMPTS[2]), ({"a": 1.0}, PROMPTS[3])]
+    alone = [_solo(eng, adapters, prompt, 24) for adapters, prompt in jobs]
+    assert len(set(alone)) == 4
+    got = _together(eng, jobs, 24)
+    assert [[a["name"] for a in c.adapters] for _, c in got] == [[], ["a"], ["b"], ["a"]]
+    assert got[0][0] == alone[0] and got[2][0] == alone[2]  # alone in their group: the same batch shape
+    for (adapters, prompt), (text, _), solo in zip(jobs, got, alone):
+        assert _within_rounding(eng, adapters, prompt, text, solo), (adapters, prompt, text, solo)
+
+
+def test_every_decode_runs_under_the_adapter_set_of_every_sequence_in_it(eng, monkeypatch):
+    """Recorded at llama.cpp's door: the set the context has at each decode vs each token's sequence."""
+    llama, sched = eng.llama, eng.scheduler
+    applied, wrong, decodes = [None], [], [0]
+    set_adapters, decode = llama.set_adapters, llama.decode
+
+    def name_of(handle):
+        return next(n for n in ("a", "b") if eng.resident[n].handle is handle)
+
+    def recording_set(pairs):
+        applied[0] = tuple(sorted((name_of(h), s) for h, s in pairs))
+        return set_adapters(pairs)
+
+    def recording_decode(batch):
+        decodes[0] += 1
+        by_seq = {slot.seq_id: slot.seq for slot in sched.slots if slot.seq is not None}
+        for i in range(batch.n):
+            seq = by_seq[batch.batch.seq_id[i][0]]
+            want = tuple(sorted((name, scale) for name, _, scale in seq.key))
+            if want != applied[0]:
+                wrong.append((want, applied[0]))
+        return decode(batch)
+
+    monkeypatch.setattr(llama, "set_adapters", recording_set)
+    monkeypatch.setattr(llama, "decode", recording_decode)
+    sched.forget_adapters()
+    _together(eng, [({"a": 1.0}, PROMPTS[0]), ({}, PROMPTS[1]), ({"a": 0.5, "b": 0.5}, PROMPTS[2]),
+                    ({"b": 1.0}, PROMPTS[3])], 12)
+    assert decodes[0] >= 4 * 11 and not wrong
+
+
+def test_cells_computed_under_one_set_are_never_reused_by_another(eng):
+    """llama-server's RAM cache restores a prompt's state by tokens alone; here P asked under b and then
+    under a is evaluated anew under a, and answers as a clean engine does."""
+    prompt = PROMPTS[0]
+    clean = _solo(eng, {"a": 1.0}, prompt, 16)
+    eng.set_adapters({"b": 1.0})
+    eng.chat(_msgs(prompt), max_tokens=8, **GREEDY)
+    eng.set_adapters({"a": 1.0})
+    eng.chat(_msgs(PROMPTS[1]), max_tokens=8, **GREEDY)
+    again = eng.chat(_msgs(prompt), max_tokens=16, **GREEDY)
+    assert again.text == clean
+    # and the same set does reuse them: a returning conversation is not evaluated again
+    follow = _msgs(prompt) + [{"role": "assistant", "content": again.text}, {"role": "user", "content": "And the sun?"}]
+    later = eng.chat(follow, max_tokens=4, **GREEDY)
+    assert later.cached_tokens >= again.prompt_tokens
+
+
+STORIES = [f"Write a long story about {x}." for x in ("the moon", "a ship", "a forest", "a river")]
+
+
+def test_a_closed_stream_frees_its_slot_at_once_and_the_others_go_on(eng):
+    eng.set_adapters({})
+    streams = [eng.stream_chat(_msgs(p), max_tokens=200, **GREEDY) for p in STORIES]
+    for s in streams:
+        next(s)
+    assert len(eng.scheduler.running) == 4
+    fifth = eng.stream_chat(_msgs("Name a colour."), max_tokens=4, **GREEDY)
+    streams[1].close()
+    assert len(eng.scheduler.running) == 3 and streams[1].completion.finish_reason == "cancelled"
+    assert "".join(fifth) and fifth.completion.finish_reason in ("stop", "length")  # took the freed slot
+    for s in streams:
+        s.close()
+    assert not eng.scheduler.running and not eng.scheduler.queue
+
+
+def test_more_requests_than_slots_wait_their_turn(eng):
+    eng.set_adapters({})
+    streams = [eng.stream_chat(_msgs(p), max_tokens=6, **GREEDY) for p in PROMPTS + PROMPTS[:2]]
+    texts = ["".join(s) for s in streams]  # read one after the other: the 5th and 6th queue, then run
+    assert all(texts) and texts[4] == texts[0] and texts[5] == texts[1]
+
+
+def test_a_refused_request_disturbs_no_running_answer(eng):
+    alone = _solo(eng, {"b": 1.0}, PROMPTS[2], 16)
+    eng.set_adapters({"b": 1.0})
+    eng.reuse_prefix = False
+    try:
+        stream = eng.stream_chat(_msgs(PROMPTS[2]), max_tokens=16, **GREEDY)
+        first = next(stream)
+        with pytest.raises(ContextLengthError):
+            eng.chat(_msgs("word " * 600), max_tokens=4, **GREEDY)
+        with pytest.raises(Exception, match="temperature"):
+            eng.chat(_msgs("hi"), temperature=9)
+        assert first + "".join(stream) == alone
+    finally:
+        eng.reuse_prefix = True
+
+
+def test_cancel_stops_every_running_answer(eng):
+    eng.set_adapters({})
+    streams = [eng.stream_chat(_msgs(p), max_tokens=300, **GREEDY) for p in STORIES[:3]]
+    for s in streams:
+        next(s)
+    eng.cancel()
+    for s in streams:
+        "".join(s)
+    assert [s.completion.finish_reason for s in streams] == ["cancelled"] * 3
+    assert all(s.completion.completion_tokens < 300 for s in streams)
