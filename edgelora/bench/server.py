@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 from urllib import request as urlreq
+from urllib.error import HTTPError
 
 from edgelora.bench.contention import MachineWatch
 from edgelora.errors import EdgeloraError
@@ -40,6 +41,7 @@ MIXED = ("base", "pirate", "terse")
 WORKLOADS = ("one_role", "mixed_roles")
 RETURNING_OTHERS = ("terse", "json")  # the roles other clients use between a returning client's turns
 STARTUP_S = 120
+WARMUP_TOKENS = 4
 
 # ~49 tokens each with SmolLM2's chat template (its default system prompt included)
 PROMPTS = (
@@ -258,16 +260,25 @@ def run_load(srv, clients: int, pick: Callable[[int, int], str], per_client: int
             messages = [{"role": "user", "content": PROMPTS[(i + j) % len(PROMPTS)]}]
             try:
                 out.append(stream_chat(srv.port, srv.body(pick(i, j), messages, max_tokens)))
-            except OSError:  # refused, reset, HTTP error: counted, the load goes on
-                out.append(None)
+            except OSError as exc:  # refused, reset, HTTP error: counted, the load goes on
+                out.append({"error": _error_text(exc)})
         return out
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - t0
-    done = [r for r in results if r is not None]
-    return summarize(done, len(results) - len(done), wall)
+    done = [r for r in results if "error" not in r]
+    out = summarize(done, len(results) - len(done), wall)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+def _error_text(exc: OSError) -> str:
+    body = exc.read().decode(errors="replace")[:200] if isinstance(exc, HTTPError) else ""
+    return f"{exc} {body}".strip()
 
 
 def _pick(workload: str) -> Callable[[int, int], str]:
@@ -287,10 +298,13 @@ def _returning_client_ttft(srv: EdgeloraServer) -> float:
 
 def _median_of(runs: list[dict]) -> dict:
     """Per key, the median over rounds (failures summed: any is worth seeing)."""
-    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and all(k in r for r in runs)]
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["requests"] = sum(r["requests"] for r in runs)
     out["failed"] = sum(r["failed"] for r in runs)
+    errors = [r["first_error"] for r in runs if "first_error" in r]
+    if errors:
+        out["first_error"] = errors[0]
     return out
 
 
@@ -323,8 +337,8 @@ def bench_server(model: Path, repeat: int, say: Callable[[str], None], peer: Pat
             sides["edgelora"] = EdgeloraServer(model, parallel=clients, threads=threads)
             if peer:
                 sides["llama_server"] = PeerServer(peer, model, roles, parallel=clients, threads=threads)
-            for srv in sides.values():  # warm up: every role's adapters resident, caches hot
-                run_load(srv, clients, _pick("mixed_roles"), 1, max_tokens)
+            for srv in sides.values():  # warm up: every client has asked every role, all adapters resident
+                run_load(srv, clients, _pick("mixed_roles"), len(MIXED), WARMUP_TOKENS)
             runs = {(w, s): [] for w in WORKLOADS for s in sides}
             for _ in range(repeat):  # interleaved so noise hits every variant alike
                 for workload in WORKLOADS:
@@ -360,7 +374,7 @@ def _returning_client(model: Path, repeat: int, threads: int, say) -> dict:
 
 
 def _side_text(v: dict) -> str:
-    failed = f", {v['failed']} FAILED" if v["failed"] else ""
+    failed = f", {v['failed']} FAILED ({v.get('first_error', '?')})" if v["failed"] else ""
     if "latency_p50_s" not in v:
         return f"no answer{failed}"
     ttft = (f", TTFT p50 {v['ttft_p50_s'] * 1e3:.0f} / p95 {v['ttft_p95_s'] * 1e3:.0f} ms" if "ttft_p50_s" in v else "")

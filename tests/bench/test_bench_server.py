@@ -78,3 +78,12 @@ def test_a_peer_binary_that_is_not_executable_is_a_one_line_usage_error(tmp_path
     assert main(["bench", "--only", "server", "--peer-llama-server", str(binary)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not executable" in err and str(binary) in err and "\n" not in err
+
+
+def test_rounds_are_reported_as_medians_with_requests_and_failures_summed():
+    from edgelora.bench.server import _median_of
+
+    rounds = [{"requests": 4, "failed": 0, "completion_tokens_per_s": 10.0},
+              {"requests": 3, "failed": 1, "completion_tokens_per_s": 30.0, "first_error": "HTTP Error 503"}]
+    out = _median_of(rounds)
+    assert out == {"requests": 7, "failed": 1, "completion_tokens_per_s": 20.0, "first_error": "HTTP Error 503"}
