@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import click
 
@@ -18,16 +20,23 @@ from edgelora.frontends.cli.options import _model_option
 @click.option("--quick", is_flag=True, help="The core section only (unless --only), one repetition, 32 tokens: README 'Benchmark' says how long.")
 @click.option("--only", "sections", multiple=True, type=click.Choice(["core", "cpu", "server", "gpu"]),
               help="Run only these sections (repeatable; default: all). cpu: contention table, threads, OpenMP wait policy, load, "
-                   "extra buffers, probe; server: HTTP throughput one role vs mixed, returning-client TTFT; "
+                   "extra buffers, probe; server: HTTP throughput and latency at 1/4/8 clients, one role vs mixed, returning-client TTFT; "
                    "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
-def bench(as_json, model, tokens, repeat, sections, quick):
+@click.option("--peer-llama-server", "peer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A llama-server binary: the server section runs the same workload against it, side by side (README 'Benchmark').")
+def bench(as_json, model, tokens, repeat, sections, quick, peer):
     """Measure switching, attach, generation speed and time to first token (progress on stderr)."""
     from edgelora.bench.run import print_table, run_bench
 
     repeat = repeat or (1 if quick else 5)
     sections = sections or (("core",) if quick else ())  # --quick alone: the core section only
     tokens = 32 if quick and tokens == 128 else tokens
+    if peer is not None:
+        if sections and "server" not in sections:
+            raise click.BadParameter("it compares the server section: add --only server", param_hint="--peer-llama-server")
+        if not os.access(peer, os.X_OK):
+            raise click.BadParameter(f"{peer} is not executable", param_hint="--peer-llama-server")
     t0 = time.perf_counter()
-    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None,
+    result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None, peer_llama_server=peer,
                        progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))
