@@ -14,7 +14,6 @@ run it for that load; rounds alternate one-role / mixed and edgelora / peer so n
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -173,15 +172,6 @@ class _Process:
         self.tmp.cleanup()
 
 
-@functools.lru_cache(maxsize=1)
-def serve_has_parallel() -> bool:
-    """Whether `edgelora serve` takes --parallel. Transitional: the batched runtime (issue 24) adds
-    the flag; until it lands the bench measures the one-slot server, and says so."""
-    out = subprocess.run([sys.executable, "-m", "edgelora", "serve", "--help"], capture_output=True, text=True,
-                         timeout=120)
-    return "--parallel" in out.stdout
-
-
 class EdgeloraServer(_Process):
     name = "edgelora serve"
 
@@ -194,9 +184,7 @@ class EdgeloraServer(_Process):
             cfg.write_text(f"kv_cache_bytes = {kv_cache_bytes}\n")
             env["EDGELORA_CONFIG"] = str(cfg)
         argv = [sys.executable, "-m", "edgelora", "serve", "-m", str(model), "--ctx", str(CTX_PER_SLOT),
-                "--threads", str(threads), "--max-queue", "64", "--quiet"]
-        if serve_has_parallel():
-            argv += ["--parallel", str(parallel)]
+                "--threads", str(threads), "--max-queue", "64", "--quiet", "--parallel", str(parallel)]
         super().__init__(argv, env)
 
     def body(self, role: str, messages: list[dict], max_tokens: int) -> dict:
@@ -328,7 +316,7 @@ def bench_server(model: Path, repeat: int, say: Callable[[str], None], peer: Pat
     roles = peer_roles(sorted({ONE_ROLE, *MIXED})) if peer else {}
     out: dict = {"client_counts": list(client_counts), "requests_per_client": per_client, "max_tokens": max_tokens,
                  "ctx_per_slot": CTX_PER_SLOT, "threads": threads, "one_role": ONE_ROLE, "mixed_roles": list(MIXED),
-                 "edgelora_parallel_flag": serve_has_parallel(), "peer": str(peer) if peer else None, "rows": []}
+                 "peer": str(peer) if peer else None, "rows": []}
     for clients in client_counts:
         say(f"server: {clients} client(s), one role vs mixed roles" + (" vs llama-server" if peer else "") + "...")
         watch = MachineWatch()  # per client count: every row says what else the machine was doing
@@ -384,8 +372,6 @@ def _side_text(v: dict) -> str:
 
 def server_rows(r: dict) -> list[tuple[str, str]]:
     rows = []
-    if not r.get("edgelora_parallel_flag", True):
-        rows.append(("server: edgelora serve", "no --parallel in this build: one slot, requests queue"))
     for row in r["rows"]:
         m = row["machine"]
         load = (f"[machine {'idle' if m['idle'] else 'busy'}, load {m['load_before']:.1f}"

@@ -14,7 +14,6 @@ roles, the CLI or the TUI.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("generation", "prompt")
@@ -112,28 +112,6 @@ class ThreadPolicy:
         arm.per_token_s = x if fresh else (1 - SMOOTHING) * arm.per_token_s + SMOOTHING * x
         arm.tried_at = now
         arm.steps += 1
-
-    def drive(self, steps: Iterator, n_prompt: int, apply: Callable[[int], None]) -> Iterator:
-        """Pass ``steps`` through, one decode per item: before each, set the count; after, time it.
-        The first item evaluates ``n_prompt`` new prompt tokens; every later one a single token."""
-        n = max(1, n_prompt)
-        try:
-            while True:
-                kind = "prompt" if n > 1 else "generation"
-                threads = self.choose(kind, n)
-                apply(threads)
-                t0 = self.clock()
-                try:
-                    item = next(steps)
-                except StopIteration:
-                    return
-                self.observe(kind, threads, self.clock() - t0, n)
-                yield item
-                n = 1
-        finally:
-            close = getattr(steps, "close", None)
-            if close:
-                close()
 
     def report(self) -> dict:
         """What the policy is and what it chose (ask --json 'threads', doctor)."""

@@ -100,22 +100,6 @@ def test_a_pinned_count_is_never_changed_whatever_the_load():
                                "pinned_by": "threads argument"}
 
 
-def test_drive_sets_the_count_before_each_decode_and_times_it():
-    m = FakeMachine()
-    policy = adaptive(m)
-    applied = []
-
-    def decodes():
-        for token in range(5):
-            m.now += m.step_s(applied[-1])
-            yield token
-
-    assert list(policy.drive(decodes(), 40, applied.append)) == [0, 1, 2, 3, 4]
-    assert len(applied) == 6  # the last call finds the steps ended
-    assert policy.arms["prompt"][applied[0]].steps == 1
-    assert sum(a.steps for a in policy.arms["generation"].values()) == 4
-
-
 def test_load_meter_sees_a_core_taken_at_once_and_a_core_freed_only_after_a_second():
     clock, counters = [0.0], [0.0, 0.0]  # (machine busy seconds, own CPU seconds)
     meter = LoadMeter(clock=lambda: clock[0], read=lambda: tuple(counters))
