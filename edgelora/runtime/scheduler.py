@@ -118,6 +118,10 @@ class Scheduler:
         self._threads_now: int | None = None
         self._in_batch: list[Seq] = []
         self.interrupted = False  # Ctrl+C arrived inside llama.cpp (the abort callback saw it)
+        # Let cancel() and Ctrl+C stop a decode that evaluates a prompt. The server turns it off: it
+        # stops answers between steps, and the callback takes the GIL at every graph node, which its
+        # event loop's thread often holds (4 clients here, 6 runs each, noisy: median 67 tok/s with it, 71 without).
+        self.watch_prompts = True
         self.last_slot: Slot = self.slots[0]
         self.steps = 0
         llama.on_abort(self._should_abort)
@@ -253,7 +257,7 @@ class Scheduler:
         prompt = n > len(entries)  # some sequence evaluates more than one token
         threads = self._set_threads("prompt" if prompt else "generation", n)
         self._in_batch = [seq for seq, _, _ in entries]
-        self.llama.watch_abort(prompt)  # the callback costs a round trip per graph node: prompts only
+        self.llama.watch_abort(prompt and self.watch_prompts)  # a Python round trip per graph node: prompts only
         t0 = time.perf_counter()
         try:
             status = self.llama.decode(self.batch)

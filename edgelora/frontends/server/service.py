@@ -37,6 +37,7 @@ class Service:
         self.fallback_role = fallback_role  # answers for model names no role has (extras.fallback_note)
         self.roles = roles
         self.extra = list(extra_manifests)
+        engine.scheduler.watch_prompts = False  # answers stop between decode steps (scheduler.py says why)
         self.worker = Worker(engine, max_queue, parallel=engine.parallel)
         self.created = int(time.time())
         self.default_scales: dict[int, float] = {}  # POST /lora-adapters: id -> scale, for requests naming no role
