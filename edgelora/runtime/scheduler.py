@@ -377,10 +377,9 @@ class Scheduler:
 
     # ------------------------------------------------------------ one-off evaluation
 
-    def logits(self, tokens: list[int], adapters, key: tuple, chunk: int | None = None):
-        """Last-position logits of ``tokens`` under ``adapters``, evaluated from scratch in a free slot,
-        ``chunk`` tokens a decode (default ``n_batch``)."""
-        chunk = chunk or self.n_batch
+    def logits(self, tokens: list[int], adapters, key: tuple):
+        """Last-position logits of ``tokens`` under ``adapters``, evaluated from scratch in a free slot."""
+        chunk = self.n_batch
         with self._lock:
             free = [s for s in self.slots if s.seq is None]
             if not free:

@@ -4,7 +4,6 @@ means with prefix reuse. Real engine, real model."""
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from edgelora import Engine
@@ -141,19 +140,16 @@ def test_ordinary_messages_tokenize_as_before(engine, messages):
     assert tokens == whole
 
 
-def test_batch_split_numerics_are_llama_cpp_s_and_reuse_prefix_false_repeats_exactly(smol_path):
+def test_reuse_prefix_false_repeats_exactly(smol_path):
     """Issue finding: two identical greedy calls differed when the second reused a cached prefix.
-    Cause: llama.cpp's CPU kernels round differently for different batch sizes (a 5-token prompt
-    evaluated as one batch vs 4 + 1 gives different logits); nothing of ours. With reuse_prefix=False
-    every call evaluates from scratch in the same batches and repeats token for token."""
+    Cause: llama.cpp's CPU kernels can round differently for different batch shapes (without flash
+    attention a 5-token prompt evaluated as one batch vs 4 + 1 gave different logits; with it, on
+    for CPU now, that example matches here, but other shapes and hosts need not); nothing of ours.
+    With reuse_prefix=False every call evaluates from scratch in the same batches and repeats
+    token for token."""
     pirate = "adapters/pirate.gguf"
     with Engine(smol_path, n_ctx=512) as eng:
         eng.attach(pirate, name="pirate", scale=0.5)
-        toks = eng.tokenize("Tell me about ships:")
-        request = eng._request(toks)
-        whole = eng.scheduler.logits(toks, request.adapters, request.key)
-        split = eng.scheduler.logits(toks, request.adapters, request.key, chunk=len(toks) - 1)
-        assert np.abs(whole - split).max() > 0  # the numerics differ by batch shape
         eng.reuse_prefix = False
         a = eng.complete("Tell me about ships:", max_tokens=40, **GREEDY)
         b = eng.complete("Tell me about ships:", max_tokens=40, **GREEDY)

@@ -316,6 +316,47 @@ def test_api_key_and_queue_limit(tmp_path):
         srv.stop()
 
 
+def test_under_load_hangups_cancels_and_a_full_queue_never_give_a_5xx(tmp_path):
+    """4 sequences, 4 waiting: 16 clients at once, streaming and not, a third of them hanging up
+    after their first event. Every answer is 200 or 503 (with Retry-After), the answers that
+    finish are right, and afterwards nothing runs, nothing waits, and the server answers."""
+    srv = Server(tmp_path, "--parallel", "4", "--max-queue", "4", "--ctx", "512", "--no-prefix-reuse")
+    try:
+        prompt = "Count from one to fifty in words."
+        base = {"model": "pirate", "messages": [{"role": "user", "content": prompt}], "max_tokens": 48,
+                "temperature": 0}
+        alone = httpx.post(srv.url + "/v1/chat/completions", json=base, timeout=120).json()
+        want = alone["choices"][0]["message"]["content"]
+
+        def client(i: int) -> tuple[int, str | None, dict]:
+            if i % 3 == 0:  # hangs up after the first event
+                with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**base, "stream": True},
+                                  timeout=120) as r:
+                    for line in r.iter_lines():
+                        break
+                    return r.status_code, None, dict(r.headers)
+            r = httpx.post(srv.url + "/v1/chat/completions", json=base, timeout=120)
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+            return r.status_code, text, dict(r.headers)
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(client, range(16)))
+        codes = [c for c, _, _ in results]
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1, codes  # 4 running + 4 queued < 16
+        assert all(h.get("retry-after") == "1" for c, _, h in results if c == 503)
+        texts = [t for c, t, _ in results if c == 200 and t is not None]
+        assert texts and all(t == want for t in texts)  # one role: same batch shape rounding aside
+        deadline = time.monotonic() + 60
+        while srv.health()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.health()["queue"] == 0
+        slots = srv.get("/slots").json()
+        assert len(slots) == 4 and not any(s["is_processing"] for s in slots)
+        assert httpx.post(srv.url + "/v1/chat/completions", json=base, timeout=120).json()["choices"][0]["message"]["content"] == want
+    finally:
+        srv.stop()
+
+
 def test_binding_beyond_loopback_needs_an_api_key():
     r = subprocess.run([sys.executable, "-m", "edgelora", "serve", "--host", "0.0.0.0"], capture_output=True, text=True,
                        timeout=60)

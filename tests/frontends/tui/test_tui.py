@@ -190,6 +190,36 @@ async def test_compare_answers_with_two_roles_and_restores(make_app, clean_engin
     assert left.text == expected(roles_dir, clean_engine, prompt, ["a"])
 
 
+async def test_compare_decodes_both_roles_at_once(smol_path, roles_dir, tmp_path):
+    """With room for two sequences (the chat app's engine), both answers run in the same steps, each
+    under its own role; alone in their adapter group, each decodes as it would alone."""
+    from edgelora import Engine
+
+    with Engine(smol_path, n_ctx=1024, parallel=2) as eng:
+        roles = Roles(eng, Config(), catalog=RoleCatalog([roles_dir]))
+        session = ChatSession(roles, History(tmp_path / "h.sqlite3"), temperature=0.0, seed=0, max_tokens=16)
+        app = EdgeloraApp(session)
+        running, step = [], eng.scheduler.step
+        eng.scheduler.step = lambda: (running.append(len(eng.scheduler.running)), step())[1]
+        async with app.run_test(size=SIZE) as pilot:
+            await type_and_send(pilot, "Name a colour.")
+            await idle(app, pilot)
+            running.clear()
+            await type_and_send(pilot, "/compare a b")
+            await pilot.pause()
+            screen = app.screen
+            await screen._worker.wait()
+            await pilot.pause()
+            left, right = (screen.query_one(f".side-{i}", ChatMessage) for i in (0, 1))
+            await pilot.press("escape")
+            await pilot.pause()
+        eng.scheduler.step = step
+        assert max(running) == 2  # both in the context at once
+        prompt = [{"role": "user", "content": "Name a colour."}]
+        eng.reuse_prefix = False
+        assert (left.text, right.text) == (expected(roles_dir, eng, prompt, ["a"]), expected(roles_dir, eng, prompt, ["b"]))
+
+
 async def test_input_is_multiline_with_history(make_app):
     app = make_app(max_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
