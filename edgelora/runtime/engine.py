@@ -64,6 +64,7 @@ class Engine:
         config=None,
         threads_pinned_by: str = "threads argument",
         parallel: int | None = 1,
+        flash_attn: bool | None = None,
     ):
         """``n_threads`` None: adaptive, every core when idle and fewer under competing work (thread_policy.py); a number pins it. ``cpu_extra_buffers``: 'auto'
         (probe this host once, in a child process), 'on' or 'off'; None reads the config/environment.
@@ -75,7 +76,8 @@ class Engine:
         engine reads the config: thread counts and the extra-buffers setting come from the caller.
         ``parallel``: sequences decoded together (each with ``n_ctx`` tokens of its own; scheduler.py):
         the server's concurrent requests, the TUI's compare; 1 for one conversation; None: by cores
-        and free memory (``loading.default_parallel``)."""
+        and free memory (``loading.default_parallel``). ``flash_attn``: None is on for CPU, off with
+        layers on a device (llama.py says why)."""
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = loading.read_base(self.model_path)
@@ -102,7 +104,7 @@ class Engine:
         self.parallel = loading.check_parallel(parallel)
         loaded = loading.load(self.model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                               n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=self.cpu_path.extra_buffers,
-                              n_seq=self.parallel)
+                              n_seq=self.parallel, flash_attn=flash_attn)
         self.llama, self.offload, self.load_s = loaded.llama, loaded.offload, loaded.load_s
         # Every generation is a sequence of the scheduler; it files KV cells by the adapter set that computed them.
         self.scheduler = Scheduler(self.llama, kv_cache_bytes=kv_cache_bytes, threads=threads)

@@ -101,13 +101,13 @@ def available_memory() -> int | None:
 
 
 def load(model_path: Path, *, n_gpu_layers: int, n_ctx: int, n_threads: int, n_batch: int, seed: int,
-         verbose: bool, extra_buffers: bool, n_seq: int = 1) -> Loaded:
+         verbose: bool, extra_buffers: bool, n_seq: int = 1, flash_attn: bool | None = None) -> Loaded:
     t0 = time.perf_counter()
     try:
         with native_log.capture() as load_log:
             llama = LlamaHandle(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
                                 n_batch=n_batch, seed=seed, verbose=verbose, extra_buffers=extra_buffers,
-                                n_seq=n_seq)
+                                n_seq=n_seq, flash_attn=flash_attn)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(_why_not_a_model(model_path, exc)) from None
     except jinja2.TemplateError as exc:  # llama-cpp-python compiles the model's chat templates at load

@@ -120,7 +120,15 @@ def test_partial_offload_puts_that_many_layers_on_the_device(smol_path):
         assert cpu_mib > eng.offload.buffers_mib[eng.offload.devices[0][0]]  # 20 of 30 blocks stay
 
 
-def test_device_logits_agree_with_the_cpu(device_engine, engine):
+@pytest.fixture(scope="module")
+def cpu_engine(smol_path):
+    """The CPU reference, like for like: flash attention off, as on the device (the CPU default is on)."""
+    with Engine(smol_path, n_ctx=512, flash_attn=False) as eng:
+        yield eng
+
+
+def test_device_logits_agree_with_the_cpu(device_engine, cpu_engine):
+    engine = cpu_engine
     tokens = _prompt_tokens(engine)
     on_device, on_cpu = device_engine.logits(tokens), engine.logits(tokens)
     assert int(np.argmax(on_device)) == int(np.argmax(on_cpu))
@@ -176,7 +184,8 @@ def test_kv_state_saved_and_restored_on_the_device_matches_a_fresh_evaluation(gp
     assert again.text == truth.text
 
 
-def test_bundled_roles_behave_on_the_device_as_on_the_cpu(device_engine, engine):
+def test_bundled_roles_behave_on_the_device_as_on_the_cpu(device_engine, cpu_engine):
+    engine = cpu_engine
     from edgelora.config import Config
     from edgelora.roles.manifest import RoleCatalog, bundled_dir
     from edgelora.roles.session import Roles
