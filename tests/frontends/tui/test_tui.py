@@ -170,17 +170,22 @@ async def test_resume_a_saved_conversation(make_app, tmp_path):
     assert [m.role for m in reopened.messages(conversation)] == ["user", "assistant", "user", "assistant"]
 
 
+async def compare(app, pilot, a: str, b: str):
+    """Run /compare a b to its end: the two answer widgets."""
+    await type_and_send(pilot, f"/compare {a} {b}")
+    await pilot.pause()
+    screen = app.screen
+    await screen._worker.wait()
+    await pilot.pause()
+    return tuple(screen.query_one(f".side-{i}", ChatMessage) for i in (0, 1))
+
+
 async def test_compare_answers_with_two_roles_and_restores(make_app, clean_engine, roles_dir):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await type_and_send(pilot, "Name a colour.")
         await idle(app, pilot)
-        await type_and_send(pilot, "/compare a b")
-        await pilot.pause()
-        screen = app.screen
-        await screen._worker.wait()
-        await pilot.pause()
-        left, right = (screen.query_one(f".side-{i}", ChatMessage) for i in (0, 1))
+        left, right = await compare(app, pilot, "a", "b")
         assert left.label.startswith("a · a×1") and right.label.startswith("b · b×1")
         assert left.text and right.text and left.text != right.text
         await pilot.press("escape")
@@ -205,12 +210,7 @@ async def test_compare_decodes_both_roles_at_once(smol_path, roles_dir, tmp_path
             await type_and_send(pilot, "Name a colour.")
             await idle(app, pilot)
             running.clear()
-            await type_and_send(pilot, "/compare a b")
-            await pilot.pause()
-            screen = app.screen
-            await screen._worker.wait()
-            await pilot.pause()
-            left, right = (screen.query_one(f".side-{i}", ChatMessage) for i in (0, 1))
+            left, right = await compare(app, pilot, "a", "b")
             await pilot.press("escape")
             await pilot.pause()
         eng.scheduler.step = step
