@@ -243,10 +243,10 @@ class LlamaHandle:
 
     # -------------------------------------------------------------- memory, per sequence
 
-    def _one_sequence(self, seq_id: int) -> None:
-        """The calls below that go through Llama's own bookkeeping (probes, ``logits``) know one sequence."""
-        if seq_id != 0:
-            raise NotImplementedError("Llama's own token bookkeeping covers seq_id 0 only")
+    def clear(self) -> None:
+        """Forget every cell and Llama's own token record (``generate``/``eval``, the probe children's path)."""
+        self._llama.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def seq_rm(self, seq_id: int, p0: int = 0) -> bool:
         """Drop the sequence's cells from position ``p0`` on; False when llama.cpp cannot cut there
@@ -257,45 +257,13 @@ class LlamaHandle:
         llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
         return False
 
-    def n_cached(self, seq_id: int = 0) -> int:
-        """How many tokens of the sequence have their KV cells in the context."""
-        self._one_sequence(seq_id)
-        return self._llama.n_tokens
-
-    def cached_tokens(self, seq_id: int = 0) -> np.ndarray:
-        self._one_sequence(seq_id)
-        return self._llama.input_ids[: self._llama.n_tokens]
-
-    def reusable_prefix(self, tokens: Sequence[int], seq_id: int = 0) -> int:
-        """How many of ``tokens`` ``generate`` will take from the KV cache (Llama.generate's own rule)."""
-        n = min(self.n_cached(seq_id), len(tokens))
-        if n == 0:
-            return 0
-        diff = np.flatnonzero(self.cached_tokens(seq_id)[:n] != np.asarray(tokens[:n]))
-        common = int(diff[0]) if diff.size else n
-        return common - 1 if common == len(tokens) else common
-
-    def clear_tokens(self, seq_id: int = 0) -> None:
-        """Forget which tokens the sequence holds, keeping the cells: the next ``eval`` starts at position 0."""
-        self._one_sequence(seq_id)
-        self._llama.reset()
-
-    def clear(self, seq_id: int = 0) -> None:
-        """Forget the sequence's tokens and their KV cells."""
-        self._one_sequence(seq_id)
-        self._llama.reset()
-        mem = llama_cpp.llama_get_memory(self.ctx)
-        if mem is not None:
-            llama_cpp.llama_memory_clear(mem, True)
-
-    def save_state(self, seq_id: int = 0, tokens: Sequence[int] | None = None) -> SeqState:
-        """The sequence's KV cells; ``tokens``: what they hold (default: Llama's own record, seq 0)."""
+    def save_state(self, seq_id: int, tokens: Sequence[int]) -> SeqState:
+        """The sequence's KV cells and ``tokens``, what they hold."""
         ctx = self.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id)
-        held = self.cached_tokens(seq_id).copy() if tokens is None else np.asarray(tokens, dtype=np.intc)
-        return SeqState(tokens=held, data=bytes(buf)[:n])
+        return SeqState(tokens=np.asarray(tokens, dtype=np.intc), data=bytes(buf)[:n])
 
     def load_state(self, state: SeqState, seq_id: int) -> bool:
         """Put a saved state into sequence ``seq_id`` (any sequence); False (and nothing kept) when
@@ -304,19 +272,6 @@ class LlamaHandle:
         if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq_id) != len(state.data):
             self.seq_rm(seq_id, -1)
             return False
-        return True
-
-    def restore_state(self, state: SeqState, seq_id: int = 0) -> bool:
-        """Put a saved state back; False (and nothing cached) when llama.cpp does not take it."""
-        self._one_sequence(seq_id)
-        buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq_id) != len(state.data):
-            self.clear(seq_id)
-            return False
-        n = len(state.tokens)
-        self._llama.input_ids[:n] = state.tokens
-        self._llama.n_tokens = n
-        self._llama._requires_eval = True  # logits are not restored: generate() re-decodes the last token
         return True
 
     # -------------------------------------------------------------- evaluation
