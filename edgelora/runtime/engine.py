@@ -30,7 +30,7 @@ from edgelora.runtime import loading, native_log
 from edgelora.runtime.adapters import Adapter, check_scale as _check_scale
 from edgelora.runtime.backend import backend_info
 from edgelora.runtime.gate import Gate
-from edgelora.runtime.generate import Completion, Stream, TokenLoop
+from edgelora.runtime.generate import STARTED, Completion, Stream, TokenLoop
 from edgelora.runtime.kv import KVStateCache
 from edgelora.runtime.sampling import _sampling_options
 from edgelora.runtime.scheduler import SamplerSettings, Scheduler, SeqRequest
@@ -348,6 +348,7 @@ class Engine:
             report = self.adapter_report()
         loop = TokenLoop(self.llama, stop, max_tokens, seq)
         try:
+            yield STARTED
             yield from loop.run(self.scheduler.tokens(seq))
         except BaseException:
             loop.finish = "cancelled"

@@ -44,18 +44,31 @@ class Completion:
         }
 
 
+STARTED = object()  # what a generation yields first: its request is queued
+
+
 class Stream:
     """One generation's text pieces: iterate it (or ``close()`` it to stop); ``completion`` once it
     ended (None before). Several may be open at once: each is its own scheduler sequence."""
 
     def __init__(self, pieces: Callable[[Stream], Iterator[str]]):
         self.completion: Completion | None = None
-        self._pieces = pieces(self)
+        self._pieces = pieces(self)  # yields STARTED once the request is queued, then the text
+        self._started = False
+
+    def start(self) -> Stream:
+        """Queue the request now, without evaluating anything: whoever starts several (the server, at
+        one round) gets their prompts evaluated together in the scheduler's next step."""
+        if not self._started:
+            self._started = True
+            next(self._pieces)
+        return self
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
+        self.start()
         return next(self._pieces)
 
     def close(self) -> None:

@@ -187,3 +187,19 @@ def test_cancel_stops_every_running_answer(eng):
         "".join(s)
     assert [s.completion.finish_reason for s in streams] == ["cancelled"] * 3
     assert all(s.completion.completion_tokens < 300 for s in streams)
+
+
+def test_streams_started_together_evaluate_their_prompts_in_one_decode(eng, monkeypatch):
+    """Stream.start() queues a request without evaluating it: the first read runs one decode for all."""
+    decodes, decode = [], eng.llama.decode
+
+    def recording_decode(batch):
+        decodes.append({batch.batch.seq_id[i][0] for i in range(batch.n)})
+        return decode(batch)
+
+    monkeypatch.setattr(eng.llama, "decode", recording_decode)
+    eng.set_adapters({"a": 1.0})
+    streams = [eng.stream_chat(_msgs(p), max_tokens=3, **GREEDY).start() for p in PROMPTS[:3]]
+    assert not decodes  # queued, nothing evaluated yet
+    texts = ["".join(s) for s in streams]
+    assert all(texts) and len(decodes[0]) == 3, decodes

@@ -158,7 +158,12 @@ class Service:
         def run():
             selection = self.selection_for(served.get("model"), body.get("lora"))  # again: a reload may have come
             answer = Turn(self.roles, selection=selection, **turn)
-            yield from answer.stream(on_start=lambda t: extras.note_answer(run, body.get("model"), t.active, fallback))
+            answer.start(on_start=lambda t: extras.note_answer(run, body.get("model"), t.active, fallback))
+            try:
+                yield None  # queued: the worker starts every arrived job before the next decode
+                yield from answer.stream()
+            finally:
+                answer.close()
             return self._result(answer.completion, answer.active, fallback)
 
         return run

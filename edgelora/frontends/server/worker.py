@@ -1,7 +1,12 @@
 """The server's one worker thread. It owns the engine and the roles: it starts every job, so roles
 are selected one request at a time, and it advances every running answer a piece at a time.
 
-An answer (a generator job: ``run()`` yields text pieces and returns the result) is a scheduler
+A round starts every queued job (up to ``parallel`` running): an answer's first step only selects
+its role and queues its request, so requests that arrived together have their prompts evaluated in
+one decode. Then it advances every running answer by one piece.
+
+An answer (a generator job: ``run()`` yields None once queued, then text pieces, and returns the
+result) is a scheduler
 sequence with its own adapter set (runtime/scheduler.py): up to ``parallel`` run at once, decoded
 together, and a switch for one never touches another's tokens. Other jobs (reload, preload, evict)
 run between two rounds. A job that waits beyond ``max_queue`` is refused with 503."""
@@ -84,7 +89,9 @@ class Worker:
             if not inspect.isgeneratorfunction(job.run):
                 self._settle(job, lambda: ("done", job.run()))
                 continue
-            self.running.append((job, job.run()))
+            answer = job.run()
+            self.running.append((job, answer))
+            self._advance(job, answer)  # up to its first yield: role selected, request queued, nothing evaluated
 
     def _advance(self, job: Job, answer: Generator) -> None:
         """One piece of one answer (its first piece also selects its role and submits its sequence)."""
@@ -98,7 +105,7 @@ class Worker:
             except StopIteration as done:
                 self._end(job, answer)
                 return "done", done.value
-            if job.streaming:
+            if job.streaming and piece is not None:  # None: the job only started
                 job.put("piece", piece)
             return None
 
