@@ -203,3 +203,25 @@ def test_streams_started_together_evaluate_their_prompts_in_one_decode(eng, monk
     assert not decodes  # queued, nothing evaluated yet
     texts = ["".join(s) for s in streams]
     assert all(texts) and len(decodes[0]) == 3, decodes
+
+
+def test_adapter_sets_take_turns_of_steps_per_set_steps(eng, monkeypatch):
+    """A switch costs llama.cpp a re-reserve: each set runs STEPS_PER_SET steps before the next one's turn."""
+    from edgelora.runtime.scheduler import STEPS_PER_SET
+
+    sched, runs = eng.scheduler, []
+    decode = eng.llama.decode
+
+    def recording_decode(batch):
+        key = sched._applied
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+        return decode(batch)
+
+    monkeypatch.setattr(eng.llama, "decode", recording_decode)
+    _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1])], 24)
+    both = runs[:-1]  # the last run may be one set alone, once the other answer ended
+    assert STEPS_PER_SET > 1 and len(both) >= 3
+    assert all(n == STEPS_PER_SET for _, n in both[1:]), runs  # the first run began with one answer's prompt alone
