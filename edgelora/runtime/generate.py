@@ -81,6 +81,18 @@ def find_stop(text: str, stop: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def partial_stop(text: str, stop: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string (held back
+    until the next token tells; llama-server's find_partial_stop_string)."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
 class TokenLoop:
     """One generation read as text: what it produced so far, and why it ended."""
 
@@ -91,9 +103,9 @@ class TokenLoop:
         self.t0 = time.perf_counter()
 
     def run(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Yield text as it becomes safe to show (no stop string can start in it any more)."""
+        """Yield text as it becomes safe to show (no stop string can start in it any more): only an
+        end that could start one waits, so the first token's text is shown at once."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        hold = max((len(s) for s in self.stop), default=1) - 1  # chars that might start a stop string
         emitted = 0
         for token in tokens:
             if self.n_out == 0 and not self.ttft:
@@ -107,7 +119,7 @@ class TokenLoop:
             if cut is not None:
                 self.text, self.finish = self.text[:cut], "stop"
                 break
-            safe = len(self.text) - hold
+            safe = len(self.text) - partial_stop(self.text, self.stop)
             if safe > emitted:
                 yield self.text[emitted:safe]
                 emitted = safe
