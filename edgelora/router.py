@@ -42,16 +42,22 @@ TFIDF_THRESHOLD = 0.25
 
 def route(prompt: str, roles: list[Role], threshold: float | None = None, *, method: str = "meaning") -> Route:
     """``threshold``: least similarity that picks a role (default: the fitted one for the method)."""
-    rule = _rules(prompt, roles)
-    if rule is not None:
-        return rule
     if method == "meaning":
+        rule = _rules(prompt, roles, keywords_of_roles_with_examples=False)
+        if rule is not None:
+            return rule
         try:
+            asked = _keyword_asked_for(prompt, roles)
+            if asked is not None:
+                return asked
             return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold)
         except EmbedderMissing as exc:
             fallback = f" (word overlap; {exc})"
     else:
         fallback = ""
+    rule = _rules(prompt, roles)
+    if rule is not None:
+        return rule
     best = _most_similar(prompt, roles)
     limit = TFIDF_THRESHOLD if threshold is None else threshold
     if best and best[0] >= limit:
@@ -65,11 +71,79 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
     if best is None:
         return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
     piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
+    manner = manner_score(prompt, roles, best.role)[0]
+    if best.score >= threshold and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+        return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
+                                f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
     if best.score >= threshold:
         return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
                                 f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
     return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
                             f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
+
+
+MEANING_MANNER_GATE = -0.05
+KEYWORD_THRESHOLD = 0.0  # a keyword picks its role only when the prompt is nearer its examples than its subject
+
+
+def _keyword_asked_for(prompt: str, roles: list[Role], threshold: float = KEYWORD_THRESHOLD) -> Route | None:
+    """A keyword of a role with examples picks it only when the prompt asks for the role's manner:
+    some piece of the prompt is nearer to one of the role's examples than to any plain request or
+    plain question about the role's keywords ("tell me about Spanish history", "what is a regex?").
+    Of several such roles the one asked for most clearly wins."""
+    best = None
+    for role, kw in _keyword_hits(prompt, roles):
+        score, piece, example = manner_score(prompt, roles, role.name)
+        if score >= threshold and (best is None or score > best[0]):
+            best = (score, role.name, kw, piece, example)
+    if best is None:
+        return None
+    score, name, kw, piece, example = best
+    return Route(name, f"keyword '{kw}', asked for: '{piece}' is nearer to {name}'s example '{example}' than to "
+                       f"plain questions about it ({score:+.2f})", max(score, 0.0))
+
+
+def _keyword_hits(prompt: str, roles: list[Role]) -> list[tuple[Role, str]]:
+    hits = {}
+    for role in roles:
+        for kw in sorted(role.keywords, key=len, reverse=True):
+            if role.examples and role.name not in hits and _has_keyword(prompt, kw):
+                hits[role.name] = (role, kw)
+    return list(hits.values())
+
+
+def manner_score(prompt: str, roles: list[Role], name: str) -> tuple[float, str, str]:
+    """(score, piece, example): how much nearer the prompt's best piece is to one of role ``name``'s
+    examples than to the nearest plain request or plain question about the role's keywords."""
+    from .embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps or name not in space.manner:
+        return -1.0, "", ""
+    q = embed_many(ps)
+    labels, pos, neg = space.manner[name]
+    near = q @ pos.T
+    score = near.max(1) - (q @ neg.T).max(1)
+    i = int(np.argmax(score))
+    return float(score[i]), ps[i], labels[int(np.argmax(near[i]))]
+
+
+def fit_keyword_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
+    """The keyword threshold that routes the most of ``labelled`` keyword-hit prompts right (ties: the higher)."""
+    cases = [(p, want) for p, want in labelled if _keyword_hits(p, roles)]
+    candidates = sorted({round(s, 2) for p, _ in cases for r, _ in _keyword_hits(p, roles)
+                         for s in [manner_score(p, roles, r.name)[0]]} | {1.0})
+
+    def right(t: float) -> int:
+        return sum(((_keyword_asked_for(p, roles, t) or Route(BASE_ROLE, "")).role == want) or
+                   (_keyword_asked_for(p, roles, t) is None and want != BASE_ROLE) for p, want in cases)
+
+    return max(candidates, key=lambda t: (right(t), t))
+
+
+def _has_keyword(prompt: str, kw: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", prompt.lower()) is not None
 
 
 _CLAUSE = re.compile(r"[:;,.!?]|\b(?:then|and then)\b")
@@ -111,13 +185,16 @@ class Match:
 class _RoleSpace:
     """Role centroids in embedding space. Each role is the mean of its examples' *style* parts (for
     "Give me the answer as JSON: what is a cat?" the clause least like any plain request, "Give me
-    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py). The mean over
-    all of them is subtracted, so what every text shares does not count and what sets each apart
-    does."""
+    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py);
+    `topics` per role the mean of plain questions *about* its keywords (neutral_prompts.about). The
+    mean over all of them is subtracted, so what every text shares does not count and what sets
+    each apart does. A role scores by how much more a prompt is like it than like the nearer of
+    plain requests and plain questions about its keywords: its manner, not its subject."""
     shared: np.ndarray
     base: np.ndarray
     centroids: dict[str, np.ndarray]
     examples: dict[str, tuple[list[str], np.ndarray]]
+    manner: dict[str, tuple[list[str], np.ndarray, np.ndarray]]  # examples, their vectors, plain + about-keyword vectors
 
 
 _SPACES: dict[tuple, _RoleSpace] = {}
@@ -125,9 +202,9 @@ _SPACES: dict[tuple, _RoleSpace] = {}
 
 def _space(roles: list[Role]) -> _RoleSpace | None:
     from .embedder import embed_many
-    from .neutral_prompts import NEUTRAL_PROMPTS
+    from .neutral_prompts import NEUTRAL_PROMPTS, about
 
-    key = tuple((r.name, tuple(r.examples), r.description) for r in roles)
+    key = tuple((r.name, tuple(r.examples), r.description, tuple(r.keywords)) for r in roles)
     if key in _SPACES:
         return _SPACES[key]
     plain = embed_many(list(NEUTRAL_PROMPTS))
@@ -139,9 +216,15 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
         return None
     vectors = {n: embed_many(ts) for n, ts in texts.items()}
     shared = np.concatenate([plain, *vectors.values()]).mean(0)
-    space = _RoleSpace(shared, _unit(plain.mean(0) - shared),
-                       {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
-                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts})
+    base = _unit(plain.mean(0) - shared)
+    manner = {}
+    for r in roles:
+        if r.name in texts:
+            labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
+            manner[r.name] = (labels, embed_many(labels), np.concatenate([plain, embed_many(about(r.keywords))]))
+    space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
+                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
+                       manner)
     if len(_SPACES) > 8:
         _SPACES.clear()
     _SPACES[key] = space
@@ -161,18 +244,19 @@ def _style_part(example: str, plain: np.ndarray) -> str:
     return parts[int(np.argmin(closeness))]
 
 
-def most_similar_meaning(prompt: str, roles: list[Role]) -> Match | None:
-    """The (piece of the prompt, role) pair that stands out most from a plain request."""
+def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None) -> Match | None:
+    """The (piece of the prompt, role) pair that stands out most from a plain request (``only``:
+    that role's best piece)."""
     from .embedder import embed_many
 
     space = _space(roles)
     ps = pieces(prompt)
-    if space is None or not ps:
+    if space is None or not ps or (only is not None and only not in space.centroids):
         return None
     raw = embed_many(ps)
     q = raw - space.shared
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
-    names = list(space.centroids)
+    names = [only] if only is not None else list(space.centroids)
     over_plain = q @ np.array([space.centroids[n] for n in names]).T - (q @ space.base)[:, None]
     i, j = np.unravel_index(int(np.argmax(over_plain)), over_plain.shape)
     examples, vectors = space.examples[names[j]]
@@ -190,7 +274,7 @@ def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
     higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
     scored = []
     for prompt, want in labelled:
-        if _rules(prompt, roles) is None:
+        if _rules(prompt, roles, keywords_of_roles_with_examples=False) is None:
             best = most_similar_meaning(prompt, roles)
             if best is not None:
                 scored.append((best.score, best.role, want))
@@ -202,8 +286,10 @@ def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
     return max(candidates, key=lambda t: (right(t), t))
 
 
-def _rules(prompt: str, roles: list[Role]) -> Route | None:
-    """An explicit mention, then the manifests' regex and keyword rules."""
+def _rules(prompt: str, roles: list[Role], keywords_of_roles_with_examples: bool = True) -> Route | None:
+    """An explicit mention, then the manifests' regex and keyword rules. With
+    ``keywords_of_roles_with_examples`` off, a keyword decides only for a role without examples (a
+    role with examples is judged by meaning: whether its manner is asked for)."""
     low = prompt.lower()
     names = {r.name.lower(): r.name for r in roles}
     mention = re.search(r"(?:^|\s)@([a-z0-9][a-z0-9_.-]*)", low) or re.search(r"\b(?:as|in) (?:the |a )?([a-z0-9_.-]+) role\b", low)
@@ -214,8 +300,8 @@ def _rules(prompt: str, roles: list[Role]) -> Route | None:
 
     hits: list[tuple[int, str, str]] = []
     for role in roles:
-        for kw in role.keywords:
-            if re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", low):
+        for kw in role.keywords if keywords_of_roles_with_examples or not role.examples else ():
+            if _has_keyword(prompt, kw):
                 hits.append((len(kw), role.name, f"keyword '{kw}'"))
         for pattern in role.regex:
             if _regex_hit(pattern, prompt, role):
