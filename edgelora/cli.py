@@ -111,8 +111,9 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, model, adapters, usage, timings.")
 @click.option("-c", "--continue", "cont", is_flag=True, help="Continue the latest conversation (from the TUI or ask).")
 @click.option("--no-log", is_flag=True, help="Do not save this exchange in the history.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not print --role auto's choice and reason on stderr.")
 def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layers, n_ctx, n_threads, verbose, as_json,
-        no_stream, cont, no_log, **sampling):
+        no_stream, cont, no_log, quiet, **sampling):
     """Answer PROMPT once. Text piped on stdin goes before PROMPT."""
     from .config import load_config
     from .engine import Engine
@@ -182,7 +183,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     interrupted = False
     with _ctrl_c_cancels(eng) as stop:
         try:
-            for piece in session.stream_reply(reply):
+            for piece in session.stream_reply(reply, on_start=None if quiet else _say_route):
                 if not (as_json or no_stream):
                     click.echo(piece, nl=False)
                     sys.stdout.flush()
@@ -217,6 +218,11 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     eng.close()
     if interrupted:
         raise KeyboardInterrupt
+
+
+def _say_route(reply, chosen) -> None:
+    if chosen is not None:  # --role auto: one line on stderr, before the answer
+        click.echo(f"edgelora: auto -> {chosen.role} ({chosen.reason})", err=True)
 
 
 @contextlib.contextmanager

@@ -196,3 +196,16 @@ def test_the_model_loads_only_when_auto_is_used():
             "r.use('auto'); r.chat([{'role': 'user', 'content': 'hi'}], max_tokens=2); print(embedder.embedder.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "1"], out.stderr[-300:]
+
+
+def test_user_roles_route_by_the_manner_asked_for_not_the_subject_mentioned():
+    """The held-out user-roles set (tests/routing/heldout_user_roles.toml, written by someone else, never
+    tuned on): main's router got 66% with 65% of mentions/neutral prompts sent to a role. Today's router
+    gets 86.8% / 18.2%; the issue's target (>= 90%, <= 3%) is not met yet, so the margins guard the gain."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles("heldout_user_roles.toml")
+    assert result["accuracy"] >= 0.85, result["misses"]
+    assert result["neutral_to_style"] <= 0.25, result["misses"]
+    assert result["by_kind"]["bundled"] >= 0.9 and result["by_kind"]["cross"] >= 0.85
