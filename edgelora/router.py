@@ -186,10 +186,8 @@ class _RoleSpace:
     """Role centroids in embedding space. Each role is the mean of its examples' *style* parts (for
     "Give me the answer as JSON: what is a cat?" the clause least like any plain request, "Give me
     the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py);
-    `topics` per role the mean of plain questions *about* its keywords (neutral_prompts.about). The
-    mean over all of them is subtracted, so what every text shares does not count and what sets
-    each apart does. A role scores by how much more a prompt is like it than like the nearer of
-    plain requests and plain questions about its keywords: its manner, not its subject."""
+    `manner` holds, per role, its examples and the plain requests plus plain questions *about* its
+    keywords (neutral_prompts.about), for `manner_score`."""
     shared: np.ndarray
     base: np.ndarray
     centroids: dict[str, np.ndarray]
