@@ -10,8 +10,6 @@ with one ``alpha`` per file. So we write ``alpha = scaling_default * r_default``
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 from . import __version__
 from .errors import ConvertError
 from .gguf_header import GGUFHeader, GGUFHeaderError, read_header
+from .outputs import atomic_output, check_target
 from .peft_source import LoraModule, PeftSource, read_peft, sha256_file
 
 # Architectures whose HF -> GGUF conversion permutes q/k rows for llama.cpp's RoPE layout
@@ -201,24 +200,11 @@ def _permute(rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
 def check_output(plan: ConversionPlan, out: Path, *, force: bool = False) -> None:
     """Refuse outputs that would destroy something: the base, the PEFT sources, anything that is not
     a regular file, and (without ``force``) an existing file that is not a GGUF LoRA adapter."""
-    if out.is_dir():
+    if os.path.isdir(out):
         raise ConvertError(f"-o {out} is a folder; give a file name, e.g. {out / (plan.name + '.gguf')}")
-    if not out.parent.is_dir():
-        raise ConvertError(f"-o {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise ConvertError(f"-o {out}: folder {out.parent} is not writable")
-    if not out.exists() and not out.is_symlink():
-        return
-    target = out.resolve()
-    if target == Path(plan.base.path).resolve():
-        raise ConvertError(f"-o {out} is the base model; refusing to overwrite it")
-    source = Path(plan.source.path).resolve()
-    if target == source or source in target.parents:
-        raise ConvertError(f"-o {out} is inside the PEFT folder {plan.source.path}; refusing to overwrite the sources")
-    if not stat.S_ISREG(os.stat(out).st_mode):
-        raise ConvertError(f"-o {out} exists and is not a regular file; refusing to replace it")
-    if not force and not _is_lora_gguf(out):
-        raise ConvertError(f"-o {out} exists and is not a GGUF LoRA adapter; pass --force to replace it")
+    check_target(out, "-o", is_ours=_is_lora_gguf, ours="a GGUF LoRA adapter", force=force,
+                 protected=[(plan.base.path, "the base model"),
+                            (plan.source.path, f"inside the PEFT folder {plan.source.path}")])
 
 
 F16_MAX = float(np.finfo(np.float16).max)
@@ -245,37 +231,13 @@ def _is_lora_gguf(path: Path) -> bool:
         return False
 
 
-def _clean_stale_temps(out: Path) -> None:
-    """Temp files of interrupted conversions to the same output (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False, force: bool = False) -> Path:
     """Write atomically: a temp file in the destination folder, renamed over ``out`` at the end."""
     out = Path(out)
     check_output(plan, out, force=force)
     check_values(plan)
-    _clean_stale_temps(out)
     qtype = OUTTYPES[plan.outtype]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the adapter is an ordinary file
-    try:
+    with atomic_output(out, "-o") as tmp:
         writer = gguf.GGUFWriter(tmp, plan.base.architecture)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -297,10 +259,6 @@ def write_plan(plan: ConversionPlan, out: str | Path, *, progress: bool = False,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

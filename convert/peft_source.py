@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import regex
 from safetensors import safe_open
 
 from .errors import ConvertError
@@ -74,13 +75,21 @@ def peft_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def pattern_value(patterns: dict, key: str, default):
+# rank_pattern/alpha_pattern come from downloaded files: matched with a time limit, like routing
+# rules (router.py), since a backtracking pattern would hang the conversion.
+PATTERN_BUDGET_S = 0.5
+
+
+def pattern_value(patterns: dict, key: str, default, field: str = "rank_pattern/alpha_pattern"):
     """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
     for p in patterns:
         try:
-            hit = re.match(rf"(.*\.)?({p})$", key)
-        except re.error as exc:
-            raise ConvertError(f"pattern {p!r} in rank_pattern/alpha_pattern is not a valid regular expression ({exc})") from None
+            hit = regex.match(rf"(.*\.)?({p})$", key, timeout=PATTERN_BUDGET_S)
+        except regex.error as exc:
+            raise ConvertError(f"{field} pattern {p!r} is not a valid regular expression ({exc})") from None
+        except TimeoutError:
+            raise ConvertError(f"{field} pattern {p!r} took over {PATTERN_BUDGET_S:g} s matching {key!r} "
+                               "(catastrophic backtracking?); simplify it") from None
         if hit:
             return patterns[p]
     return default
@@ -157,8 +166,8 @@ def _check_config(config: dict, path: Path) -> None:
             raise ConvertError(f"{path}: '{key}' must be an object, got {type(config[key]).__name__}")
         for pattern, value in patterns.items():
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 raise ConvertError(f"{path}: {key} pattern {pattern!r} is not a valid regular expression ({exc})") from None
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
                     key == "rank_pattern" and (value <= 0 or not float(value).is_integer())) or (
@@ -228,12 +237,13 @@ def _pair_modules(tensors: dict[str, np.ndarray], config: dict, path: Path) -> l
         rank = a.shape[0]
         if rank == 0:
             raise ConvertError(f"{path}: {module} has rank 0")
-        want_r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        want_r = pattern_value(config.get("rank_pattern") or {}, module, config["r"], f"{path.parent / CONFIG}: rank_pattern")
         if rank != want_r:
             raise ConvertError(
                 f"{path}: {module} has rank {rank} in the weights but {want_r} in {CONFIG} (config and weights do not match)"
             )
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"],
+                                    f"{path.parent / CONFIG}: alpha_pattern"))
         modules.append(LoraModule(module, embedding, a, b, rank, alpha, peft_scaling(rank, alpha, rslora)))
     return modules
 

@@ -5,7 +5,10 @@ it was not generated with."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,7 +20,8 @@ from .session import Roles
 
 
 def label_for(role: str, out: Completion | None = None, adapters: list[dict] | None = None) -> str:
-    adapters = out.adapters if out is not None else adapters or []
+    if adapters is None:  # the caller's names win: the engine names a shared file after its first role
+        adapters = out.adapters if out is not None else []
     names = ", ".join(f"{a['name']}×{a['scale']:g}" for a in adapters) or "no adapter"
     speed = f" · {out.tokens_per_s:.0f} tok/s" if out is not None and out.tokens_per_s else ""
     return f"{role} · {names}{speed}"
@@ -25,6 +29,11 @@ def label_for(role: str, out: Completion | None = None, adapters: list[dict] | N
 
 AUTO_PREFIX = "auto → "  # a label's role part when 'auto' chose it: `-c` then continues in auto
 STOPPED = " · stopped"
+
+
+def is_stopped(label: str | None) -> bool:
+    """Whether a saved answer was stopped before its end (its label says so)."""
+    return bool(label) and label.endswith(STOPPED)
 
 
 def role_specs_from_label(label: str) -> list[str]:
@@ -66,7 +75,7 @@ class ChatSession:
     def resume(self, conversation_id: int) -> None:
         if self.history is None:
             raise EdgeloraError("no history store")
-        self.messages = [m.as_chat() for m in self.history.messages(conversation_id)]
+        self.messages = [m.as_chat() for m in self.history.messages(conversation_id) if not is_stopped(m.label)]
         self.conversation = conversation_id
         self.engine.new_conversation()
 
@@ -80,7 +89,7 @@ class ChatSession:
     def start_reply(self) -> Reply:
         if self.roles.auto:  # decided per prompt, once the reply starts: do not show the last role meanwhile
             return Reply(AUTO_PREFIX + "…", [])
-        return Reply(self.roles.current.label, self.engine.adapter_report())
+        return Reply(self.roles.current.label, self.roles.adapter_report())
 
     def stream_reply(self, reply: Reply, messages: list[dict] | None = None, on_start=None) -> Iterator[str]:
         """Pieces of the answer to the conversation. The answer is saved at the end, also when it was
@@ -89,7 +98,7 @@ class ChatSession:
         auto = self.roles.auto
         stream = self.roles.stream_chat(messages if messages is not None else self.messages, **self.sampling)
         reply.role = (AUTO_PREFIX if auto else "") + self.roles.current.label  # 'auto' decides inside stream_chat
-        reply.adapters = self.engine.adapter_report()
+        reply.adapters = self.roles.adapter_report()
         if on_start is not None:  # the role is decided (routed), the prompt not yet evaluated
             on_start(reply, self.roles.current.route if auto else None)
         try:
@@ -103,7 +112,8 @@ class ChatSession:
             if out is not None and out.finish_reason == "cancelled":
                 reply.stopped = True
             if messages is None and out is not None and out.text:
-                self.messages.append({"role": "assistant", "content": out.text})
+                if not reply.stopped:  # a stopped half answer is kept (saved, shown) but is no context:
+                    self.messages.append({"role": "assistant", "content": out.text})  # later answers imitate it
                 if self.history is not None and self.conversation is not None:
                     self.history.add(self.conversation, "assistant", out.text,
                                      label=reply.label + (STOPPED if reply.stopped else ""))
@@ -115,8 +125,20 @@ class ChatSession:
         return None
 
 
-SLASH_HELP = ("/role NAME · /mix a:0.5 b:0.5 · /base · /auto · /scale NAME S · /compare A B · /new · "
-              "/history · /rename TITLE · /export FILE.md")
+SLASH_COMMANDS = [  # (usage, what it does): /help shows them, an unknown command names them
+    ("/role NAME", "answer as this role from the next reply on"),
+    ("/mix a:0.5 b:0.5", "stack roles with weights"),
+    ("/scale NAME S", "change one active role's weight"),
+    ("/base", "the base model, no adapter"),
+    ("/auto", "pick a role for each prompt"),
+    ("/compare A B", "answer the last prompt with two roles side by side"),
+    ("/new", "start a new conversation"),
+    ("/history", "browse, search and resume conversations"),
+    ("/rename TITLE", "rename this conversation"),
+    ("/export FILE.md", "save this conversation as Markdown"),
+    ("/help", "this list"),
+]
+SLASH_HELP = " · ".join(usage for usage, _ in SLASH_COMMANDS)
 
 
 def parse_slash(text: str) -> tuple[str, list[str]]:
@@ -140,3 +162,25 @@ def role_specs_for(command: str, args: list[str]) -> list[str]:
     if command == "role" and len(args) != 1:
         raise EdgeloraError("/role takes one role name; use /mix to stack roles")
     return args
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(engine):
+    """For `ask` and the line chat: the first Ctrl+C stops the answer (prefill included) and keeps it;
+    a second one quits at once. Yields the event set by that first Ctrl+C."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        engine.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

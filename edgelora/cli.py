@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
+import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import click
 
+from .chat import ctrl_c_cancels as _ctrl_c_cancels
+from .completion import complete_model, complete_role
 from .errors import EdgeloraError
 
 EXIT_USER_ERROR = 2
+COMPLETE_VAR = "_EDGELORA_COMPLETE"  # click's shell completion switch for prog_name "edgelora"
 
 
 def parse_spec(spec: str, flag: str) -> tuple[str, float]:
@@ -29,7 +30,7 @@ def parse_spec(spec: str, flag: str) -> tuple[str, float]:
 
 
 def _model_option(f):
-    return click.option("-m", "--model", metavar="MODEL", help="GGUF path or catalog name (default: embedded SmolLM2).")(f)
+    return click.option("-m", "--model", metavar="MODEL", shell_complete=complete_model, help="GGUF path or catalog name (default: embedded SmolLM2).")(f)
 
 
 def _engine_options(f):
@@ -43,7 +44,7 @@ def _engine_options(f):
     return _model_option(f)
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgelora")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -55,23 +56,26 @@ def cli(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", help="Role(s) to start with; 'auto' routes per prompt.")
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", shell_complete=complete_role,
+              help="Role(s) to start with; 'auto' routes per prompt.")
 @click.option("--resume", type=int, metavar="ID", help="Resume a saved conversation (see `edgelora history list`).")
 @click.option("-c", "--continue", "cont", is_flag=True, help="Resume the latest conversation.")
-@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
+@click.option("--preload", multiple=True, metavar="ROLE", shell_complete=complete_role, help="Load these roles' adapters at start.")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens per answer [default: 256].")
+@click.option("--plain", is_flag=True, help="A line-by-line chat instead of the app (automatic when stdin or stdout is not a terminal).")
 @_engine_options
 def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temperature=None, max_tokens=None,
-         model=None, n_gpu_layers=0, n_ctx=4096, n_threads=None, verbose=False):
-    """Open the chat app: chat with the local model and switch roles mid-conversation."""
+         plain=False, model=None, n_gpu_layers=0, n_ctx=4096, n_threads=None, verbose=False):
+    """Open the chat app: chat with the local model and switch roles mid-conversation.
+
+    With --plain, or when stdin or stdout is not a terminal, a line chat: one prompt or /command per line."""
     from .chat import ChatSession
     from .config import load_config
     from .engine import Engine
     from .history import History
     from .session import Roles
-    from .tui.app import run_app
 
     config = load_config()
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
@@ -87,24 +91,39 @@ def chat(role_specs=(), resume=None, cont=False, preload=(), force=False, temper
         if history is None:
             raise EdgeloraError("save_history = false in the config: there is no history to resume")
         history.get(resume)  # a clear error before the screen opens
-    run_app(ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens), resume=resume)
+    session = ChatSession(roles, history, temperature=temperature, max_tokens=max_tokens)
+    if plain or not (_is_tty(sys.stdin) and _is_tty(sys.stdout)):
+        from .linechat import run_line_chat
+
+        if resume is not None:
+            session.resume(resume)
+        run_line_chat(session)
+    else:
+        from .tui.app import run_app
+
+        run_app(session, resume=resume)
     eng.close()
+
+
+def _is_tty(stream) -> bool:
+    return stream is not None and stream.isatty()
 
 
 @cli.command()
 @click.argument("prompt", required=False)
 @click.option("-s", "--system", help="System prompt (replaces the role's).")
-@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]",
+@click.option("--role", "role_specs", multiple=True, metavar="NAME[:W]", shell_complete=complete_role,
               help="Role to answer as (repeatable, stacked with weights); 'auto' picks one per prompt; a .toml path loads that manifest.")
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH[:SCALE]", help="Attach a GGUF LoRA adapter (repeatable).")
-@click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start (resident, not active).")
+@click.option("--preload", multiple=True, metavar="ROLE", shell_complete=complete_role,
+              help="Load these roles' adapters at start (resident, not active).")
 @click.option("--force", is_flag=True, help="Use roles made for another base (shape checks still run).")
 @_engine_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
-@click.option("--top-k", type=click.IntRange(min=0), default=None)
-@click.option("--min-p", type=click.FloatRange(0, 1), default=None)
-@click.option("--repeat-penalty", type=click.FloatRange(min=0), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="Nucleus sampling: keep the likeliest tokens up to this total probability.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Sample among the K likeliest tokens (0 = all).")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=None, help="Drop tokens less likely than this fraction of the likeliest.")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0), default=None, help="Penalty for repeating tokens (1 = none).")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate [default: 256].")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
@@ -124,7 +143,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if not text:
         raise click.UsageError("no prompt: give PROMPT or pipe text on stdin")
     raw = [parse_spec(s, "--adapter") for s in adapters]
-    paths = (_split_weight(s)[0] for s in role_specs)
+    paths = (_spec_name(s) for s in role_specs)
     manifests = [Path(p) for p in paths if p.endswith(".toml")]
 
     config = load_config()
@@ -137,12 +156,8 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
     if verbose:
         for name, paths in roles.catalog.shadowed.items():
             click.echo(f"edgelora: note: role '{name}' from the manifest given by path shadows {', '.join(map(str, paths))}", err=True)
-    specs = [_role_name(s, roles) for s in role_specs] or ["base"]
-    names = [_split_weight(s)[0] for s in specs]
-    if len(set(names)) < len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
-                                 param_hint="--role")
+    specs = _role_stack(role_specs, "--role") or ["base"]
+    names = [_spec_name(s) for s in specs]
     if AUTO in names and len(names) > 1:
         raise click.BadParameter("'auto' picks one role per prompt; it cannot be stacked", param_hint="--role")
     roles.preload(preload)
@@ -199,7 +214,7 @@ def ask(prompt, system, role_specs, adapters, preload, force, model, n_gpu_layer
             "model": str(eng.model_path),
             "role": roles.current.label,
             "route": {"role": chosen.role, "reason": chosen.reason} if chosen else None,
-            "adapters": out.adapters,
+            "adapters": roles.adapter_report(),  # named after the roles chosen (two roles may share one file)
             "finish_reason": "cancelled" if interrupted else out.finish_reason,
             "device": eng.device,
             "offload": eng.offload.as_dict(),
@@ -225,27 +240,6 @@ def _say_route(reply, chosen) -> None:
         click.echo(f"edgelora: auto -> {chosen.role} ({chosen.reason})", err=True)
 
 
-@contextlib.contextmanager
-def _ctrl_c_cancels(eng):
-    """First Ctrl+C: stop the answer (prefill included) and keep it; a second one quits at once."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def on_sigint(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        eng.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _unique_name(eng, stem: str) -> str:
     name, i = stem, 2
     while name in eng.resident:
@@ -253,19 +247,32 @@ def _unique_name(eng, stem: str) -> str:
     return name
 
 
-def _split_weight(spec: str) -> tuple[str, str]:
-    """'x.toml:0.5' -> ('x.toml', ':0.5'); 'x' -> ('x', '')."""
-    head, sep, tail = spec.rpartition(":")
-    return (head, sep + tail) if sep and tail.replace(".", "", 1).isdigit() else (spec, "")
+def _spec_name(spec: str) -> str:
+    """The role or manifest path of 'x:WEIGHT', by the one grammar roles use (-0.5 and 1e0 are weights too)."""
+    from .roles import parse_spec as parse_role_spec
+
+    return parse_role_spec(spec)[0]
+
+
+def _role_stack(specs, flag: str) -> list[str]:
+    """Role specs stacked as `ask --role` takes them: a manifest path becomes its role's name, a role
+    given twice is refused (its weight would be summed past what was asked)."""
+    specs = [_role_name(s, None) for s in specs]
+    names = [_spec_name(s) for s in specs]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise click.BadParameter(f"role '{dup}' is given twice; give it once with its weight (e.g. {dup}:0.5)",
+                                 param_hint=flag)
+    return specs
 
 
 def _role_name(spec: str, roles) -> str:
     """A manifest path in --role becomes the name of the role it defines."""
-    path, weight = _split_weight(spec)
+    path = _spec_name(spec)
     if path.endswith(".toml"):
         from .roles import load_manifest
 
-        return load_manifest(path).name + weight
+        return load_manifest(path).name + spec[len(path):]  # its ':WEIGHT' as given
     return spec
 
 
@@ -273,7 +280,7 @@ def _role_name(spec: str, roles) -> str:
 @_model_option
 @click.option("--n-gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), default=0, show_default=True,
               help="Also load the model with this many layers offloaded and report where llama.cpp put them.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable field names).")
 def doctor(model, n_gpu_layers, as_json):
     """Versions, llama.cpp backend build, GPU devices and offload, and the default model."""
     import importlib.metadata
@@ -310,6 +317,7 @@ def doctor(model, n_gpu_layers, as_json):
             report["offload"] = _offload_report(path, n_gpu_layers)
     except EdgeloraError as exc:
         report["model"] = {"error": str(exc)}
+    report["routing_model"] = _routing_model_report()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -323,16 +331,37 @@ def doctor(model, n_gpu_layers, as_json):
                     v = ", ".join(f"{d['name']} ({d['description']})" for d in v) or "none"
                 elif isinstance(v, dict):  # offload.model_buffers_mib
                     v = ", ".join(f"{name} {size} MiB" for name, size in v.items())
-                click.echo(f"{(key + '.' + k):<{width + 16}}  {v}")
+                click.echo(f"{(key + '.' + k):<{width + 16}}  {_doctor_text(key + '.' + k, v)}")
         else:
             click.echo(f"{key:<{width + 16}}  {', '.join(value) if isinstance(value, list) else value}")
     if "cpu" in report and not report["cpu"]["extra_buffers"]:
         click.echo(f"\nllama.cpp's extra CPU buffers (weight repacking, AMX) are off: {report['cpu']['reason']}.")
+    if not report["routing_model"]["installed"]:
+        click.echo(f"\n--role auto routes by word overlap only: {report['routing_model']['error']}.")
     if b.build == "CPU":
         click.echo("\nThis llama.cpp build runs on the CPU only; see README 'GPU offload' to build with CUDA, Metal or Vulkan.")
     elif not b.offload_devices:
         click.echo(f"\nThis llama.cpp build ({b.build}) sees no GPU device, so layers stay on the CPU"
                    + ("; a software Vulkan device (llvmpipe) is used only with GGML_VK_VISIBLE_DEVICES=0." if "Vulkan" in b.backends else "."))
+
+
+# Text mode only: what an unset value means (--json keeps null and "").
+DOCTOR_UNSET_TEXT = {"cpu.probe_s": "not run", "cpu.omp_wait_policy": "default (unset)",
+                     "cpu.gomp_spincount": "default (unset)"}
+
+
+def _doctor_text(key: str, value):
+    return DOCTOR_UNSET_TEXT[key] if value in (None, "") and key in DOCTOR_UNSET_TEXT else value
+
+
+def _routing_model_report() -> dict:
+    """Whether the sentence-embedding model `--role auto` routes with is installed (nothing is loaded)."""
+    from .embedder import DIST, EmbedderMissing, model_dir
+
+    try:
+        return {"installed": True, "package": DIST, "path": str(model_dir())}
+    except EmbedderMissing as exc:
+        return {"installed": False, "package": DIST, "error": str(exc)}
 
 
 def _why_no_offload() -> str:
@@ -371,9 +400,11 @@ def _cpu_report(model_path, info) -> dict:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def inspect(file, as_json):
-    """Metadata and tensors of a GGUF file (model or adapter)."""
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor and its shape.")
+@click.option("--metadata", "show_metadata", is_flag=True, help="Also list every metadata key.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything (metadata, tensors) as one JSON object.")
+def inspect(file, show_tensors, show_metadata, as_json):
+    """What a GGUF file is (model or adapter): type, architecture, rank, alpha, targets, size."""
     from .gguf_info import read_gguf
 
     info = read_gguf(file)
@@ -394,22 +425,25 @@ def inspect(file, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    click.echo(f"{info.path}  ({info.size / 1e6:.2f} MB, {len(info.tensors)} tensors)")
-    for k, v in report["metadata"].items():
-        click.echo(f"  {k} = {v}")
-    if "adapter" in report:
-        for k, v in report["adapter"].items():
-            click.echo(f"  [adapter] {k} = {v}")
-    click.echo("tensors:")
-    for k, v in report["tensors"].items():
-        click.echo(f"  {k:<40} {v}")
+    from .gguf_summary import summarize
+
+    for key, value in summarize(info):
+        click.echo(f"{key + ':':<15}{value}")
+    if show_metadata:
+        click.echo("metadata:")
+        for k, v in report["metadata"].items():
+            click.echo(f"  {k} = {v}")
+    if show_tensors:
+        click.echo("tensors:")
+        for k, v in report["tensors"].items():
+            click.echo(f"  {k:<40} {' x '.join(map(str, v))}")
 
 
 @cli.command()
 @click.argument("peft_dir", type=click.Path())
 @click.option("--base", metavar="BASE.gguf", help="Base GGUF to convert against (default: the embedded default base).")
 @click.option("-o", "--output", "out", metavar="OUT.gguf", help="Output file (default: <PEFT_DIR name>.gguf here).")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="Tensor type written.")
 @click.option("--name", help="general.name of the adapter (default: the folder's name).")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing -o file that is not a GGUF adapter.")
@@ -432,25 +466,28 @@ def convert(peft_dir, base, out, outtype, name, dry_run, force):
 
 
 @cli.command()
-@click.argument("role_specs", nargs=-1, required=True, metavar="ROLE...")
+@click.argument("role_specs", nargs=-1, required=True, metavar="ROLE...", shell_complete=complete_role)
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write (created if missing).")
-@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True, help="Output format.")
 @click.option("--hf-base", metavar="PATH_OR_REPO", help="The base in Hugging Face form, for vLLM (default: the repository the GGUF names).")
 @click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
+@click.option("--force", is_flag=True, help="Replace files and PEFT folders in --to that an earlier export did not write.")
 @_model_option
-def export(role_specs, to, fmt, hf_base, role_dirs, model):
-    """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, or a stack a:0.7+b:0.3)."""
-    from .export import export_roles
+def export(role_specs, to, fmt, hf_base, role_dirs, force, model):
+    """Roles -> PEFT LoRA folders, roles.json and a vLLM launch script (ROLE: a name, a manifest path, or a stack a:0.7+b:0.3)."""
+    from .config import load_config
+    from .export import export_roles, split_stack
     from .models import resolve_model
+    from .roles import RoleCatalog
+    from .session import default_folders
 
-    config, catalog = _catalog()
-    if role_dirs:
-        from .roles import RoleCatalog
-        from .session import default_folders
-
-        catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)])
+    parts = [split_stack(spec) for spec in role_specs]
+    manifests = [Path(_spec_name(p)) for stack in parts for p in stack if _spec_name(p).endswith(".toml")]
+    specs = ["+".join(_role_stack(stack, "ROLE")) for stack in parts]  # the rules `ask --role` applies
+    config = load_config()
+    catalog = RoleCatalog([*default_folders(config), *map(Path, role_dirs)], manifests=manifests)
     base_path = resolve_model(model or config.default_model)
-    doc = export_roles(list(role_specs), Path(to), catalog, base_path, hf_base=hf_base,
+    doc = export_roles(specs, Path(to), catalog, base_path, hf_base=hf_base, force=force,
                        progress=lambda msg: click.echo(msg, err=True))
     for name, role in doc["roles"].items():
         click.echo(f"{name:<24} {Path(to) / role['adapter']}  rank {role['rank']}  ({role['method']})")
@@ -483,7 +520,7 @@ def bench(as_json, model, tokens, repeat, sections, quick):
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; not loopback needs --api-key.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--role-dir", "role_dirs", multiple=True, type=click.Path(file_okay=False), help="Extra roles folder (repeatable).")
 @click.option("--preload", multiple=True, metavar="ROLE", help="Load these roles' adapters at start.")
 @click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY' (env EDGELORA_API_KEY).")
@@ -503,11 +540,14 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     from .config import load_config
     from .engine import Engine
     from .server import Service, build_app, is_loopback, loopback_hosts
-    from .server_extras import check_fallback_role
+    from .server_extras import check_cors_origins, check_fallback_role
     from .session import Roles
+    from .server_http import max_connections_for, uvicorn_settings
 
     if not is_loopback(host) and not api_key:
         raise click.BadParameter(f"binding {host} (not loopback) needs --api-key", param_hint="--host")
+    if (problem := check_cors_origins(cors_origins, api_key)) is not None:
+        raise click.BadParameter(problem, param_hint="--cors-origin")
     config = load_config()
     config.roles_dirs = [*config.roles_dirs, *role_dirs]
     eng = Engine(model or config.default_model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads,
@@ -526,7 +566,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
     click.echo(f"web page: http://{host}:{port}/" + (f"  unknown models answered by: {fallback_role}" if fallback_role else ""),
                err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",
+                **uvicorn_settings(max_connections=max_connections_for(max_queue)))
     eng.close()
 
 
@@ -538,15 +579,17 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, forc
               help="Role to carry, with the roles it includes (repeatable) [default: all of yours; bundled roles always travel].")
 @click.option("--python", metavar="3.X", help="Python version of the target [default: this one's].")
 @click.option("--find-links", multiple=True, metavar="DIR", help="Extra folder of wheels to take wheels from (repeatable).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier bundle (nothing else is replaced).")
+@click.option("--sign", metavar="KEY.pem", help="Sign SHA256SUMS with this ed25519 key (`adapters keygen`); "
+              "install.sh --trust KEY.pub checks it.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
-def bundle(out, models, roles, python, find_links, force, as_json):
+def bundle(out, models, roles, python, find_links, force, sign, as_json):
     """Write an offline bundle to OUT (a folder; OUT.tar.gz writes an archive): wheels, models, roles,
     SHA256SUMS and install.sh. Copy it to a machine with no network and run `sh install.sh` there."""
-    from .offline.build import build_bundle
+    from .offline.build import build_bundle, install_hint
 
     t0 = time.perf_counter()
-    result = build_bundle(out, models=models, roles=roles, python=python, find_links=find_links, force=force,
+    result = build_bundle(out, models=models, roles=roles, python=python, find_links=find_links, force=force, sign=sign,
                           progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -555,8 +598,7 @@ def bundle(out, models, roles, python, find_links, force, as_json):
     click.echo(f"wrote {result['path']}: {result['size_bytes'] / 1e6:.0f} MB, {len(result['wheels'])} wheels, "
                f"models {', '.join(m['name'] for m in result['models'])}, roles {roles_text} "
                f"(Python {result['python']}, {result['platform']}; {result['build_s']:.0f} s)")
-    click.echo(f"install it offline: sh {Path(result['path']).name}/install.sh" if not result["path"].endswith(("gz",))
-               else f"install it offline: tar xzf {Path(result['path']).name} && sh <folder>/install.sh")
+    click.echo(install_hint(result["path"]))
 
 
 # ---------------------------------------------------------------------------- roles
@@ -577,7 +619,7 @@ def roles():
 
 
 @roles.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the roles and problems as JSON.")
 def roles_list(as_json):
     """Every role, where it comes from, and problems found."""
     _, catalog = _catalog()
@@ -599,7 +641,7 @@ def roles_list(as_json):
 
 
 @roles.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_role)
 def roles_show(name):
     """One role's manifest, resolved."""
     _, catalog = _catalog()
@@ -623,20 +665,26 @@ def roles_show(name):
 
 @roles.command("add")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-def roles_add(manifest):
-    """Copy a role (manifest and adapter files) into your roles folder, after checking it."""
+@click.option("--name", help="Make a role of this name from an adapter .gguf (its sha256 and the base are pinned for you).")
+@click.option("--description", help="With --name: the role's description.")
+def roles_add(manifest, name, description):
+    """Copy a role (manifest and adapter files) into your roles folder, after checking it.
+    MANIFEST may also be an adapter .gguf with --name: the manifest is written for you."""
     from .gguf_info import read_gguf, validate_adapter
     from .models import resolve_model
     from .registry import verify_adapter_file
-    from .roles import load_manifest
+    from .roles import adapter_role, load_manifest
     from .session import user_roles_dir
     from .storage import install_role
 
     config, catalog = _catalog()
-    role = load_manifest(manifest)
+    if not name and manifest.lower().endswith(".gguf"):
+        raise EdgeloraError(f"{manifest} is an adapter, not a manifest; add --name NAME to make a role of it")
+    role = adapter_role(manifest, name, description, resolve_model(config.default_model)) if name else load_manifest(manifest)
     if role.name in catalog.found or role.name == "base":
         where = ", ".join(map(str, catalog.found.get(role.name, []))) or "built in"
-        raise EdgeloraError(f"role '{role.name}' already exists ({where}); rename it in {manifest}")
+        raise EdgeloraError(f"role '{role.name}' already exists ({where}); "
+                            + ("choose another --name" if name else f"rename it in {manifest}"))
     base = read_gguf(resolve_model(config.default_model))
     for adapter in role.adapters:
         verify_adapter_file(adapter, config)
@@ -646,8 +694,35 @@ def roles_add(manifest):
     click.echo(f"added role '{role.name}' -> {dest}")
 
 
-@roles.command("remove")
+@roles.command("train")
 @click.argument("name")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL or TOML of {prompt, answer[, system]} pairs.")
+@click.option("--eval", "n_eval", type=click.IntRange(min=0), default=4, show_default=True, help="Pairs held out to check the role.")
+@click.option("--rank", type=click.IntRange(1, 256), default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--targets", default="q_proj,v_proj,o_proj", show_default=True, help="Modules to adapt, comma-separated.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Passes over the training pairs (a fraction trains part of the last pass).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True, help="Learning rate.")
+@click.option("--batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Pairs per training step.")
+@click.option("--max-length", type=click.IntRange(min=8), default=512, show_default=True, help="Most tokens per pair (prompt + answer).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and the training.")
+@click.option("--description", help="The role's description [default: where it was trained from].")
+@click.option("--dry-run", is_flag=True, help="Check the data and print what would be trained and how long it takes.")
+@click.option("--force", is_flag=True, help="Replace your role of that name.")
+@_model_option
+def roles_train(name, data, n_eval, rank, alpha, targets, epochs, lr, batch, max_length, seed, description, dry_run,
+                force, model):
+    """Train a LoRA role NAME from a file of examples on this CPU, check it, and add it."""
+    from .train.cli import run_train
+
+    run_train(name=name, data=data, n_eval=n_eval, rank=rank, alpha=alpha, targets=targets, epochs=epochs, lr=lr,
+              batch=batch, max_length=max_length, seed=seed, description=description, dry_run=dry_run, force=force,
+              model=model)
+
+
+@roles.command("remove")
+@click.argument("name", shell_complete=complete_role)
 def roles_remove(name):
     """Remove a role you added (bundled roles cannot be removed)."""
     from .session import user_roles_dir
@@ -670,7 +745,7 @@ def adapters():
 
 
 @adapters.command("verify")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list: role, file, status.")
 def adapters_verify(as_json):
     """Check every known adapter against its manifest's sha256 (and signature)."""
     from .registry import verify_catalog
@@ -729,7 +804,7 @@ def models():
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 def models_list(as_json):
     """The catalog and pulled models: the name -m takes, whether it is installed, size, path."""
     from .models import local_models
@@ -772,11 +847,12 @@ def models_pull(name, file, revision):
 @models.command("rm")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def models_rm(name, yes):
+@click.option("--force", is_flag=True, help="Also remove the embedded default model.")
+def models_rm(name, yes, force):
     """Remove a pulled model: its pip packages and the files edgelora wrote (nothing else)."""
     from .models import removal_plan, remove_model
 
-    packages, files = removal_plan(name)
+    packages, files = removal_plan(name, force)
     listed = [*(f"pip package {p}" for p in packages), *map(str, files)]
     if not yes:
         if not sys.stdin.isatty():
@@ -785,7 +861,7 @@ def models_rm(name, yes):
         if not click.confirm("remove?"):
             click.echo("nothing removed")
             return 1
-    for line in remove_model(name):
+    for line in remove_model(name, force):
         click.echo(f"removed {line}")
 
 
@@ -842,20 +918,25 @@ def history():
 
 
 @history.command("list")
-@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="Most conversations to list.")
 def history_list(limit):
+    """Conversations, latest first: id, last change, messages, the role of the last answer, title."""
     from datetime import datetime
 
     from .history import History
 
-    for c in History().list(limit):
+    found = History().list(limit)
+    roles = [c.label.split(" · ", 1)[0] or "-" for c in found]
+    width = max(map(len, roles), default=0)
+    for c, role in zip(found, roles):
         when = datetime.fromtimestamp(c.updated).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{c.id:>5}  {when}  {c.n_messages:>3} msgs  {c.title}")
+        click.echo(f"{c.id:>5}  {when}  {c.n_messages:>3} msgs  {role:<{width}}  {c.title}")
 
 
 @history.command("show")
 @click.argument("conversation", type=int)
 def history_show(conversation):
+    """Print one conversation as Markdown, each answer labelled with its role."""
     from .history import History
 
     click.echo(History().export_markdown(conversation))
@@ -863,18 +944,53 @@ def history_show(conversation):
 
 @history.command("export")
 @click.argument("conversation", type=int)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
-def history_export(conversation, output):
+@click.option("-o", "--output", type=click.Path(), help="Write to a file instead of stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing -o file that is not an earlier export.")
+def history_export(conversation, output, force):
     """Export a conversation as Markdown."""
     from .history import History
 
-    text = History().export_markdown(conversation)
     if output:
-        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        History().write_export(conversation, Path(output), force=force, protected=_base_protected())
     else:
-        click.echo(text)
+        click.echo(History().export_markdown(conversation))
+
+
+def _base_protected() -> list[tuple[Path, str]]:
+    """The configured base model, never to be overwritten by an export (when it can be found)."""
+    from .config import load_config
+    from .models import resolve_model
+
+    try:
+        return [(resolve_model(load_config().default_model), "the base model")]
+    except EdgeloraError:
+        return []
+
+
+@history.command("rm")
+@click.argument("conversations", type=int, nargs=-1, required=True, metavar="ID...")
+@click.option("-y", "--yes", is_flag=True, help="Delete without asking.")
+def history_rm(conversations, yes):
+    """Delete conversations (asks first unless --yes). Also `history delete`."""
+    from .history import History
+
+    store = History()
+    doomed = [store.get(i) for i in dict.fromkeys(conversations)]  # an unknown id: one-line error, nothing deleted
+    if not yes:
+        titles = "; ".join(f"{c.id} '{c.title or 'untitled'}'" for c in doomed)
+        try:
+            sure = click.confirm(f"Delete {titles}?", default=False, err=True)
+        except click.exceptions.Abort:  # end of input: the answer is no
+            sure = False
+        if not sure:
+            click.echo("nothing deleted", err=True)
+            return
+    for c in doomed:
+        store.delete(c.id)
+        click.echo(f"deleted conversation {c.id}")
+
+
+history.add_command(history_rm, "delete")
 
 
 @history.command("search")
@@ -892,8 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import crashnote
 
     args = sys.argv[1:] if argv is None else argv
-    crashnote.report_previous_crashes(lambda line: click.echo(line, err=True))
-    crashnote.start(" ".join(a for a in args[:1] if not a.startswith("-")) or "chat")
+    if COMPLETE_VAR not in os.environ:  # a Tab press (shell completion) prints nothing but its words
+        crashnote.report_previous_crashes(lambda line: click.echo(line, err=True))
+        crashnote.start(" ".join(a for a in args[:1] if not a.startswith("-")) or "chat")
     try:
         rv = cli.main(args=argv, prog_name="edgelora", standalone_mode=False)
     except click.exceptions.Abort:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -121,10 +122,18 @@ def init_config(path: Path, *, force: bool = False) -> Path:
         raise ConfigError(f"{path} already exists; pass --force to replace it with the defaults")
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path}: the config path is not a regular file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(config_text(), "utf-8")
-    os.replace(tmp, path)
+    from .convert.errors import ConvertError
+    from .convert.outputs import atomic_output  # temp then rename; no temp left when it fails
+
+    text = config_text()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            tmp.write_text(text, "utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    except ConvertError as exc:
+        raise ConfigError(str(exc)) from None
     return path
 
 
@@ -145,6 +154,8 @@ def load_config(path: Path | None = None) -> Config:
         types = _TYPES[key]
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             raise ConfigError(f"{path}: '{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            raise ConfigError(f"{path}: '{key}' must be a finite number, got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: '{key}' must be a list of strings")
         values[key] = value

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import cache_dir
+from .convert.outputs import pid_alive
 
 
 def _folder() -> Path:
@@ -46,22 +47,13 @@ def start(command: str) -> None:
     atexit.register(finish)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def previous_crashes() -> list[str]:
     """One line per earlier run that died natively (each reported once)."""
     notes = []
     folder = _folder()
     for marker in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if not marker.stem.isdigit() or _alive(int(marker.stem)) or int(marker.stem) == os.getpid():
+        if not marker.stem.isdigit() or pid_alive(int(marker.stem)) or int(marker.stem) == os.getpid():
             continue
         fault = marker.with_suffix(".fault")
         try:

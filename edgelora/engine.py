@@ -184,6 +184,7 @@ class Engine:
         validate_base_model(self.base)  # what llama.cpp asserts on would kill the process
         n_threads = cpu.check_threads(n_threads)
         n_ctx = self._check_ctx(n_ctx)
+        gpu_adapters.setting()  # a bad EDGELORA_GPU_ADAPTERS is an error on every build, not only with a GPU
         # Decided before loading, outside this process when unknown: a crash here would kill the user's.
         self.cpu_path = cpu.decide(self.model_path, cpu_extra_buffers, self.base.metadata.get("general.file_type"))
         self.n_threads = n_threads
@@ -492,12 +493,27 @@ class Engine:
         names = sorted(self._control, key=len, reverse=True)  # longest first, as llama.cpp matches
         return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else re.compile("(?!)")
 
+    @functools.cached_property
+    def _prompt_chars_limit(self) -> int:
+        """No prompt longer than this fits the context: no token stands for more characters than its text."""
+        model = self.llama._model
+        longest = max((len(model.token_get_text(i)) for i in range(self.llama.n_vocab())), default=1)
+        return self.llama.n_ctx() * max(longest, 1)
+
     def _render(self, messages: list[dict]):
+        limit = self._prompt_chars_limit
+        if sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) > limit:
+            raise EdgeloraError(f"the messages are over {limit} characters; the context holds {self.llama.n_ctx()} "
+                                "tokens (raise --ctx)")
         try:
             return _within(TEMPLATE_BUDGET_S, lambda: self._formatter(messages=messages))
         except TimeoutError:
             raise ModelError(f"{self.model_path.name}: its chat template ran over {TEMPLATE_BUDGET_S:g} s "
                              "(a runaway loop?); use complete() or fix the template") from None
+        except _PromptTooLong:
+            raise ModelError(f"{self.model_path.name}: its chat template wrote over {limit} characters, more than "
+                             f"the {self.llama.n_ctx()}-token context can hold (a runaway loop?); use complete() or "
+                             "fix the template") from None
         except Exception as exc:  # the template may raise_exception() on bad roles/order
             raise EdgeloraError(f"chat template error: {exc}") from None
 
@@ -614,8 +630,17 @@ class Engine:
     def _watch_prefill(self, on: bool) -> None:
         """llama.cpp calls the abort callback between graph nodes: on only while the prompt is evaluated,
         so the Python round trip costs nothing per generated token."""
+        ctx = self._native_ctx()
+        if ctx is None:  # a stream closed after its engine (at exit, in whatever order the collector picks)
+            return
         cb = self._abort_cb if on else llama_cpp.ggml_abort_callback()
-        llama_cpp.llama_set_abort_callback(self.llama._ctx.ctx, cb, None)
+        llama_cpp.llama_set_abort_callback(ctx, cb, None)
+
+    def _native_ctx(self):
+        """llama.cpp's context, or None once freed: by close(), or by the Llama's own finalizer, which
+        the garbage collector may run before an open stream's cleanup or the engine's."""
+        llama = getattr(self, "llama", None)
+        return getattr(getattr(llama, "_ctx", None), "ctx", None)
 
     def _should_abort(self, _data) -> bool:
         try:
@@ -652,18 +677,22 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _chat_formatter(self):
-        template = self.llama.metadata.get("tokenizer.chat_template") or known_chat_template(self.model_path)
+    def _chat_formatter(self, template: str | None = None):
+        """The model's chat template (or ``template``; else the catalog's for a GGUF that lacks one),
+        its output bounded by what the context holds."""
+        template = template or self.llama.metadata.get("tokenizer.chat_template") or known_chat_template(self.model_path)
         if not template:
             return None
         model = self.llama._model
         eos_id, bos_id = model.token_eos(), model.token_bos()
-        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+        formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
             bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id],
         )
+        formatter._environment = _BoundedTemplate(formatter._environment, lambda: self._prompt_chars_limit)
+        return formatter
 
     def close(self) -> None:
         """Free adapters, then the model (adapters must go first: the model owns their list)."""
@@ -674,9 +703,11 @@ class Engine:
             self.kv_states.clear()
             self._active.clear()
             if self._resident:
-                self._apply()
-                for adapter in self._resident.values():
-                    llama_cpp.llama_adapter_lora_free(adapter.handle)
+                if self._native_ctx() is not None:
+                    self._apply()
+                if getattr(llama._model, "model", None) is not None:  # a freed model took its adapters with it
+                    for adapter in self._resident.values():
+                        llama_cpp.llama_adapter_lora_free(adapter.handle)
                 self._resident.clear()
             llama.close()
             self.llama = None  # type: ignore[assignment]
@@ -738,6 +769,27 @@ def _within(seconds: float, fn):
         return fn()
     finally:
         sys.settrace(previous)
+
+
+class _PromptTooLong(Exception):
+    pass
+
+
+class _BoundedTemplate:
+    """A compiled chat template whose output stops once it passes ``limit()`` characters: a
+    template's loop can write far more than any context holds (and fill memory) within its time bound."""
+
+    def __init__(self, template, limit):
+        self.template, self.limit = template, limit
+
+    def render(self, *args, **kwargs) -> str:
+        limit, size, pieces = self.limit(), 0, []
+        for piece in self.template.generate(*args, **kwargs):
+            size += len(piece)
+            if size > limit:
+                raise _PromptTooLong
+            pieces.append(piece)
+        return "".join(pieces)
 
 
 _MARK = "\x00edgelora-content-{}\x00"

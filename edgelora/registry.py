@@ -71,6 +71,10 @@ class Registry:
     def is_resident(self, adapter: RoleAdapter) -> bool:
         return adapter.sha256 in self._lru
 
+    def engine_name(self, adapter: RoleAdapter) -> str | None:
+        """The engine's name for this file: the first role that loaded it names it, shared by all."""
+        return self._lru.get(adapter.sha256)
+
     def ensure(self, adapter: RoleAdapter, role: Role) -> str:
         """Make an adapter resident (verify, validate, load) and return its engine name."""
         name = self._lru.get(adapter.sha256)

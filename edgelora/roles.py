@@ -7,6 +7,7 @@ or a wrong type is an error naming the file and the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -21,12 +22,21 @@ from .errors import EdgeloraError
 
 BASE_ROLE = "base"  # the role with no adapter
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HISTORY_MODES = ("all", "user", "none")  # what a role sees of earlier turns: all, only the user's, nothing
 SAMPLING_KEYS = {"temperature": (float, int), "top_p": (float, int), "top_k": (int,), "min_p": (float, int),
                  "repeat_penalty": (float, int), "max_tokens": (int,), "seed": (int,)}
 
 
 class RoleError(EdgeloraError):
     """A manifest or role reference that cannot be used."""
+
+
+class UnknownRoleError(RoleError):
+    """A role name no manifest defines (the server's 404, and where its fallback role applies)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,14 @@ class Role:
     keywords: list[str] = field(default_factory=list)
     regex: list[str] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    history: str = "all"
 
 
 BASE = Role(BASE_ROLE, None, description="The base model with no adapter")
 
 _SCHEMA = {
     "": {"name": str, "description": str, "system": str, "include": list, "adapters": list, "base": dict,
-         "sampling": dict, "routing": dict},
+         "sampling": dict, "routing": dict, "history": str},
     "adapters": {"file": str, "sha256": str, "scale": (float, int)},
     "base": {"architecture": str, "sha256": str},
     "routing": {"keywords": list, "regex": list, "examples": list},
@@ -64,14 +75,18 @@ _SCHEMA = {
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """'name' or 'name:weight' -> (name, weight)."""
+    """'name' or 'name:weight' -> (name, weight). A spec ending in .toml is a manifest path, whole:
+    a ':' in its folder names (./a:b/x.toml) is no weight; x.toml:0.5 is weighted."""
     name, sep, weight = spec.rpartition(":")
-    if not sep:
+    if not sep or spec.endswith(".toml"):
         return spec, 1.0
     try:
-        return name, float(weight)
+        value = float(weight)
     except ValueError:
-        raise RoleError(f"role '{spec}': the weight after ':' must be a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise RoleError(f"role '{spec}': the weight after ':' must be a finite number")
+    return name, value
 
 
 def _check(table: dict, schema: dict, where: str, path: Path) -> None:
@@ -82,6 +97,8 @@ def _check(table: dict, schema: dict, where: str, path: Path) -> None:
         if not isinstance(value, want) or (isinstance(value, bool) and bool not in (want if isinstance(want, tuple) else (want,))):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise RoleError(f"{path}: '{where}{key}' must be {names}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            raise RoleError(f"{path}: '{where}{key}' must be a finite number, got {value!r}")
 
 
 def _strings(value: list, key: str, path: Path) -> list[str]:
@@ -125,9 +142,15 @@ def load_manifest(path: str | Path) -> Role:
         if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             raise RoleError(f"{path}: 'adapters[{i}].sha256' must be 64 lowercase hex digits")
         adapters.append(RoleAdapter((path.parent / entry["file"]).resolve(), entry["sha256"], float(entry.get("scale", 1.0))))
-    include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
+    try:
+        include = [parse_spec(s) for s in _strings(data.get("include", []), "include", path)]
+    except RoleError as exc:
+        raise RoleError(f"{path}: 'include': {exc}") from None
     if not adapters and not include:
         raise RoleError(f"{path}: a role needs at least one [[adapters]] entry or an 'include'")
+    history = data.get("history", "all")
+    if history not in HISTORY_MODES:
+        raise RoleError(f"{path}: 'history' must be one of {', '.join(map(repr, HISTORY_MODES))}, got {history!r}")
     base = data.get("base", {})
     _check(base, _SCHEMA["base"], "base.", path)
     sampling = data.get("sampling", {})
@@ -152,6 +175,7 @@ def load_manifest(path: str | Path) -> Role:
         keywords=_strings(routing.get("keywords", []), "routing.keywords", path),
         regex=routing.get("regex", []),
         examples=_strings(routing.get("examples", []), "routing.examples", path),
+        history=history,
     )
 
 
@@ -167,6 +191,7 @@ class Resolved:
     adapters: list[tuple[RoleAdapter, float, Role]]  # (adapter, scale x weight, owning role)
     system: str | None
     sampling: dict
+    history: str = "all"  # the first role's, like its system prompt and sampling
 
     @property
     def label(self) -> str:
@@ -215,7 +240,7 @@ class RoleCatalog:
             return BASE
         paths = self.found.get(name)
         if not paths:
-            raise RoleError(f"unknown role '{name}' (known: {', '.join([BASE_ROLE, *self.names()])})")
+            raise UnknownRoleError(f"unknown role '{name}' (known: {', '.join([BASE_ROLE, *self.names()])})", name)
         if len(paths) > 1:
             raise RoleError(f"role '{name}' is defined more than once: {', '.join(map(str, paths))}; rename one")
         return self._roles[paths[0]]
@@ -243,6 +268,7 @@ class RoleCatalog:
             adapters=[tuple(v) for v in merged.values()],  # type: ignore[misc]
             system=first.system,
             sampling=dict(first.sampling),
+            history=first.history,
         )
 
     def _flatten(self, name: str, weight: float, stack: tuple[str, ...]):
@@ -255,3 +281,19 @@ class RoleCatalog:
             yield adapter, adapter.scale * weight, role
         for inner, w in role.include:
             yield from self._flatten(inner, weight * w, (*stack, name))
+
+
+def adapter_role(adapter: str | Path, name: str, description: str | None, base_path: Path) -> Role:
+    """A role of one adapter .gguf at scale 1, its sha256 and the base pinned: `roles add X.gguf --name N`."""
+    from .gguf_info import read_gguf, sha256_file, validate_adapter
+
+    path = Path(adapter).expanduser().resolve()
+    if not NAME_RE.match(name) or name in (BASE_ROLE, "auto"):
+        raise RoleError(f"--name {name!r} is not allowed (letters, digits, '_.-'; not 'base' or 'auto')")
+    if not path.is_file():
+        raise RoleError(f"{path}: no such file")
+    base = read_gguf(base_path)
+    validate_adapter(path, base)  # refused here, before anything is written
+    return Role(name=name, path=None, description=description or f"adapter {path.name}",
+                adapters=[RoleAdapter(path, sha256_file(path), 1.0)], base_architecture=base.architecture,
+                base_sha256=sha256_file(base_path))

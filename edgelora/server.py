@@ -39,26 +39,13 @@ from .engine import Engine
 from .errors import EdgeloraError
 from .gguf_info import validate_adapter
 from .registry import verify_adapter_file
-from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError
+from .roles import BASE_ROLE, Resolved, RoleCatalog, RoleError, UnknownRoleError
+from .server_requests import MAX_BODY_BYTES, APIError, _parse_json, _read_body, read_json  # noqa: F401 (APIError, read_json: also imported from here)
 from .session import AUTO, Active, Roles, default_folders
 
-MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 MAX_STOP = 4
-
-
-class APIError(Exception):
-    """An OpenAI-style error: status, message, type, param, code."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else changes state or generates
 
 
 @dataclass
@@ -139,7 +126,7 @@ def api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RoleError):
-        unknown = str(exc).startswith("unknown role")
+        unknown = isinstance(exc, UnknownRoleError)
         return APIError(404 if unknown else 400, str(exc), code="model_not_found" if unknown else None, param="model")
     code = "context_length_exceeded" if "the context holds" in str(exc) else None
     return APIError(400, str(exc), code=code)
@@ -153,7 +140,8 @@ def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False
     if value is None:
         return None
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= hi:
+    finite = not isinstance(value, float) or math.isfinite(value)  # an int of any size compares exactly
+    if isinstance(value, bool) or not ok or not finite or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
         raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, got {value!r}", param=key)
     return value
@@ -161,9 +149,12 @@ def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False
 
 def sampling_from(body: dict, n_ctx: int) -> dict:
     """The OpenAI sampling fields (and llama.cpp's extras) mapped onto the engine's, bounded."""
-    if body.get("n", 1) != 1:
+    n = body.get("n")  # null, like absent, means the default everywhere (as OpenAI's API)
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise APIError(400, "'n' must be 1: one answer per request", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -192,6 +183,8 @@ def messages_from(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise APIError(400, f"messages[{i}]: 'role' must be system, user or assistant", param="messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # OpenAI's assistant turns may carry no content
+            content = ""
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
@@ -335,7 +328,7 @@ class Service:
     def check_request(self, body: dict) -> None:
         """What can be refused before queueing: the field types, and a role the catalog does not
         know (checked again when the request runs: a reload may come in between)."""
-        if "stream" in body and not isinstance(body["stream"], bool):
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise APIError(400, "'stream' must be true or false", param="stream")
         if not isinstance(body.get("stream_options") or {}, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
@@ -359,7 +352,7 @@ class Service:
 
         def run(emit):
             active = self.select(served.get("model"), body.get("lora"), last_user)
-            server_extras.note_answer(body, active, fallback)
+            server_extras.note_answer(run, body.get("model"), active, fallback)
             for piece in self.roles.stream_chat(messages, **sampling):
                 emit(piece)
             return self._result(active, fallback)
@@ -374,7 +367,7 @@ class Service:
 
         def run(emit):
             active = self.select(served.get("model"), body.get("lora"), prompt)
-            server_extras.note_answer(body, active, fallback)
+            server_extras.note_answer(run, body.get("model"), active, fallback)
             merged = {**active.resolved.sampling, **sampling}
             for piece in self.engine.stream_complete(prompt, **merged):
                 emit(piece)
@@ -391,7 +384,7 @@ class Service:
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                       "total_tokens": out.prompt_tokens + out.completion_tokens,
                       "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
-            "edgelora": {"role": active.label, "adapters": out.adapters,
+            "edgelora": {"role": active.label, "adapters": self.roles.adapter_report(),
                          "route": {"role": active.route.role, "reason": active.route.reason} if active.route else None,
                          "ttft_s": round(out.ttft_s, 4), "tokens_per_s": round(out.tokens_per_s, 2)},
         }
@@ -475,29 +468,12 @@ def _lora_scales(lora: object) -> dict[int, float]:
     for item in lora:
         if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
             raise APIError(400, "'lora' items need an integer 'id'", param="lora")
-        scale = _number(item, "scale", -4, 4) if "scale" in item else 1.0
-        scales[item["id"]] = float(scale)
+        scale = _number(item, "scale", -4, 4)
+        scales[item["id"]] = 1.0 if scale is None else float(scale)
     return scales
 
 
 # ---------------------------------------------------------------------------- HTTP
-
-
-async def read_json(request: Request) -> dict:
-    """The request body as a JSON object, read with a size bound."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks) or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
 
 
 def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
@@ -516,7 +492,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
             first = [True]
 
             def piece(text):
-                base["model"] = server_extras.response_model(body, base["model"])  # 'auto': the routed role
+                base["model"] = server_extras.response_model(run, body.get("model"), base["model"])  # 'auto': the routed role
                 choice = {"text": text}
                 if chat:
                     choice = {"delta": {"role": "assistant", "content": text} if first[0] else {"content": text}}
@@ -525,7 +501,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
 
             def finish(result):
                 server_extras.log_answer(service, request, result)
-                base["model"] = server_extras.response_model(body, base["model"])
+                base["model"] = server_extras.response_model(run, body.get("model"), base["model"])
                 choice = {"delta": {}} if chat else {"text": ""}
                 return {**base, "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
                         "edgelora": result["edgelora"]}
@@ -540,7 +516,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         if result is None:
             return Response(status_code=499)  # the client went away: nobody reads this
         server_extras.log_answer(service, request, result)
-        base["model"] = server_extras.response_model(body, base["model"])
+        base["model"] = server_extras.response_model(run, body.get("model"), base["model"])
         choice = {"message": {"role": "assistant", "content": result["text"]}} if chat else {"text": result["text"]}
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
                              "choices": [{"index": 0, **choice, "finish_reason": result["finish_reason"]}],
@@ -555,11 +531,7 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         return await respond("completion", request, body, service.completion_job(body))
 
     async def models(request: Request):
-        rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
-                {"id": AUTO, "description": "a role chosen per request from the prompt"}]
-        rows += [{"id": r.name, "description": r.description} for r in service.roles.catalog.roles()]
-        return JSONResponse({"object": "list", "data": [
-            {"object": "model", "created": service.created, "owned_by": "edgelora", **row} for row in rows]})
+        return JSONResponse({"object": "list", "data": server_extras.model_rows(service)})
 
     async def health(request: Request):
         w = service.worker
@@ -606,6 +578,9 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
     async def on_http_error(request: Request, exc):
         return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
 
+    async def on_bug(request: Request, exc: Exception):  # ours, not the client's: still an OpenAI-style body
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
     from starlette.exceptions import HTTPException
 
     routes = [
@@ -619,33 +594,30 @@ def build_app(service: Service, *, api_key: str | None = None, allowed_hosts: li
         Route("/v1/roles/{name}/{action}", role_action, methods=["POST"]),
         *server_extras.extra_routes(service),  # llama-server's native endpoints, /v1/models/{id}, the web page
     ]
-    middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)]
+    middleware = [Middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)]
     if request_log:
         middleware.insert(0, Middleware(server_extras.RequestLog))
     if cors_origins:
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                         allow_headers=["Authorization", "Content-Type"]))
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
+                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_bug})
 
 
 async def _json_any(request: Request):
-    body = b"".join([c async for c in request.stream()])
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON ({exc})") from None
+    return _parse_json(await _read_body(request))
 
 
 class Guard:
-    """Host header (no DNS rebinding from a browser page), API key, and declared body size."""
+    """Host header (no DNS rebinding from a browser page), Origin and Content-Type of requests that
+    change state or generate (no cross-site requests from a browser page), API key, and declared
+    body size."""
 
-    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None):
+    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None, cors_origins: list[str] | None = None):
         self.app = app
         self.api_key = api_key
         self.allowed_hosts = allowed_hosts  # None: any host (a key is required then)
+        self.cors_origins = {o.rstrip("/").lower() for o in cors_origins or ()}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -663,12 +635,47 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if scope["method"] not in SAFE_METHODS:
+            problem = self._cross_site(scope, headers)
+            if problem is not None:
+                return problem
+        if self.api_key and scope["method"] != "OPTIONS" and not _public(scope):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                 type="authentication_error", code="invalid_api_key")
         return None
+
+    def _cross_site(self, scope, headers) -> APIError | None:
+        """A web page can make a browser send a "simple" POST anywhere, the Host header naming this
+        server and no preflight: refuse it unless its Origin is this server's own or one allowed by
+        --cors-origin; and refuse a body not declared JSON (a form or text/plain, what such a
+        request can carry without a preflight)."""
+        origin = headers.get("origin")
+        if origin is None and headers.get("sec-fetch-site") == "cross-site":
+            origin = "null"  # a cross-site request whose origin the browser kept back
+        if origin is not None and not self._origin_allowed(origin, scope, headers):
+            return APIError(403, f"requests from the web page at Origin '{origin}' are refused; allow that origin "
+                                 f"with `edgelora serve --cors-origin {origin}`", type="permission_error",
+                            code="bad_origin")
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and media_type != "application/json":
+            return APIError(415, f"the request body must be sent as Content-Type: application/json "
+                                 f"(got '{media_type or 'none'}')", code="unsupported_media_type")
+        return None
+
+    def _origin_allowed(self, origin: str, scope, headers) -> bool:
+        origin = origin.rstrip("/").lower()
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()  # a page this server served
+        return origin == own or origin in self.cors_origins or "*" in self.cors_origins
+
+
+def _public(scope) -> bool:
+    """What needs no API key: /health, and the web page's own files (nothing secret in them; a browser
+    cannot send a key when it opens a URL, so the page asks for it and sends it on its API calls)."""
+    path = scope["path"]
+    return path == "/health" or (scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/web/")))
 
 
 def _host_name(host: str) -> str:

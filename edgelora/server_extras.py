@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,37 +19,50 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .roles import BASE_ROLE, RoleError
+from .roles import BASE_ROLE, RoleError, UnknownRoleError
+from .server_requests import APIError, read_json
 from .session import AUTO
 
 WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # The page loads only its own files and talks only to this server.
-PAGE_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"
+# No other site may frame it (clickjacking its Send and Stop buttons).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
+LOG_PATH_SAFE = "/:@!$&'()*+,;=~"  # what stays as is in a logged path; the rest is %-quoted, as uvicorn's access log
 QUIET_PATHS = {"/health", "/metrics", "/", "/favicon.ico"}  # polled or static: not worth a log line
-ANSWERED = "_edgelora_answered_by"  # set on the request body by the worker once a role is chosen
 
 
 # ---------------------------------------------------------------------------- fallback role
 
 
 def fallback_note(service, model: object) -> dict | None:
-    """For a plain name the catalog does not know (a client hard-wired to 'gpt-4o-mini'), the
-    fallback role that answers instead, when the operator set one. Stacks (a+b, a:0.5) never fall
-    back: that grammar is ours, so a typo in it is the user's to see."""
+    """For a name the catalog does not know (a client hard-wired to 'gpt-4o-mini' or Ollama's
+    'llama3:8b'), the fallback role that answers instead, when the operator set one. Stacks (a+b)
+    never fall back, nor a known role with a weight ('pirate:0.5', 'pirate:abc'): that grammar is
+    ours, so a typo in it is the user's to see."""
     fallback = getattr(service, "fallback_role", None)
-    if not fallback or not isinstance(model, str) or "+" in model or ":" in model:
+    if not fallback or not isinstance(model, str) or "+" in model:
         return None
     if model in (None, "", service.model_id, "default", AUTO, BASE_ROLE):
         return None
-    try:
-        service.roles.catalog.resolve([model])
+    if not _unknown_name(service.roles.catalog, model):
         return None
-    except RoleError as exc:
-        if not str(exc).startswith("unknown role"):
-            return None
     return {"requested": model, "role": fallback,
             "note": f"no role named '{model}': answered by the fallback role '{fallback}' (serve --fallback-role)"}
+
+
+def _unknown_name(catalog, model: str) -> bool:
+    """No role answers to this name, read as 'name' or 'name:weight'."""
+    name = model.rpartition(":")[0] or model
+    try:
+        catalog.resolve([model])
+        return False
+    except UnknownRoleError as exc:  # not a known role that includes an unknown one: the operator's to fix
+        return exc.name in (model, name)
+    except RoleError:  # 'llama3:8b': no weight after ':', so no stack of ours unless the name is a role
+        return name != BASE_ROLE and name not in catalog.names()
 
 
 def with_fallback(service, body: dict) -> tuple[dict, dict | None]:
@@ -72,20 +86,29 @@ def check_fallback_role(catalog, name: str | None) -> None:
         catalog.resolve([name])  # RoleError: unknown role 'x' (known: ...)
 
 
+def check_cors_origins(origins, api_key: str | None) -> str | None:
+    """'*' lets every web site a visitor opens drive the server from their browser: only behind a
+    key, which a page cannot send without being given it."""
+    if "*" in origins and not api_key:
+        return "'*' would let every web site drive this server from its visitors' browsers; name the origins, or set --api-key"
+    return None
+
+
 # ---------------------------------------------------------------------------- the answer's model and log line
 
 
-def note_answer(body: dict, active, fallback: dict | None) -> None:
-    """Worker thread, once the role is chosen: remember which role answers when the request did
-    not name it ('auto', or a name that fell back)."""
-    if body.get("model") == AUTO or fallback:
-        body[ANSWERED] = active.label
+def note_answer(run, model: object, active, fallback: dict | None) -> None:
+    """Worker thread, once the role is chosen: remember on the job's own function (never on the
+    client's body) which role answers when the request did not name it ('auto', or a fallback)."""
+    if model == AUTO or fallback:
+        run.answered_by = active.label
 
 
-def response_model(body: dict, default: str) -> str:
+def response_model(run, requested: object, default: str) -> str:
     """The response's `model`: the role that answered for 'auto' and for a fallback, otherwise
     what the client asked for, as OpenAI servers echo it."""
-    return body.get(ANSWERED) or body.get("model") or default
+    answered = getattr(run, "answered_by", None)
+    return answered or (requested if isinstance(requested, str) and requested else default)
 
 
 @dataclass
@@ -161,12 +184,19 @@ class RequestLog:
         state["edgelora_logged"] = True
         ms = (time.perf_counter() - t0) * 1000
         extra = state.get("edgelora_log", "")
-        line = f"{time.strftime('%H:%M:%S')} {scope['method']} {scope['path']} {status} {extra + ' ' if extra else ''}{ms:.0f} ms"
+        path = quote(scope["path"], safe=LOG_PATH_SAFE)  # decoded by uvicorn: any web page can put ESC in it
+        line = printable(f"{time.strftime('%H:%M:%S')} {scope['method']} {path} {status} "
+                         f"{extra + ' ' if extra else ''}{ms:.0f} ms")
         stream = self.stream or sys.stderr
         try:
             print(line, file=stream, flush=True)
         except (OSError, ValueError):  # a closed terminal must not fail the request
             pass
+
+
+def printable(text: str) -> str:
+    """Control characters (terminal escapes, newlines) shown as escapes, never written raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # ---------------------------------------------------------------------------- evicting a role
@@ -193,13 +223,7 @@ def evict_role(service, resolved) -> dict:
 # ---------------------------------------------------------------------------- llama-server's endpoints
 
 
-def _api_error(*args, **kw):
-    from .server import APIError  # server imports this module: import late
-
-    return APIError(*args, **kw)
-
-
-def _model_rows(service) -> list[dict]:
+def model_rows(service) -> list[dict]:
     rows = [{"id": BASE_ROLE, "description": "the base model with no adapter"},
             {"id": AUTO, "description": "a role chosen per request from the prompt"}]
     rows += [{"id": r.name, "description": r.description} for r in service.roles.catalog.roles()]
@@ -211,10 +235,10 @@ def extra_routes(service) -> list[Route]:
 
     async def model_one(request: Request):
         wanted = request.path_params["model"]
-        for row in _model_rows(service):
+        for row in model_rows(service):
             if row["id"] == wanted:
                 return JSONResponse(row)
-        raise _api_error(404, f"unknown model '{wanted}'; GET /v1/models lists the roles", param="model",
+        raise APIError(404, f"unknown model '{wanted}'; GET /v1/models lists the roles", param="model",
                          code="model_not_found")
 
     async def props(request: Request):
@@ -238,26 +262,26 @@ def extra_routes(service) -> list[Route]:
         return PlainTextResponse(metrics_text(service), media_type="text/plain; version=0.0.4")
 
     async def tokenize(request: Request):
-        body = await _body(request)
+        body = await read_json(request)
         content = body.get("content")
         if not isinstance(content, str):
-            raise _api_error(400, "'content' must be a string", param="content")
+            raise APIError(400, "'content' must be a string", param="content")
         ids = engine.tokenize(content, add_bos=bool(body.get("add_special", False)), special=True)
         if body.get("with_pieces"):
             return JSONResponse({"tokens": [{"id": t, "piece": _piece(engine, t)} for t in ids]})
         return JSONResponse({"tokens": ids})
 
     async def detokenize(request: Request):
-        body = await _body(request)
+        body = await read_json(request)
         tokens, n_vocab = body.get("tokens"), engine.llama.n_vocab()
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab
                                                     for t in tokens):
-            raise _api_error(400, f"'tokens' must be a list of token ids from 0 to {n_vocab - 1}", param="tokens")
+            raise APIError(400, f"'tokens' must be a list of token ids from 0 to {n_vocab - 1}", param="tokens")
         text = engine.llama.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         return JSONResponse({"content": text})
 
     async def completion(request: Request):
-        return await native_completion(service, request, await _body(request))
+        return await native_completion(service, request, await read_json(request))
 
     return [
         Route("/v1/models/{model:path}", model_one, methods=["GET"]),
@@ -268,12 +292,6 @@ def extra_routes(service) -> list[Route]:
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/completion", completion, methods=["POST"]),
     ] + web_routes()
-
-
-async def _body(request: Request) -> dict:
-    from .server import read_json
-
-    return await read_json(request)
 
 
 def _piece(engine, token: int) -> str:
@@ -334,7 +352,7 @@ def openai_body_from_native(body: dict) -> dict:
     n_predict = body.get("n_predict")
     if n_predict is not None:
         if isinstance(n_predict, bool) or not isinstance(n_predict, int) or n_predict < -1 or n_predict == 0:
-            raise _api_error(400, f"'n_predict' must be -1 (to the context's end) or a positive integer, got {n_predict!r}",
+            raise APIError(400, f"'n_predict' must be -1 (to the context's end) or a positive integer, got {n_predict!r}",
                              param="n_predict")
         out["max_tokens"] = 1 << 24 if n_predict == -1 else n_predict  # the engine stops at the context's end
     if out.get("seed") == -1:
@@ -361,11 +379,11 @@ async def native_completion(service, request: Request, body: dict):
         if result is None:
             return Response(status_code=499)
         log_answer(service, request, result)
-        return JSONResponse(native_result(result, response_model(openai_body, service.model_id)))
+        return JSONResponse(native_result(result, response_model(run, openai_body.get("model"), service.model_id)))
 
     def finish(result):  # the text came in the pieces: the last event carries only the totals
         log_answer(service, request, result)
-        return {**native_result(result, response_model(openai_body, service.model_id)), "content": ""}
+        return {**native_result(result, response_model(run, openai_body.get("model"), service.model_id)), "content": ""}
 
     events = await service.stream_job(run, request, lambda text: {"content": text, "stop": False}, finish,
                                       lambda result: None, False)
@@ -386,12 +404,12 @@ async def native_completion(service, request: Request, body: dict):
 def web_routes() -> list[Route]:
     async def index(request: Request):
         return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8",
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+                            headers=PAGE_HEADERS)
 
     async def asset(request: Request):
         name = request.path_params["name"]
         if name not in WEB_FILES:  # a fixed list: no path from the URL ever reaches the file system
-            raise _api_error(404, f"no such file '/web/{name}'")
+            raise APIError(404, f"no such file '/web/{name}'")
         return FileResponse(WEB_DIR / name, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
 
     return [Route("/", index, methods=["GET"]), Route("/web/{name}", asset, methods=["GET"])]

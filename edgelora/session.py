@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import Config, data_dir, load_config
 from .engine import Completion, Engine
 from .registry import Registry
-from .roles import BASE_ROLE, Resolved, RoleCatalog, bundled_dir
+from .roles import BASE_ROLE, Resolved, Role, RoleAdapter, RoleCatalog, bundled_dir
 from .router import Route, route
 
 AUTO = "auto"
@@ -43,6 +43,22 @@ class Active:
         return self.resolved.label
 
 
+def adapter_label(adapter: RoleAdapter, role: Role) -> str:
+    """How an adapter of a role is shown: the role's name (its file's stem too when it has several)."""
+    return role.name if len(role.adapters) == 1 else f"{role.name}.{adapter.file.stem}"
+
+
+def earlier_turns_seen(messages: Sequence[dict], history: str) -> list[dict]:
+    """What a role's ``history`` setting lets it see: 'all' turns, only the 'user' turns before the last
+    prompt, or 'none' (a fresh context). System messages and the last prompt are always kept."""
+    msgs = list(messages)
+    if history == "all":
+        return msgs
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=len(msgs))
+    keep = ("system", "user") if history == "user" else ("system",)
+    return [m for i, m in enumerate(msgs) if i >= last or m.get("role") in keep]
+
+
 class Roles:
     """>>> roles = Roles(Engine()); roles.use("pirate"); roles.chat([{"role": "user", "content": "hi"}])"""
 
@@ -72,6 +88,13 @@ class Roles:
         self.current = Active(resolved)
         return self.current
 
+    def adapter_report(self) -> list[dict]:
+        """The engine's active adapters, each named after the selected role that uses it. Roles sharing
+        one file share one loaded adapter, named after whichever loaded it first: never show that name."""
+        shown = {self.registry.engine_name(adapter): adapter_label(adapter, role)
+                 for adapter, _, role in self.current.resolved.adapters}
+        return [{**entry, "name": shown.get(entry["name"], entry["name"])} for entry in self.engine.adapter_report()]
+
     def preload(self, specs: Sequence[str]) -> None:
         for spec in specs:
             self.registry.preload(self.catalog.resolve([spec]))
@@ -96,7 +119,7 @@ class Roles:
             resolved = self.catalog.resolve([chosen.role])
             self.registry.apply(resolved)
             self.current = Active(resolved, chosen)
-        msgs = list(messages)
+        msgs = earlier_turns_seen(messages, self.current.resolved.history)
         system = self.current.resolved.system
         if system and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": system})

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import AdapterError
+from .trust import check_regular_file
 
 
 class SignatureError(AdapterError):
@@ -27,13 +28,20 @@ def sig_path(file: Path) -> Path:
 
 def keygen(private_path: Path) -> str:
     """Write a new private key (PEM, mode 600) and return the public key to trust (base64)."""
-    if private_path.exists():
+    if os.path.lexists(private_path):
         raise SignatureError(f"{private_path} already exists; not overwriting a key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:  # no such folder, not writable, name too long
+        raise SignatureError(f"{private_path}: cannot create the key file ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+    except OSError as exc:  # disk full: no half-written key left behind
+        private_path.unlink(missing_ok=True)
+        raise SignatureError(f"{private_path}: cannot write the key ({exc.strerror})") from None
     return public_key_b64(key)
 
 
@@ -43,6 +51,7 @@ def public_key_b64(key: Ed25519PrivateKey) -> str:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    check_regular_file(Path(path), "(the --key)")  # a FIFO would block, /dev/zero never end
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -53,13 +62,32 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def sign(file: Path, private_key: Path) -> Path:
+    """Write FILE.sig; an existing .sig is replaced only if it holds a signature."""
+    from .convert.errors import ConvertError
+    from .convert.outputs import atomic_output, check_target
+
+    file = Path(file)
+    check_regular_file(file)
     key = load_private_key(private_key)
-    signature = base64.b64encode(key.sign(Path(file).read_bytes())).decode()
-    out = sig_path(Path(file))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(signature + "\n")
-    os.replace(tmp, out)
+    out = sig_path(file)
+    try:
+        check_target(out, "", is_ours=_is_signature, ours="a signature", hint="move it away to sign again")
+        signature = base64.b64encode(key.sign(file.read_bytes())).decode()
+        with atomic_output(out) as tmp:
+            tmp.write_text(signature + "\n")
+    except ConvertError as exc:
+        raise SignatureError(str(exc)) from None
+    except OSError as exc:
+        raise SignatureError(f"{file}: cannot read it ({exc.strerror})") from None
     return out
+
+
+def _is_signature(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return len(base64.b64decode(fh.read(200).strip(), validate=True)) == 64  # ed25519
+    except (OSError, ValueError):
+        return False
 
 
 HOW_TO_TRUST = ("add the signer's public key (printed by `edgelora adapters keygen`) to trusted_keys "

@@ -48,14 +48,52 @@ def manifest_text(role: Role, files: dict[Path, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_NAME_BYTES = 200  # the role's folder, manifest and their temp files must fit a file name (255 bytes)
+
+
 def install_role(role: Role, roles_dir: Path) -> Path:
     """Copy the role's adapters (and signatures), then write its manifest, then read it back: a
     role that would not load as written is removed again and refused."""
+    if len(role.name.encode()) > MAX_NAME_BYTES:
+        raise RoleError(f"{role.path}: name is {len(role.name.encode())} bytes long; a role name may have "
+                        f"at most {MAX_NAME_BYTES}")
+    try:
+        return _install(role, roles_dir)
+    except OSError as exc:  # read-only or full disk, a file name too long
+        raise RoleError(f"cannot add role '{role.name}' to {roles_dir}: {exc.strerror or exc}"
+                        + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+def place_taken(name: str, roles_dir: Path, replaces: Path | None = None) -> str | None:
+    """Why roles_dir/NAME.toml and roles_dir/NAME cannot be (re)written for role NAME, or None.
+    Only a manifest of a role named NAME (``replaces``, when given) and its folder may be replaced:
+    a file of the user's own (another name inside, a broken manifest, a stray folder) never is."""
+    folder, manifest = roles_dir / name, roles_dir / f"{name}.toml"
+    ours = False
+    if manifest.exists() or manifest.is_symlink():
+        try:
+            ours = load_manifest(manifest).name == name
+        except RoleError:
+            ours = False
+        if replaces is not None:
+            ours = ours and manifest.resolve() == replaces.resolve()
+        if not ours:
+            return f"{manifest} exists and is not role '{name}' (another name inside, or it does not load)"
+    elif replaces is not None:
+        ours = replaces.resolve().parent == roles_dir.resolve()  # roles_dir/other.toml naming NAME owns roles_dir/NAME
+    if (folder.exists() or folder.is_symlink()) and not (ours and folder.is_dir() and not folder.is_symlink()):
+        return f"{folder} exists and belongs to no role"
+    return None
+
+
+def _install(role: Role, roles_dir: Path) -> Path:
     folder = roles_dir / role.name
     manifest = roles_dir / f"{role.name}.toml"
-    for path in (roles_dir, folder):
-        if path.exists() and not path.is_dir():
-            raise RoleError(f"{path} exists and is not a folder; move it away to add role '{role.name}'")
+    if roles_dir.exists() and not roles_dir.is_dir():
+        raise RoleError(f"{roles_dir} exists and is not a folder; move it away to add role '{role.name}'")
+    taken = place_taken(role.name, roles_dir)
+    if taken:
+        raise RoleError(f"{taken}; move it away to add role '{role.name}'")
     roles_dir.mkdir(parents=True, exist_ok=True)
     folder.mkdir(exist_ok=True)
     files, names = {}, set()

@@ -40,7 +40,10 @@ def check_regular_file(path: Path, what: str = "") -> None:
 def pinned(path: Path) -> Iterator[Path]:
     """A path that names the very file opened now, whatever happens at ``path`` afterwards."""
     check_regular_file(path)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:  # no read permission, removed meanwhile
+        raise NotGGUFError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
         proc = Path(f"/proc/self/fd/{fd}")
         yield proc if proc.exists() else path  # not Linux: the path itself (the window stays)

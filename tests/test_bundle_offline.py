@@ -61,7 +61,7 @@ def built(tmp_path_factory, smol_adapters, tiny) -> Built:
     out = root / "edgelora-offline"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "edgelora", "bundle", str(out), "--model", "smollm2-135m-instruct",
-                           "--model", str(root / "tiny-llama.gguf"), "--json"],
+                           "--model", str(root / "tiny-llama.gguf"), "--sign", str(builder / "key.pem"), "--json"],
                           env=edgelora_env(builder), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "s] building the edgelora" in proc.stderr and "s] writing SHA256SUMS" in proc.stderr  # progress
@@ -91,7 +91,9 @@ def installed(built, tmp_path_factory):
     assert probe.returncode != 0 and ("unreachable" in probe.stderr or "OSError" in probe.stderr), probe.stderr
     (home / "net.log").unlink()  # that attempt was the check that the network is off
     t0 = time.perf_counter()
-    proc = offline(["sh", str(built.path / "install.sh")], home, timeout=600)
+    (home / "key.pub").write_text(built.key_pub + "\n")  # the signer's public key, carried separately
+    proc = offline(["sh", str(built.path / "install.sh"), "--trust", str(home / "key.pub")], home, timeout=600)
+    assert f"SHA256SUMS.sig: signed by the trusted key {home / 'key.pub'}" in proc.stdout, proc.stdout + proc.stderr
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"\nbundle: {built.info['size_bytes'] / 1e6:.0f} MB, built in {built.build_s:.0f} s; "
@@ -324,7 +326,16 @@ def test_tar_gz_bundle_for_another_python(built, tmp_path):
     """OUT.tar.gz (replacing an old one: --force): one archive holding the folder; --python 3.12 takes wheels for 3.12 (binary ones from
     the registry; llama-cpp-python's wheel here is py3-none, so it serves any Python 3)."""
     out = tmp_path / "edgelora-py312.tar.gz"
-    out.write_text("an older bundle")  # replaced with --force
+    out.write_text("not a bundle")
+    refused = subprocess.run([sys.executable, "-m", "edgelora", "bundle", str(out), "--force"],
+                             env=edgelora_env(built.path.parent / "builder"), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not an edgelora bundle" in refused.stderr, refused.stderr
+    out.unlink()
+    old = tmp_path / "edgelora-py312"
+    old.mkdir()
+    (old / "bundle.json").write_text(json.dumps({"format": 1, "edgelora": "0.1", "wheels": []}))
+    subprocess.run(["tar", "czf", str(out), "-C", str(tmp_path), old.name], check=True)  # an older bundle: replaced
+    shutil.rmtree(old)
     proc = subprocess.run([sys.executable, "-m", "edgelora", "bundle", str(out), "--python", "3.12", "--role", "mine",
                            "--find-links", str(built.path / "wheels"), "--force", "--json"],
                           env=edgelora_env(built.path.parent / "builder"), capture_output=True, text=True, timeout=600)

@@ -1,9 +1,12 @@
 """The one-shot CLI: stdin piping, --json, exit codes and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -113,3 +116,134 @@ def test_parse_spec():
     assert parse_spec("a.gguf:0.5", "--adapter") == ("a.gguf", 0.5)
     assert parse_spec("a.gguf", "--adapter") == ("a.gguf", 1.0)
     assert parse_spec("dir:x/a.gguf", "--adapter") == ("dir:x/a.gguf", 1.0)
+
+
+# ---------------------------------------------------------------------------- help, completion, inspect, doctor
+
+
+def walk(command, parent=None, name="edgelora"):
+    """Every click context in the tree, each under its parent (help option names are inherited)."""
+    ctx = click.Context(command, info_name=name, parent=parent, **command.context_settings)
+    yield ctx
+    for sub_name, sub in getattr(command, "commands", {}).items():
+        yield from walk(sub, ctx, sub_name)
+
+
+def test_every_command_and_option_has_help():
+    missing = []
+    for ctx in walk(cli):
+        command = ctx.command
+        if not (command.help or command.short_help):
+            missing.append(ctx.command_path)
+        for param in command.get_params(ctx):
+            if isinstance(param, click.Option) and not param.help:
+                missing.append(f"{ctx.command_path} {param.opts[-1]}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("args", [["-h"], ["history", "-h"], ["history", "list", "-h"], ["ask", "-h"], ["roles", "show", "-h"]])
+def test_dash_h_is_help_everywhere(args):
+    result = CliRunner().invoke(cli, args, prog_name="edgelora")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: edgelora") and "-h, --help" in result.stdout
+
+
+def complete(line: str) -> list[str]:
+    """What `edgelora` offers for a Tab at the end of `line`, through click's bash protocol."""
+    words = line.split(" ")
+    env = {"_EDGELORA_COMPLETE": "bash_complete", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)}
+    result = CliRunner().invoke(cli, [], env=env, prog_name="edgelora")
+    assert result.exit_code == 0, result.output
+    return [row.split(",", 1)[1] for row in result.stdout.splitlines() if row.startswith("plain,")]
+
+
+def test_completion_lists_installed_roles_and_catalog_models(isolated_home, smol_adapters):
+    from .conftest import write_role
+
+    write_role(isolated_home / "roles", "pilot", smol_adapters["a"])  # a role the user added
+    assert complete("edgelora ask --role pi") == ["pilot", "pirate"]
+    assert complete("edgelora chat --preload ter") == ["terse"]
+    assert complete("edgelora roles show pil") == ["pilot"]
+    assert complete("edgelora export pirate:0.7+te") == ["pirate:0.7+terse"]
+    assert complete("edgelora ask --role pirate:0") == []  # a weight is being typed
+    assert "auto" in complete("edgelora chat --role ")
+    assert complete("edgelora ask -m smollm") == ["smollm2-135m-instruct"]
+
+
+def test_completion_script_is_printed_by_the_entry_point():
+    result = subprocess.run([sys.executable, "-m", "edgelora"], env={**os.environ, "_EDGELORA_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "_edgelora_completion" in result.stdout and result.stderr == ""
+
+
+PIRATE = str(Path(__file__).parents[1] / "adapters" / "pirate.gguf")
+
+
+def test_inspect_summarizes_an_adapter_and_lists_tensors_on_request():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["inspect", PIRATE])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) < 20 and "{" not in result.stdout  # no tensor table, no raw dict
+    fields = dict(line.split(":", 1) for line in lines)
+    assert fields["type"].strip() == "LoRA adapter" and fields["architecture"].strip() == "llama"
+    assert fields["rank"].strip() == "8" and fields["alpha"].strip().startswith("16")
+    assert fields["layers"].strip() == "0-29"
+    assert "attn_q" in fields["targets"] and fields["tensors"].strip().startswith("180")
+    full = runner.invoke(cli, ["inspect", PIRATE, "--tensors"])
+    assert "blk.0.attn_q.weight.lora_a" in full.stdout and len(full.stdout.splitlines()) > 180
+    as_json = json.loads(runner.invoke(cli, ["inspect", PIRATE, "--json"]).stdout)
+    assert len(as_json["tensors"]) == 180 and as_json["adapter"]["ranks"] == [8]
+
+
+def test_inspect_summarizes_a_model(smol_path):
+    result = CliRunner().invoke(cli, ["inspect", str(smol_path)])
+    fields = dict((k, v.strip()) for k, v in (line.split(":", 1) for line in result.stdout.splitlines()))
+    assert fields["type"] == "model" and fields["layers"] == "30" and fields["quantization"] == "Q4_1"
+    assert fields["heads"] == "9 (3 KV)" and fields["chat template"] == "yes"
+
+
+def test_doctor_text_says_what_unset_values_mean_and_reports_the_routing_model(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("EDGELORA_CPU_EXTRA_BUFFERS", "on")  # decided by the setting: no probe runs
+    text = CliRunner().invoke(cli, ["doctor"]).stdout
+    rows = dict(line.split(None, 1) for line in text.splitlines() if line.startswith(("cpu.", "routing_model.")))
+    assert rows["cpu.omp_wait_policy"] == "default (unset)"
+    assert rows["cpu.probe_s"] == "not run"
+    assert "None" not in text
+    assert rows["routing_model.installed"] == "True"
+    report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).stdout)
+    assert report["cpu"]["omp_wait_policy"] == "" and "probe_s" in report["cpu"]  # JSON unchanged
+    assert report["routing_model"]["installed"] is True
+    assert (Path(report["routing_model"]["path"]) / "model.safetensors").is_file()
+
+
+def test_doctor_says_when_the_routing_model_is_missing(monkeypatch):
+    from edgelora import embedder
+
+    monkeypatch.setattr(embedder, "DIST", "no-such-routing-model-package")
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert "routing_model.installed" in result.stdout and "False" in result.stdout
+    assert "--role auto routes by word overlap only" in result.stdout
+
+
+@pytest.mark.parametrize("odd", ["string alpha", "rank 0", "file_type a list"])
+def test_inspect_of_an_odd_gguf_prints_its_summary_without_a_traceback(tmp_path, odd):
+    import gguf
+    import numpy as np
+
+    from .gguf_factory import write_lora
+
+    rank = 0 if odd == "rank 0" else 2
+    lora = {"blk.0.attn_q.weight": (np.ones((rank, 8), np.float32), np.ones((8, rank), np.float32))}
+    kv = {"string alpha": {"adapter.lora.alpha": ("16", gguf.GGUFValueType.STRING)},
+          "rank 0": {},
+          "file_type a list": {"general.file_type": ([1, 2], gguf.GGUFValueType.ARRAY)}}[odd]
+    path = write_lora(tmp_path / "odd.gguf", lora, None if odd == "string alpha" else 16.0, kv=kv,
+                      general_type="model" if odd == "file_type a list" else "adapter")
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    fields = dict((k, v.strip()) for k, v in (line.split(":", 1) for line in result.stdout.splitlines()))
+    expected = {"string alpha": ("alpha", "'16' (not a number)"), "rank 0": ("alpha", "16"),
+                "file_type a list": ("quantization", "[1, 2]")}[odd]
+    assert fields[expected[0]] == expected[1]

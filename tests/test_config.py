@@ -66,3 +66,30 @@ def test_config_edit_creates_the_file_opens_the_editor_and_checks_the_result(iso
     assert broken.returncode == 2 and "not valid TOML" in broken.stderr and str(path) in broken.stderr
     none = run_cli("config", "edit", env={"VISUAL": "", "EDITOR": ""})
     assert none.returncode == 2 and "$EDITOR" in none.stderr
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_config_init_removes_temps_of_killed_runs_and_leaves_none_when_the_write_fails(isolated_home, monkeypatch):
+    import pytest
+
+    from edgelora.config import ConfigError, config_text, init_config
+
+    path = isolated_home / "conf" / "config.toml"
+    path.parent.mkdir()
+    stale = path.parent / f".config.toml.{_dead_pid()}.k3j9.tmp"  # a `config init` killed mid-write
+    stale.write_text("half")
+    assert init_config(path) == path and path.read_text() == config_text()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.toml"]
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(ConfigError, match="config.toml: cannot write it"):
+        init_config(path, force=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.toml"]

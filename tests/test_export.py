@@ -101,7 +101,7 @@ def test_re_export_replaces_the_old_folders(tmp_path):
     (["nosuchrole"], "unknown role 'nosuchrole'"),
     (["base"], "role 'base' has no adapter"),
     (["pirate", "pirate"], "named twice"),
-    (["pirate:x"], "must be a number"),
+    (["pirate:x"], "must be a finite number"),
 ])
 def test_bad_roles_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "export"

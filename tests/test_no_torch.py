@@ -33,7 +33,10 @@ def test_runtime_and_converter_import_no_torch(tmp_path, smol_path):
 
 
 def test_no_import_statement_names_them():
+    """Except in a folder named 'train' (edgelora/train/: `roles train`, the `train` extra)."""
     pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(FORBIDDEN)})\b", re.M)
     for folder in ("edgelora", "convert"):
         for path in (ROOT / folder).rglob("*.py"):
-            assert not pattern.search(path.read_text()), path
+            if "train" not in path.relative_to(ROOT).parts[:-1]:
+                assert not pattern.search(path.read_text()), path
+    assert pattern.search((ROOT / "edgelora" / "train" / "loop.py").read_text())  # the check sees them

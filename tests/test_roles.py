@@ -268,3 +268,44 @@ def test_cli_verify_reports_a_tampered_adapter(roles_dir, isolated_home, tmp_pat
 def test_cli_unknown_role_exit_2(isolated_home):
     result = run_cli("ask", "hi", "--role", "nope")
     assert result.returncode == 2 and "unknown role 'nope'" in result.stderr
+
+
+# ------------------------------------------------------------------ what a role sees of earlier turns
+
+
+def test_history_key_must_be_all_user_or_none(tmp_path, smol_adapters):
+    path = write_role(tmp_path, "x", smol_adapters["a"], extra='history = "assistant"')
+    with pytest.raises(RoleError, match=r"x\.toml: 'history' must be one of 'all', 'user', 'none', got 'assistant'"):
+        load_manifest(path)
+    assert load_manifest(write_role(tmp_path, "y", smol_adapters["a"])).history == "all"  # the default
+
+
+TURNS = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Name a colour."},
+         {"role": "assistant", "content": "Arr, red be a colour, matey!"}, {"role": "user", "content": "And a fruit?"}]
+
+
+@pytest.mark.parametrize("history, seen", [("all", [0, 1, 2, 3]), ("user", [0, 1, 3]), ("none", [0, 3])])
+def test_role_history_setting_decides_which_earlier_turns_the_model_is_given(clean_engine, tmp_path, smol_adapters,
+                                                                           history, seen):
+    write_role(tmp_path, "r", smol_adapters["a"], extra=f'history = "{history}"')
+    roles = Roles(clean_engine, Config(), catalog=RoleCatalog([tmp_path]))
+    roles.use("r")
+    out = roles.chat(TURNS, max_tokens=1, temperature=0.0)
+    given = [TURNS[i] for i in seen]
+    assert out.usage["prompt_tokens"] == len(clean_engine.render_chat(given)[0])
+
+
+@pytest.mark.slow  # three real answers: about 20 s idle, minutes on a busy machine
+def test_bundled_json_role_answers_json_after_pirate_and_terse_turns(clean_engine):
+    """The newcomer's case: after answers in other voices, /role json wrote unterminated JSON."""
+    from edgelora.chat import ChatSession
+    from edgelora.roles import bundled_dir
+
+    roles = Roles(clean_engine, Config(), catalog=RoleCatalog([bundled_dir()]))
+    session = ChatSession(roles, None, max_tokens=120)
+    for role, prompt in [("pirate", "What is the moon?"), ("terse", "And the sun?"), ("json", "What about stars?")]:
+        roles.use(role)
+        session.add_user(prompt)
+        text = "".join(session.stream_reply(session.start_reply()))  # greedy: the roles' temperature is 0
+    assert roles.catalog.get("json").history == "user"
+    assert set(json.loads(text)) == {"answer"}

@@ -5,67 +5,24 @@ so both sides evaluate prompts the same way (README "Reproducibility")."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from edgelora.gguf_info import sha256_file
 
 from . import gguf_factory as gf
 from .conftest import write_role
+from .serving import Server
 
 BUNDLED = ["pirate", "json", "terse", "signoff"]
 Q = "What is the moon?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, home: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "EDGELORA_HOME": str(home), "EDGELORA_CONFIG": str(home / "config.toml")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgelora", "serve", "--port", str(self.port), *args],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()[-800:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=120, **kw)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +282,7 @@ def test_roles_over_http_preload_and_evict(server):
     ("/v1/chat/completions", b"x" * (2 << 20), 413, "body"),
 ])
 def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(server, path, body, status, words):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = server.post(path, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
@@ -343,6 +300,9 @@ def test_api_key_and_queue_limit(tmp_path):
     srv = Server(tmp_path, "--api-key", "sekret", "--max-queue", "1", "--ctx", "512")
     try:
         assert httpx.get(srv.url + "/v1/models").status_code == 401
+        # the web page's own files need no key (a browser cannot send one); the page asks for it
+        assert httpx.get(srv.url + "/").status_code == 200
+        assert httpx.post(srv.url + "/", json={}).status_code in (401, 405)
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
         body = {"model": "base", "messages": [{"role": "user", "content": "Count to 200."}], "max_tokens": 200}
         headers = {"Authorization": "Bearer sekret"}

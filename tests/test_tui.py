@@ -201,3 +201,29 @@ async def test_input_is_multiline_with_history(make_app):
         assert app.session.messages[0]["content"] == "line one\nline two" and prompt.text == ""
         await pilot.press("up")
         assert prompt.text == "line one\nline two"
+
+
+async def test_roles_sharing_one_adapter_file_are_labelled_by_the_role_chosen(make_app, roles_dir, smol_adapters,
+                                                                               tmp_path):
+    """A copy of a's manifest installed as 'mya' loads the file first; a's answers still say 'a'."""
+    from edgelora.tui.widgets import StatusBar
+
+    write_role(roles_dir, "mya", smol_adapters["a"])
+    app = make_app(max_tokens=2)
+    async with app.run_test(size=(120, 35)) as pilot:
+        await type_and_send(pilot, "/role mya")
+        await type_and_send(pilot, "Hi")
+        await idle(app, pilot)
+        await type_and_send(pilot, "/role a")
+        await type_and_send(pilot, "Hello")
+        await idle(app, pilot)
+        assert [r.label.split(" · ")[:2] for r in replies(app)] == [["mya", "mya×1"], ["a", "a×1"]]
+        assert " · a×1 · " in str(app.query_one(StatusBar).render())
+        saved = app.session.history.messages(app.session.conversation)
+        assert [m.label.split(" · ")[:2] for m in saved if m.role == "assistant"] == [["mya", "mya×1"], ["a", "a×1"]]
+        await type_and_send(pilot, "/compare mya a")
+        await pilot.pause()
+        await app.screen._worker.wait()
+        await pilot.pause()
+        left, right = (app.screen.query_one(f".side-{i}", ChatMessage) for i in (0, 1))
+        assert left.label.startswith("mya · mya×1") and right.label.startswith("a · a×1")

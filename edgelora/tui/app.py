@@ -14,11 +14,11 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header
 from textual.worker import Worker
 
-from ..chat import SLASH_HELP, ChatSession, parse_slash, role_specs_for
+from ..chat import SLASH_COMMANDS, ChatSession, parse_slash, role_specs_for
 from ..errors import EdgeloraError
 from .providers import RolesProvider
 from .screens import CompareScreen, HistoryScreen
-from .widgets import ChatMessage, PromptInput, RolesPanel, StatusBar, Transcript
+from .widgets import ChatMessage, PromptInput, RolesPanel, StatusBar, Transcript, help_notice, welcome
 
 
 class EdgeloraApp(App):
@@ -31,8 +31,11 @@ class EdgeloraApp(App):
         Binding("ctrl+r", "focus_roles", "Roles"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+o", "history", "History"),
-        Binding("ctrl+y", "copy_last", "Copy reply", priority=True),  # also while the input has focus
+        # also while the input has focus; off the footer, which has no room for it at 80 columns (/help lists it)
+        Binding("ctrl+y", "copy_last", "Copy reply", priority=True, show=False),
     ]
+    INPUT_KEYS = [("enter", "send"), ("ctrl+j", "new line (shift+enter where the terminal tells it)"),
+                  ("up/down", "earlier inputs"), ("ctrl+c", "copy the selection; stops an answer")]
 
     def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
         """Notices quote file names, role names and user text: never parsed as markup."""
@@ -63,6 +66,8 @@ class EdgeloraApp(App):
         self.sub_title = self.session.engine.model_path.name
         if self._resume is not None:
             await self.resume(self._resume)
+        else:
+            await self.show_welcome()
         self.refresh_state()
         self.query_one(PromptInput).focus()
 
@@ -103,8 +108,19 @@ class EdgeloraApp(App):
         await self.stop_generation()
         await self.send(text)
 
+    async def show_welcome(self) -> None:
+        role = "auto" if self.roles.auto else self.roles.current.label
+        await self.query_one(Transcript).mount(welcome(self.session.engine.model_path.name, role))
+
+    async def show_help(self) -> None:
+        keys = [*self.INPUT_KEYS, *((b.key, b.description.lower()) for b in self.BINDINGS), ("ctrl+p", "command palette")]
+        transcript = self.query_one(Transcript)
+        await transcript.mount(help_notice(SLASH_COMMANDS, keys))
+        transcript.scroll_end(animate=False)
+
     async def send(self, text: str) -> None:
         transcript = self.query_one(Transcript)
+        await transcript.query("#welcome").remove()
         self.session.add_user(text)
         await transcript.mount(ChatMessage("user", text))
         reply = self.session.start_reply()
@@ -164,6 +180,8 @@ class EdgeloraApp(App):
                 if len(args) != 2:
                     raise EdgeloraError("/compare takes two roles: /compare a b")
                 await self.action_compare(*args)
+            elif command == "help":
+                await self.show_help()
             elif command == "new":
                 await self.action_new_chat()
             elif command == "history":
@@ -174,14 +192,20 @@ class EdgeloraApp(App):
                 self.session.history.rename(self.session.conversation, " ".join(args))
                 self.notify("Renamed")
             elif command == "export":
-                if self.session.conversation is None or self.session.history is None or not args:
+                if self.session.conversation is None or self.session.history is None or len(args) != 1:
                     raise EdgeloraError("/export FILE.md exports the current conversation")
-                Path(args[0]).write_text(self.session.history.export_markdown(self.session.conversation))
-                self.notify(f"Exported to {args[0]}")
+                # the CLI's rule: only a new file or an earlier export is written, never the model
+                out = self.session.history.write_export(self.session.conversation, Path(args[0]),
+                                                        protected=self.base_protected(), flag="/export")
+                self.notify(f"Exported to {out}")
             else:
-                raise EdgeloraError(f"unknown command /{command}; try {SLASH_HELP}")
+                raise EdgeloraError(f"unknown command /{command}; /help lists the commands")
         except EdgeloraError as exc:
             self.notify(str(exc), severity="error", timeout=8)
+
+    def base_protected(self) -> list[tuple[Path, str]]:
+        """Files an export must never replace: the loaded base model."""
+        return [(Path(self.session.engine.model_path), "the base model")]
 
     def _rescaled(self, args: list[str]) -> list[str]:
         if len(args) != 2:
@@ -202,6 +226,12 @@ class EdgeloraApp(App):
         if self.generating:
             self.session.engine.cancel()
 
+    def action_help_quit(self) -> None:
+        """Ctrl+C (where no selection is copied): stops an answer, as in `edgelora ask`; says how to quit."""
+        if self.generating:
+            self.session.engine.cancel()
+        self.notify("Press Ctrl+Q to quit", title="Do you want to quit?")
+
     def action_focus_roles(self) -> None:
         self.query_one(RolesPanel).focus()
 
@@ -215,6 +245,7 @@ class EdgeloraApp(App):
         await self.stop_generation()
         self.session.new()
         await self.query_one(Transcript).remove_children()
+        await self.show_welcome()
         self.refresh_state("new conversation")
 
     async def resume(self, conversation_id: int) -> None:
@@ -237,7 +268,7 @@ class EdgeloraApp(App):
             if conversation_id is not None:
                 await self.resume(conversation_id)
 
-        self.push_screen(HistoryScreen(self.session.history), chosen)
+        self.push_screen(HistoryScreen(self.session.history, protected=self.base_protected()), chosen)
 
     async def action_compare(self, a: str, b: str) -> None:
         prompt = self.session.last_user_prompt()

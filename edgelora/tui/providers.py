@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from functools import partial
 
+from rich.markup import escape
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from .widgets import role_description
 
 
 class RolesProvider(Provider):
     def _commands(self):
         app = self.app
         names = ["base", *app.roles.catalog.names(), "auto"]
-        for name in names:
-            yield f"Role: {name}", partial(app.switch, [name]), f"Answer as '{name}' from the next reply on"
+        for name in names:  # partial binds each role now (a lambda in this loop would see the last name)
+            about = role_description(app.roles, name)
+            help_text = f"Answer as '{name}' from the next reply on" + (f": {about}" if about else "")
+            yield f"Role: {name}", partial(app.switch, [name]), escape(help_text)
         yield "History: browse conversations", app.action_history, "Resume, search, delete, export"
         yield "New conversation", app.action_new_chat, "Start over (the current one stays in the history)"
 

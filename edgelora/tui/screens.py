@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from textual.widgets import Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 from ..errors import EdgeloraError
+from ..history import is_history_export
 from .widgets import ChatMessage
 
 
@@ -70,6 +72,15 @@ class CompareScreen(ModalScreen):
         self.dismiss()
 
 
+def export_name(cid: int) -> Path:
+    """conversation-N.md in the current folder, or the first conversation-N-2.md, -3, ... that is free
+    or an earlier export: Ctrl+E never replaces someone's own file."""
+    path, i = Path(f"conversation-{cid}.md"), 2
+    while os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and is_history_export(path)):
+        path, i = Path(f"conversation-{cid}-{i}.md"), i + 1
+    return path
+
+
 class HistoryScreen(ModalScreen[int | None]):
     """Saved conversations: type to search (full text), Up/Down pick, Enter resumes, Ctrl+D deletes
     (press twice), Ctrl+E exports. The search field has the focus, so typing always searches."""
@@ -82,9 +93,10 @@ class HistoryScreen(ModalScreen[int | None]):
         Binding("ctrl+e", "export", "Export .md", priority=True),
     ]
 
-    def __init__(self, history) -> None:
+    def __init__(self, history, *, protected: list[tuple[Path, str]] = ()) -> None:
         super().__init__()
         self.history = history
+        self.protected = protected  # files an export must never replace (the base model)
         self._armed: tuple[int, float] | None = None  # (conversation, when) of a first delete press
 
     def compose(self) -> ComposeResult:
@@ -156,10 +168,14 @@ class HistoryScreen(ModalScreen[int | None]):
 
     def action_export(self) -> None:
         cid = self._selected()
-        if cid is not None:
-            path = Path(f"conversation-{cid}.md")
-            path.write_text(self.history.export_markdown(cid))
-            self.notify(f"Exported to {path.resolve()}", markup=False)
+        if cid is None:
+            return
+        try:
+            path = self.history.write_export(cid, export_name(cid), protected=self.protected, flag="")
+        except EdgeloraError as exc:
+            self.notify(str(exc), severity="error", timeout=8, markup=False)
+            return
+        self.notify(f"Exported to {path.resolve()}", markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)

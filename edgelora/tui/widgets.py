@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
@@ -50,6 +52,35 @@ class ChatMessage(Vertical):
             self._stream = None
 
 
+class Notice(Static):
+    """A note in the transcript that is not part of the conversation (welcome, /help): never saved."""
+
+    DEFAULT_CLASSES = "notice"
+
+
+def welcome(model: str, role: str) -> Notice:
+    text = Text.assemble(
+        ("Welcome to edgelora", "bold"), f" — a local model ({model}) with switchable roles. Now answering as ",
+        (role, "bold"), ".\n\nType a message and press Enter. Pick a role with Ctrl+R (or /role NAME), "
+        "open the command palette with Ctrl+P, and type /help for every command and key.")
+    return Notice(text, id="welcome")
+
+
+def help_notice(commands: list[tuple[str, str]], keys: list[tuple[str, str]]) -> Notice:
+    """The slash commands and the keys, as two small tables."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    table.add_row(Text("Commands", style="underline"), "")
+    for usage, what in commands:
+        table.add_row(usage, what)
+    table.add_row("", "")
+    table.add_row(Text("Keys", style="underline"), "")
+    for key, what in keys:
+        table.add_row(key, what)
+    return Notice(table, classes="help")
+
+
 class Transcript(VerticalScroll):
     """The conversation. It follows the stream unless the user scrolls up (Textual's anchor)."""
 
@@ -81,8 +112,10 @@ class PromptInput(TextArea):
             super().__init__()
             self.text = text
 
+    PLACEHOLDER = "Ask something… (Enter sends, /help lists commands)"
+
     def __init__(self, **kwargs) -> None:
-        super().__init__(soft_wrap=True, show_line_numbers=False, **kwargs)
+        super().__init__(soft_wrap=True, show_line_numbers=False, placeholder=self.PLACEHOLDER, **kwargs)
         self.past: list[str] = []
         self._cursor: int | None = None
 
@@ -133,7 +166,15 @@ class PromptInput(TextArea):
 
 
 class RolesPanel(OptionList):
-    """Every role and its state: ● active (with scale), ◦ resident, · on disk. Enter or click switches."""
+    """Every role and its state: ● active (with scale), ◦ resident, · on disk, and its description
+    (cut to one line; the palette, Ctrl+P, shows it whole). Enter or click switches."""
+
+    DESCRIPTION_WIDTH = 19  # the panel's inner width (edgelora.tcss: #roles: 24 less border, padding, gutter)
+    AUTO_DESCRIPTION = "picks a role for each prompt"
+
+    def on_mount(self) -> None:
+        self.border_title = "Roles"
+        self.border_subtitle = "ctrl+r"
 
     class Chosen(TextualMessage):
         def __init__(self, name: str) -> None:
@@ -153,13 +194,28 @@ class RolesPanel(OptionList):
                 mark = f"◦ {name}"
             else:
                 mark = f"· {name}"
-            self.add_option(Option(mark, id=name))
+            self.add_option(Option(Text.assemble(mark, "\n", (_one_line(role_description(roles, name),
+                                                                           self.DESCRIPTION_WIDTH), "dim")), id=name))
         if highlighted is not None and highlighted < len(names):
             self.highlighted = highlighted
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
         self.post_message(self.Chosen(event.option.id))
+
+
+def role_description(roles, name: str) -> str:
+    if name == "auto":
+        return RolesPanel.AUTO_DESCRIPTION
+    try:
+        return roles.catalog.get(name).description
+    except Exception:  # a role defined twice: using it reports why
+        return ""
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def _resident(roles, name: str) -> bool:
@@ -171,12 +227,23 @@ def _resident(roles, name: str) -> bool:
 
 
 class StatusBar(Static):
-    """Model, device, active adapters, context used, speed, memory held by resident adapters."""
+    """Model, device, active adapters, context used, speed, memory held by resident adapters.
+    When the line is too wide the model name goes first (the header shows it too)."""
+
+    _parts: list[str] = []
+
+    def render(self) -> Text:
+        width = self.content_size.width or 78
+        parts = list(self._parts)
+        if len(" · ".join(parts)) > width and len(parts) > 1:
+            parts = parts[1:]
+        line = " · ".join(parts)
+        return Text(line if len(line) <= width else line[: width - 1] + "…")
 
     def show(self, roles, tokens_per_s: float | None = None, note: str = "", used: int | None = None) -> None:
         """``used``: tokens the conversation fills (default: what the KV cache holds now)."""
         eng = roles.engine
-        adapters = ", ".join(f"{n}×{s:g}" for n, s in eng.active.items()) or "no adapter"
+        adapters = ", ".join(f"{a['name']}×{a['scale']:g}" for a in roles.adapter_report()) or "no adapter"
         if roles.auto:
             adapters = f"auto ({adapters})"
         resident = sum(a.size for a in eng.resident.values()) / 1e6
@@ -185,5 +252,6 @@ class StatusBar(Static):
             used = eng.llama.n_tokens if eng.llama else 0
         speed = f"{tokens_per_s:.0f} tok/s" if tokens_per_s else "– tok/s"
         model = eng.model_path.stem if len(eng.model_path.stem) <= 18 else eng.model_path.stem[:17] + "…"
-        self.update(escape(f"{model} · {eng.device} · {adapters} · ctx {used}/{size} · {speed} · {resident:.1f} MB resident"
-                           + (f" · {note}" if note else "")))
+        self._parts = [model, eng.device, adapters, f"ctx {used}/{size}", speed, f"{resident:.1f} MB resident",
+                       *([note] if note else [])]
+        self.refresh()

@@ -12,11 +12,19 @@ function loadHistory() {
 }
 function saveHistory() { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(state.history)); }
 
+const KEY_KEY = "edgelora.apiKey";
+
 async function api(path, body, signal) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
-  };
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const key = sessionStorage.getItem(KEY_KEY);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const init = body === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(body), signal };
   const response = await fetch(path, init);
+  if (response.status === 401) {
+    // A server started with --api-key: ask once per tab, keep it in this tab's sessionStorage only.
+    const given = window.prompt("This server needs its API key (edgelora serve --api-key):");
+    if (given) { sessionStorage.setItem(KEY_KEY, given.trim()); return api(path, body, signal); }
+  }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error.message || message; } catch { /* not JSON */ }
@@ -135,30 +143,49 @@ function metaLine(info, finish) {
   return parts.join(" · ");
 }
 
+// What a column sends: its turns, without stopped answers and errors (shown, but no context),
+// as the chat app and the CLI do.
+function contextOf(column) {
+  return column.messages.filter((m) => (m.role === "user" || m.role === "assistant") && !m.stopped)
+    .map(({ role, content }) => ({ role, content }));
+}
+
 async function streamInto(column, columnIndex, signal) {
   const answer = { role: "assistant", content: "", meta: "" };
   const body = {
     model: column.model, stream: true, max_tokens: Number($("max-tokens").value) || 256,
-    messages: column.messages.map(({ role, content }) => ({ role, content })),
+    messages: contextOf(column),
   };
   column.messages.push(answer);
   const transcript = $(`column-${columnIndex}`).querySelector(".transcript");
   const element = messageElement(answer);
   transcript.append(element);
-  const response = await api("/v1/chat/completions", body, signal);
-  for await (const data of sseData(response)) {
-    if (data === "[DONE]") break;
-    const chunk = JSON.parse(data);
-    if (chunk.error) throw new Error(chunk.error.message);
-    const choice = chunk.choices && chunk.choices[0];
-    if (choice && choice.delta && choice.delta.content) {
-      answer.content += choice.delta.content;
-      element.firstChild ? (element.firstChild.nodeValue = answer.content) : element.append(answer.content);
+  try {
+    const response = await api("/v1/chat/completions", body, signal);
+    for await (const data of sseData(response)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.delta && choice.delta.content) {
+        answer.content += choice.delta.content;
+        element.firstChild ? (element.firstChild.nodeValue = answer.content) : element.append(answer.content);
+      }
+      if (chunk.edgelora) answer.meta = metaLine(chunk.edgelora, choice && choice.finish_reason);
     }
-    if (chunk.edgelora) answer.meta = metaLine(chunk.edgelora, choice && choice.finish_reason);
+  } catch (error) {
+    // Stopped or failed: an empty answer goes; a partial one stays in view, marked, out of context.
+    if (answer.content) {
+      answer.stopped = true;
+      answer.meta = [answer.meta, "stopped"].filter(Boolean).join(" · ");
+    } else {
+      column.messages.splice(column.messages.indexOf(answer), 1);
+    }
+    if (error.name !== "AbortError") column.messages.push({ role: "error", content: error.message });
+    throw error;
+  } finally {
+    transcript.parentElement.scrollTop = transcript.parentElement.scrollHeight;
   }
-  element.replaceWith(messageElement(answer));
-  transcript.parentElement.scrollTop = transcript.parentElement.scrollHeight;
 }
 
 async function send(event) {
@@ -175,12 +202,21 @@ async function send(event) {
   state.abort = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
+  const errors = [];
   try {
-    // One after the other: the server answers one request at a time anyway.
-    for (const [i, col] of c.columns.entries()) await streamInto(col, i, state.abort.signal);
-  } catch (error) {
-    if (error.name !== "AbortError") $("error").textContent = error.message;
+    // One after the other: the server answers one request at a time anyway. Each column gets its
+    // answer or its error: one that fails does not keep the next from answering; Stop stops all.
+    for (const [i, col] of c.columns.entries()) {
+      if (state.abort.signal.aborted) break;
+      try {
+        await streamInto(col, i, state.abort.signal);
+      } catch (error) {
+        if (error.name !== "AbortError") errors.push(c.columns.length > 1 ? `${col.model}: ${error.message}` : error.message);
+      }
+      render();
+    }
   } finally {
+    $("error").textContent = errors.join(" · ");
     state.abort = null;
     $("send").disabled = false;
     $("stop").disabled = true;
