@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
+from . import request_frame
 from .embedder import EmbedderMissing
 from .roles import BASE_ROLE, Role
 
@@ -46,12 +47,19 @@ def route(prompt: str, roles: list[Role], threshold: float | None = None, *, met
         rule = _rules(prompt, roles, keywords_of_roles_with_examples=False)
         if rule is not None:
             return rule
+        asked, mentioned = keyword_frames(prompt, roles)
         try:
-            asked = _keyword_asked_for(prompt, roles)
-            if asked is not None:
-                return asked
-            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold)
+            if asked:
+                return _asked_for(prompt, roles, asked)
+            if mentioned and MASK_MENTIONS:  # judge how it asks, not the subject it names
+                prompt = request_frame.mask(prompt, [kw for r in roles if r.name in mentioned for kw in role_keywords(r)])
+            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold,
+                               skip=mentioned if SKIP_MENTIONED else frozenset(),
+                               mentioned=mentioned if MENTION_IS_BASE else frozenset())
         except EmbedderMissing as exc:
+            if asked:
+                role, hit = asked[0]
+                return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
             fallback = f" (word overlap; {exc})"
     else:
         fallback = ""
@@ -66,13 +74,53 @@ def route(prompt: str, roles: list[Role], threshold: float | None = None, *, met
     return Route(BASE_ROLE, f"no rule matched and no example is similar enough{fallback}", best[0] if best else 0.0)
 
 
-def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
-    best = most_similar_meaning(prompt, roles)
+def keyword_frames(prompt: str, roles: list[Role]) -> tuple[list[tuple[Role, "request_frame.Hit"]], set[str]]:
+    """For roles with examples: those whose keyword the prompt asks for ("in Spanish", "write a haiku"),
+    each with its first framed hit, and the names of those whose keyword it only mentions ("Spanish
+    history"): a mentioned subject is no evidence for the role, so meaning may not pick it either."""
+    asked, mentioned = [], set()
+    for role in roles:
+        if not role.examples:
+            continue
+        found = [h for kw in role_keywords(role) for h in request_frame.hits(prompt, kw)]
+        framed = [h for h in found if h.framed]
+        if framed:
+            asked.append((role, framed[0]))
+        elif found:
+            mentioned.add(role.name)
+    return asked, mentioned
+
+
+def role_keywords(role: Role) -> list[str]:
+    return sorted({*role.keywords}, key=len, reverse=True)
+
+
+def _asked_for(prompt: str, roles: list[Role], asked) -> Route:
+    """One role asked for: it. Several ("in Spanish, as a table"): the one the prompt is most like."""
+    if len(asked) == 1:
+        role, hit = asked[0]
+        return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
+    scored = []
+    for role, hit in asked:
+        m = most_similar_meaning(prompt, roles, only=role.name)
+        scored.append((m.score if m else -1.0, role.name, hit))
+    score, name, hit = max(scored, key=lambda t: t[0])
+    others = ", ".join(n for _, n, _ in scored if n != name)
+    return Route(name, f"keyword '{hit.keyword}' asked for: {hit.framed} (also asked: {others}; "
+                       f"{name} is nearest by meaning, {score:.2f})", max(score, 0.0))
+
+
+def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str] = frozenset(),
+                mentioned: set[str] = frozenset()) -> Route:
+    best = most_similar_meaning(prompt, roles, skip=skip)
     if best is None:
         return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
     piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
-    manner = manner_score(prompt, roles, best.role)[0]
-    if best.score >= threshold and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+    if best.role in mentioned and best.score >= threshold:  # like the role because it names its subject
+        return Route(BASE_ROLE, f"nearest style is {best.role} for '{piece}', but the prompt only mentions its "
+                                f"subject and does not ask for its manner", best.score)
+    manner = manner_score(prompt, roles, best.role)[0] if MEANING_MANNER_GATE is not None else 0.0
+    if best.score >= threshold and MEANING_MANNER_GATE is not None and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
                                 f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
     if best.score >= threshold:
@@ -83,6 +131,9 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
 
 
 MEANING_MANNER_GATE = -0.05
+MASK_MENTIONS = False
+SKIP_MENTIONED = False
+MENTION_IS_BASE = True
 KEYWORD_THRESHOLD = 0.0  # a keyword picks its role only when the prompt is nearer its examples than its subject
 
 
@@ -242,7 +293,8 @@ def _style_part(example: str, plain: np.ndarray) -> str:
     return parts[int(np.argmin(closeness))]
 
 
-def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None) -> Match | None:
+def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None,
+                         skip: set[str] = frozenset()) -> Match | None:
     """The (piece of the prompt, role) pair that stands out most from a plain request (``only``:
     that role's best piece)."""
     from .embedder import embed_many
@@ -254,7 +306,9 @@ def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None
     raw = embed_many(ps)
     q = raw - space.shared
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
-    names = [only] if only is not None else list(space.centroids)
+    names = [only] if only is not None else [n for n in space.centroids if n not in skip]
+    if not names:
+        return None
     over_plain = q @ np.array([space.centroids[n] for n in names]).T - (q @ space.base)[:, None]
     i, j = np.unravel_index(int(np.argmax(over_plain)), over_plain.shape)
     examples, vectors = space.examples[names[j]]
