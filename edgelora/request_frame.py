@@ -37,10 +37,11 @@ REQUEST_VERBS = (SPEECH | CREATE) - {"do", "end", "start", "begin", "close"}
 FILLER = set("a an the some few lots of plenty loads tons many several short simple plain proper valid nice quick "
              "little small good single my our your his her their this that one two three four five clear "
              "polite proper full real strict nothing but only pure".split())
-OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", "something", "the answer", "answer"}
+OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", "something", "answer", "response", "reply",
+          "result", "output", "text", "explanation"}
 # after the keyword: still a request for the manner ("Yoda-style", "Emoji answer please", "sign off at the end")
 AFTER_OK = set("please pls only style speak form format voice mode version answer answers reply response terms "
-               "language way at the end too again now instead throughout all through whole thing max maximum most tops "
+               "language way output at the end too again now instead throughout all through whole thing max maximum most tops "
                "or less".split())
 LEAD = {"and", "then", "but", "please", "just", "so", "now", "ok", "okay", "also", "oh", "hey", "hi", "well"}
 QUESTION = {"how", "what", "why", "when", "where", "who", "whom", "whose", "which", "is", "are", "was", "were",
@@ -111,8 +112,8 @@ def frame(low: str, start: int, end: int) -> str | None:
     if prev in PREP and _is_request(head, low[:start]):
         return f"'{' '.join(words[i - 1:])} {kw}'"
     j = i - 1
-    if j >= 0 and prev in OBJECT:
-        j -= 1
+    if j >= 0 and prev in OBJECT and not (prev in CREATE and _addressed(words[:j])):  # "make the response valid JSON", "give me a formal reply"
+        j = _skip_fillers(words[:j]) - 1
     verb = words[j] if j >= 0 else ""
     if verb in CREATE and _addressed(words[:j]):
         return f"'{' '.join(words[j:])} {kw}'"
@@ -162,6 +163,8 @@ def _is_request(head: list[str], text_before: str) -> bool:
     not a question ("Réponds en français", "Antworte auf Deutsch")."""
     core = [w for w in head if w not in LEAD]
     if not core or (len(core) == 1 and core[0] not in QUESTION and core[0] not in YOU):
+        return True
+    if re.match(r"(?:can|could|may) (?:i|we) (?:have|get)\b", " ".join(core)):  # "can I have that as JSON?"
         return True
     return any(w in REQUEST_VERBS for w in _WORDS.findall(text_before))
 
