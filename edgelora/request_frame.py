@@ -92,6 +92,8 @@ def frame(low: str, start: int, end: int) -> str | None:
     lead = [w for w in before if w not in LEAD]
     if not lead and (not after or all(w in AFTER_OK for w in after)):
         return f"'{kw}' on its own"
+    if not lead and kw.endswith("ly") and after and after[0] in SPEECH:
+        return f"'{kw} {after[0]}'"  # an adverb opening the request: "Briefly explain …"
     first_clause = not _BOUND.search(low[:start])
     if not lead and first_clause and after and after[0] in NOUN_REQUEST and not ends_clause:
         return f"'{kw} {after[0]} …' at the start"  # "Regex for dates", "Limerick about cats"

@@ -120,8 +120,9 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
     if best.role in mentioned and best.score >= threshold:  # like the role because it names its subject
         return Route(BASE_ROLE, f"nearest style is {best.role} for '{piece}', but the prompt only mentions its "
                                 f"subject and does not ask for its manner", best.score)
-    manner = manner_score(prompt, roles, best.role)[0] if MEANING_MANNER_GATE is not None else 0.0
-    if best.score >= threshold and MEANING_MANNER_GATE is not None and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+    gated = MEANING_MANNER_GATE is not None and (not GATE_ONLY_FEW or _few_examples(best.role, roles))
+    manner = manner_score(prompt, roles, best.role)[0] if gated else 0.0
+    if best.score >= threshold and gated and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
                                 f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
     if best.score >= threshold:
@@ -138,10 +139,16 @@ FEW_EXAMPLES = 5
 FEW_EXAMPLES_THRESHOLD = 0.24  # 0.22-0.26 tie on the dev sets: the middle
 
 
-def _threshold_for(name: str, roles: list[Role], threshold: float) -> float:
+GATE_ONLY_FEW = False  # on every role: best on the dev sets (few-example roles only: worse on both)
+
+
+def _few_examples(name: str, roles: list[Role]) -> bool:
     role = next((r for r in roles if r.name == name), None)
-    few = role is not None and len(role.examples) <= FEW_EXAMPLES
-    return max(threshold, FEW_EXAMPLES_THRESHOLD) if few else threshold
+    return role is not None and len(role.examples) <= FEW_EXAMPLES
+
+
+def _threshold_for(name: str, roles: list[Role], threshold: float) -> float:
+    return max(threshold, FEW_EXAMPLES_THRESHOLD) if _few_examples(name, roles) else threshold
 MASK_MENTIONS = False
 SKIP_MENTIONED = False
 MENTION_IS_BASE = True
@@ -281,7 +288,8 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
     for r in roles:
         if r.name in texts:
             labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
-            manner[r.name] = (labels, embed_many(labels), np.concatenate([plain, embed_many(about(r.keywords))]))
+            subject = [plain, embed_many(about(r.keywords))] if r.keywords else [plain]  # no keywords: no subject named
+            manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
     space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
                        {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
                        manner)

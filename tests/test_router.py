@@ -104,3 +104,48 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
                   catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
     chosen = roles.route("ahoy, what is a ship?")
     assert chosen.role == "sea" and "skipped" not in chosen.reason
+
+
+@pytest.mark.parametrize("prompt, keyword, asked", [
+    ("Please answer in German: why is the sky blue?", "german", True),
+    ("Antworte auf Deutsch: was ist ein Loch?", "deutsch", True),
+    ("Could you tell me how a bicycle works, but in German?", "german", True),
+    ("Write me a funny five-line limerick about Mondays.", "limerick", True),
+    ("I need a regex to match phone numbers.", "regex", True),
+    ("Bullet points please: how to prepare for an interview", "bullet points", True),
+    ("Yoda-style, tell me about sleep.", "yoda", True),
+    ("Answer in the voice of Yoda: why do birds sing?", "yoda", True),
+    ("Explain to a toddler what a rainbow is.", "toddler", True),
+    ("Describe a forest and sign off at the end.", "sign off", True),
+    ("Draft a polite, formal reply declining the offer.", "formal", True),
+    ("Tell me about German unification in 1871.", "german", False),
+    ("How do I make French toast?", "french", False),
+    ("What does the 'g' flag do in a regex?", "regex", False),
+    ("What are good toys for a toddler?", "toddler", False),
+    ("Who was the voice actor for Yoda?", "yoda", False),
+    ("Are bullet points better than paragraphs in a CV?", "bullet points", False),
+    ("Tell me about cats and German shepherds.", "german", False),
+])
+def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
+    from edgelora import request_frame
+
+    hits = request_frame.hits(prompt, keyword)
+    assert hits, "the keyword (or its plural) is found"
+    assert any(h.framed for h in hits) == asked, hits
+
+
+GERMAN = Role("german", bundled_dir() / "german.toml", description="answers in German", keywords=["german", "deutsch"],
+              examples=["Answer in German: how do plants grow?", "Bitte auf Deutsch: was ist ein Vulkan?",
+                        "Can you explain the water cycle in German?", "Reply in German please, what is a good breakfast?"])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Please answer in German: why is the sky blue?", "german"),
+    ("Tell me about German unification in 1871.", "base"),  # main: german (bare keyword rule)
+    ("Is a German shepherd a good family dog?", "base"),
+    ("In one sentence: is German hard to learn?", "terse"),  # a bundled manner about the user role's subject
+    ("Answer like a pirate: what is German beer like?", "pirate"),
+])
+def test_a_users_role_is_chosen_for_the_manner_asked_for_not_for_the_subject_named(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, GERMAN])
+    assert r.role == want, r.reason

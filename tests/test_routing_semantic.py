@@ -200,12 +200,24 @@ def test_the_model_loads_only_when_auto_is_used():
 
 def test_user_roles_route_by_the_manner_asked_for_not_the_subject_mentioned():
     """The held-out user-roles set (tests/routing/heldout_user_roles.toml, written by someone else, never
-    tuned on): main's router got 66% with 65% of mentions/neutral prompts sent to a role. Today's router
-    gets 86.8% / 18.2%; the issue's target (>= 90%, <= 3%) is not met yet, so the margins guard the gain."""
+    tuned on): main's router got 66.0% with 65.2% of mentions/neutral prompts sent to a role. Today's router
+    (request frames, issue 27) gets 89.6% / 6.1%; the issue's target (>= 90%, <= 3%) is not met yet, so
+    the margins guard the gain (one or two misses of room)."""
     sys.path.insert(0, str(HERE))
     import measure
 
     result = measure.evaluate_user_roles("heldout_user_roles.toml")
-    assert result["accuracy"] >= 0.85, result["misses"]
-    assert result["neutral_to_style"] <= 0.25, result["misses"]
-    assert result["by_kind"]["bundled"] >= 0.9 and result["by_kind"]["cross"] >= 0.85
+    assert result["accuracy"] >= 0.88, result["misses"]
+    assert result["neutral_to_style"] <= 0.08, result["misses"]
+    assert result["by_kind"]["bundled"] >= 0.9 and result["by_kind"]["cross"] >= 0.9
+
+
+@pytest.mark.parametrize("name", ["dev_user_roles.toml", "dev_user_roles2.toml"])
+def test_user_roles_on_the_development_sets(name):
+    """The sets the frame rules and FEW_EXAMPLES_THRESHOLD were developed on (measured 96.7% / 4.0% and
+    100% / 0%): a change that breaks what they were built for shows here first."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles(name)
+    assert result["accuracy"] >= 0.95 and result["neutral_to_style"] <= 0.05, result["misses"]
