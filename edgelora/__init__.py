@@ -12,9 +12,9 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 # llama.cpp's threads and spins under load (measured: 9 ms per embedding with 1 thread, 16 with 2).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .engine import Completion, Engine
-from .errors import AdapterError, EdgeloraError, ModelError
-from .session import Roles
+from edgelora.runtime.engine import Completion, Engine
+from edgelora.errors import AdapterError, EdgeloraError, ModelError
+from edgelora.roles.session import Roles
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "Roles", "Completion", "EdgeloraError", "AdapterError", "ModelError", "__version__"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import platformdirs
 
-from ._toml import tomllib
-from .errors import EdgeloraError
+from edgelora._toml import tomllib
+from edgelora.errors import EdgeloraError
 
 APP = "edgelora"
 
@@ -122,8 +122,8 @@ def init_config(path: Path, *, force: bool = False) -> Path:
         raise ConfigError(f"{path} already exists; pass --force to replace it with the defaults")
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path}: the config path is not a regular file")
-    from .convert.errors import ConvertError
-    from .convert.outputs import atomic_output  # temp then rename; no temp left when it fails
+    from edgelora.convert.errors import ConvertError
+    from edgelora.convert.outputs import atomic_output  # temp then rename; no temp left when it fails
 
     text = config_text()
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgelora import Engine
-from edgelora.gguf_info import read_gguf
-from edgelora.models import default_model_path
+from edgelora.models.gguf_info import read_gguf
+from edgelora.models.catalog import default_model_path
 
 from . import gguf_factory as gf
 
@@ -108,7 +108,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     verdict = RUN_CACHE / "cpu-probe.json"
     if not verdict.exists():
-        from edgelora import cpu
+        from edgelora.safety import cpu
 
         cpu.decide(default_model_path())  # the real probe, once per run, in RUN_CACHE
     (home / "cache").mkdir(exist_ok=True)
@@ -119,7 +119,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 def write_role(folder: Path, name: str, adapter: Path, *, scale=1.0, extra: str = "", sha=None, **sections) -> Path:
     """A role manifest pinning ``adapter``'s sha256."""
-    from edgelora.gguf_info import sha256_file
+    from edgelora.files import sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     text = (

@@ -59,9 +59,9 @@ def run(kind: str, seed: int, count: int, start: int, work: Path) -> None:
     from edgelora import Engine
     from edgelora.errors import EdgeloraError
     from edgelora.convert import ConvertError, plan_conversion, write_plan
-    from edgelora.models import default_model_path
-    from edgelora.roles import RoleCatalog
-    from edgelora.session import Roles
+    from edgelora.models.catalog import default_model_path
+    from edgelora.roles.manifest import RoleCatalog
+    from edgelora.roles.session import Roles
 
     typed = (EdgeloraError, ConvertError)
     src = work / "src"

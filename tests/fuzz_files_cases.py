@@ -138,7 +138,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 def run_case(argv: list[str]) -> tuple[str, int | None, str]:
-    from edgelora.cli import main
+    from edgelora.frontends.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     signal.alarm(CASE_TIMEOUT_S)
@@ -158,17 +158,17 @@ def run_case(argv: list[str]) -> tuple[str, int | None, str]:
 
 
 def setup(work: Path, tiny_base: Path) -> Path:
-    from edgelora.bench import write_synthetic_peft
+    from edgelora.bench.run import write_synthetic_peft
     from edgelora.convert import convert_peft
-    from edgelora.history import History
-    from edgelora.signing import keygen
+    from edgelora.conversation.history import History
+    from edgelora.safety.signing import keygen
 
     shared = work / "shared"
     (shared / "roles").mkdir(parents=True)
     shutil.copy(tiny_base, shared / "base.gguf")
     write_synthetic_peft(shared / "peft", shared / "base.gguf", rank=2)
     convert_peft(shared / "peft", shared / "base.gguf", shared / "x.gguf")
-    from edgelora.gguf_info import sha256_file
+    from edgelora.files import sha256_file
 
     (shared / "roles" / "one.toml").write_text(
         f'name = "one"\ndescription = "d"\n[[adapters]]\nfile = "{shared / "x.gguf"}"\n'

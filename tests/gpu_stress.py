@@ -40,8 +40,8 @@ def one_run(switches: int, adapters: list[str], kv_cache_bytes: int) -> None:
 
 def make_adapters(folder: Path) -> list[str]:
     sys.path.insert(0, str(ROOT))
-    from edgelora.gguf_info import read_gguf
-    from edgelora.models import default_model_path
+    from edgelora.models.gguf_info import read_gguf
+    from edgelora.models.catalog import default_model_path
     from tests import gguf_factory as gf
 
     shapes = read_gguf(default_model_path()).tensors

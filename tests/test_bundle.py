@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from edgelora import signing
+from edgelora.safety import signing
 from edgelora.config import load_config
-from edgelora.gguf_info import sha256_file
-from edgelora.models import resolve_model
+from edgelora.files import sha256_file
+from edgelora.models.catalog import resolve_model
 from edgelora.offline import place
-from edgelora.roles import load_manifest
-from edgelora.storage import install_role
+from edgelora.roles.manifest import load_manifest
+from edgelora.roles.store import install_role
 
 from .conftest import write_role
 

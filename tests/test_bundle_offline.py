@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edgelora import signing
-from edgelora.gguf_info import sha256_file
+from edgelora.safety import signing
+from edgelora.files import sha256_file
 
 from .conftest import write_role
 

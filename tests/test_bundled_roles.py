@@ -10,8 +10,8 @@ import pytest
 
 from edgelora import Engine
 from edgelora.config import Config
-from edgelora.roles import RoleCatalog, bundled_dir
-from edgelora.session import Roles
+from edgelora.roles.manifest import RoleCatalog, bundled_dir
+from edgelora.roles.session import Roles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters" / "train"))
 import roles_data  # noqa: E402

@@ -10,7 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from edgelora.cli import cli, parse_spec
+from edgelora.frontends.cli.main import cli
+from edgelora.frontends.cli.options import parse_spec
 
 GREEDY = ["--temperature", "0", "--seed", "0"]
 
@@ -219,7 +220,7 @@ def test_doctor_text_says_what_unset_values_mean_and_reports_the_routing_model(m
 
 
 def test_doctor_says_when_the_routing_model_is_missing(monkeypatch):
-    from edgelora import embedder
+    from edgelora.routing import embedder
 
     monkeypatch.setattr(embedder, "DIST", "no-such-routing-model-package")
     result = CliRunner().invoke(cli, ["doctor"])

@@ -136,7 +136,7 @@ def test_f16_bf16_q8_0_outputs_stay_faithful(reference):
 
 from edgelora.convert import to_peft  # noqa: E402
 from edgelora.convert.peft_source import read_peft  # noqa: E402
-from edgelora.roles import RoleCatalog, bundled_dir  # noqa: E402
+from edgelora.roles.manifest import RoleCatalog, bundled_dir  # noqa: E402
 
 ROUND_TRIP_MAX_REL = 2e-3  # the GGUF holds f16: ~5e-4 relative per element
 
@@ -227,7 +227,7 @@ def test_stacked_adapters_exported_as_one_lora_match_the_stack(reference, capsys
 def test_exported_bundled_roles_match_their_gguf_roles(reference, tmp_path, capsys):
     """`edgelora export pirate pirate:0.7+terse:0.3`: the source-exported role and the stack summed into
     one LoRA change PEFT's logits as the GGUF roles change llama.cpp's."""
-    from edgelora.export import export_roles
+    from edgelora.export.vllm import export_roles
 
     catalog = RoleCatalog([bundled_dir()])
     doc = export_roles(["pirate", "pirate:0.7+terse:0.3"], tmp_path, catalog, reference.f32)

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from edgelora import Engine, cpu
+from edgelora import Engine
+
+from edgelora.safety import cpu
 from edgelora.errors import EdgeloraError
 
 from .conftest import GREEDY

@@ -11,11 +11,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from edgelora.cli import main
+from edgelora.frontends.cli.main import main
 from edgelora.convert import to_peft
 from edgelora.convert.converter import _permute
 from edgelora.convert.peft_source import read_peft
-from edgelora.roles import bundled_dir
+from edgelora.roles.manifest import bundled_dir
 
 from .conftest import write_role
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelora.roles import bundled_dir
+from edgelora.roles.manifest import bundled_dir
 
 SEED = 20261123
 COUNTS = {"adapter": 60, "base": 40, "manifest": 60, "peft": 40}
@@ -25,7 +25,7 @@ COUNTS = {"adapter": 60, "base": 40, "manifest": 60, "peft": 40}
 
 @pytest.fixture(scope="module")
 def fuzz_src(tmp_path_factory, tiny):
-    from edgelora.bench import write_synthetic_peft
+    from edgelora.bench.run import write_synthetic_peft
 
     src = tmp_path_factory.mktemp("fuzz") / "src"
     src.mkdir()

@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 from starlette.testclient import TestClient
 
-from edgelora.server import Service, build_app, loopback_hosts
-from edgelora.session import Roles
+from edgelora.frontends.server.app import Service, build_app, loopback_hosts
+from edgelora.roles.session import Roles
 
 SEED = 20261124
 CASES = 300

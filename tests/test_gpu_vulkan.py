@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgelora import Engine
-from edgelora.backend import backend_info
+from edgelora.runtime.backend import backend_info
 from edgelora.errors import AdapterError
 
 from .conftest import GREEDY, reset_engine
@@ -130,7 +130,7 @@ def test_device_logits_agree_with_the_cpu(device_engine, engine):
 
 
 def test_adapter_changes_the_answer_and_detach_restores_the_base(gpu, fresh_on_device):
-    from edgelora.roles import bundled_dir
+    from edgelora.roles.manifest import bundled_dir
 
     base_text, base_logits = fresh_on_device()
     assert _answer(gpu) == base_text
@@ -178,8 +178,8 @@ def test_kv_state_saved_and_restored_on_the_device_matches_a_fresh_evaluation(gp
 
 def test_bundled_roles_behave_on_the_device_as_on_the_cpu(device_engine, engine):
     from edgelora.config import Config
-    from edgelora.roles import RoleCatalog, bundled_dir
-    from edgelora.session import Roles
+    from edgelora.roles.manifest import RoleCatalog, bundled_dir
+    from edgelora.roles.session import Roles
 
     prompt = [{"role": "user", "content": "How do I keep basil alive?"}]
     answers = {}
@@ -200,7 +200,7 @@ def test_bundled_roles_behave_on_the_device_as_on_the_cpu(device_engine, engine)
 def test_adapters_are_refused_in_one_line_where_the_probe_dies(smol_path, smol_adapters, tmp_path, monkeypatch):
     """The guard for drivers that crash on adapters: a child that dies means a refusal, not a dead process."""
     _require_device()
-    from edgelora import gpu_adapters
+    from edgelora.safety import gpu_adapters
 
     monkeypatch.setenv("EDGELORA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(gpu_adapters, "probe_argv", lambda *a: [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])

@@ -19,11 +19,14 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType as T
 
-from edgelora import cpu, errors
-from edgelora.cli import cli
-from edgelora.engine import Engine
-from edgelora.gguf_info import read_gguf, sha256_file
-from edgelora.roles import RoleCatalog, RoleError, load_manifest
+from edgelora.safety import cpu
+
+from edgelora import errors
+from edgelora.frontends.cli.main import cli
+from edgelora.runtime.engine import Engine
+from edgelora.models.gguf_info import read_gguf
+from edgelora.files import sha256_file
+from edgelora.roles.manifest import RoleCatalog, RoleError, load_manifest
 
 from . import gguf_factory as gf
 from .conftest import GREEDY, write_role
@@ -94,7 +97,7 @@ def test_corrupted_base_hyperparameters_are_refused_naming_the_key(tiny, smol_pa
 
 # 4 -------------------------------------------------------------------------- signatures on every path
 def test_require_signatures_applies_to_adapters_given_by_path(answering, isolated_home, smol_adapters, tmp_path):
-    from edgelora.signing import keygen, sign
+    from edgelora.safety.signing import keygen, sign
 
     eng, still_answers = answering
     trusted, other = keygen(tmp_path / "trusted.pem"), keygen(tmp_path / "other.pem")
@@ -118,7 +121,7 @@ def test_require_signatures_applies_to_adapters_given_by_path(answering, isolate
 # 6 -------------------------------------------------------------------------- convert -o destroys nothing
 @pytest.fixture
 def peft(tmp_path, tiny):
-    from edgelora.bench import write_synthetic_peft
+    from edgelora.bench.run import write_synthetic_peft
 
     return write_synthetic_peft(tmp_path / "peft", tiny["base"], rank=2)
 
@@ -165,7 +168,7 @@ def test_corrupt_history_database_is_one_line_and_ask_still_answers(isolated_hom
 
 
 def test_locked_history_waits_then_answers_without_losing_the_answer(isolated_home, monkeypatch):
-    from edgelora import history
+    from edgelora.conversation import history
 
     monkeypatch.setattr(history, "LOCK_WAIT_S", 0.3)
     History = history.History
@@ -187,7 +190,7 @@ def test_kill_9_mid_answer_keeps_the_prompt(isolated_home):
     proc.stdout.read(8)
     proc.kill()
     proc.wait()
-    from edgelora.history import History
+    from edgelora.conversation.history import History
 
     h = History()
     latest = h.latest()
@@ -261,7 +264,7 @@ def test_a_runaway_chat_template_is_stopped(engine):
 
 @pytest.mark.parametrize("pattern", ["^(a+)+$", "^(a|aa)+$", "(x+x+)+y"])
 def test_catastrophic_routing_regex_is_time_limited(tmp_path, smol_adapters, pattern):
-    from edgelora.router import route
+    from edgelora.routing.router import route
 
     write_role(tmp_path, "slow", smol_adapters["a"], routing=f"regex = ['{pattern}']")
     catalog = RoleCatalog([tmp_path])
@@ -393,7 +396,7 @@ def test_manifest_with_a_byte_order_mark_loads(tmp_path, smol_adapters):
 
 
 def test_a_file_swapped_in_after_its_checks_is_not_what_llama_cpp_loads(clean_engine, smol_adapters, tmp_path, monkeypatch):
-    from edgelora import trust
+    from edgelora.safety import admission
 
     path = shutil.copy(smol_adapters["a"], tmp_path / "x.gguf")
     expected = Engine  # noqa: F841 - readability
@@ -402,13 +405,13 @@ def test_a_file_swapped_in_after_its_checks_is_not_what_llama_cpp_loads(clean_en
     clean_engine.detach_all()
     clean_engine.free("ref")
 
-    real = trust.check_signature
+    real = admission.check_signature
 
     def swap_then_check(data, shown, config=None):
         os.replace(shutil.copy(smol_adapters["b"], tmp_path / "evil.gguf"), shown)  # the path now holds another file
         return real(data, shown, config)
 
-    monkeypatch.setattr(trust, "check_signature", swap_then_check)
+    monkeypatch.setattr(admission, "check_signature", swap_then_check)
     clean_engine.load(path, name="x", sha256=sha256_file(smol_adapters["a"]))
     clean_engine.set_adapters({"x": 1.0})
     assert clean_engine.chat(MSG, max_tokens=8, **GREEDY).text == want  # the checked bytes, not the swapped ones

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGUFValueType as T
 
 from edgelora import errors
-from edgelora.engine import Engine
+from edgelora.runtime.engine import Engine
 
 from . import gguf_factory as gf
 from .conftest import GREEDY
@@ -123,7 +123,7 @@ def test_native_handles_are_released_safely_whatever_order_the_collector_frees_t
 ])
 def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file_and_key(tmp_path, smol_adapters, section, body,
                                                                                 key, shown):
-    from edgelora.roles import RoleError, load_manifest
+    from edgelora.roles.manifest import RoleError, load_manifest
 
     from .conftest import write_role
 
@@ -138,7 +138,7 @@ def test_a_manifest_with_a_non_finite_number_is_refused_naming_the_file_and_key(
 
 @pytest.mark.parametrize("weight", ["inf", "nan", "-inf"])
 def test_an_include_weight_that_is_not_finite_is_refused_naming_the_file(tmp_path, smol_adapters, weight):
-    from edgelora.roles import RoleError, load_manifest
+    from edgelora.roles.manifest import RoleError, load_manifest
 
     from .conftest import write_role
 

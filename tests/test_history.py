@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from edgelora.history import History, HistoryError
+from edgelora.conversation.history import History, HistoryError
 
 
 def test_store_list_search_rename_export_delete(tmp_path):
@@ -56,9 +56,9 @@ def test_ask_continue_uses_the_latest_conversation(tmp_path, isolated_home):
 KILLED = r"""
 import sys, time
 from edgelora import Engine, Roles
-from edgelora.chat import ChatSession
+from edgelora.conversation.chat import ChatSession
 from edgelora.config import Config
-from edgelora.history import History
+from edgelora.conversation.history import History
 session = ChatSession(Roles(Engine(n_ctx=1024), Config()), History(sys.argv[1]), temperature=0.0, max_tokens=2000)
 session.add_user("Name a colour.")
 for _ in session.stream_reply(session.start_reply()):
@@ -131,9 +131,9 @@ def test_history_rm_of_an_unknown_id_is_one_line_and_deletes_nothing(isolated_ho
 def test_a_stopped_answer_is_saved_but_not_given_back_to_later_turns(tmp_path, clean_engine):
     """A half answer is no example to follow: kept in the store (marked stopped), left out of the context,
     also after a resume."""
-    from edgelora.chat import ChatSession, is_stopped
+    from edgelora.conversation.chat import ChatSession, is_stopped
     from edgelora.config import Config
-    from edgelora.session import Roles
+    from edgelora.roles.session import Roles
 
     h = History(tmp_path / "h.sqlite3")
     session = ChatSession(Roles(clean_engine, Config()), h, max_tokens=64, temperature=0.0)

@@ -7,8 +7,8 @@ import sys
 
 from click.testing import CliRunner
 
-from edgelora.cli import cli
-from edgelora.history import History
+from edgelora.frontends.cli.main import cli
+from edgelora.conversation.history import History
 
 GREEDY = ["--temperature", "0", "--max-tokens", "6"]
 

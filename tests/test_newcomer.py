@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from edgelora.gguf_info import sha256_file
-from edgelora.models import catalog, resolve_model
+from edgelora.files import sha256_file
+from edgelora.models.catalog import catalog, resolve_model
 
 from .conftest import write_role
 

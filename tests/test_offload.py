@@ -10,8 +10,12 @@ import sys
 
 import pytest
 
-from edgelora import Engine, gpu_adapters, offload
-from edgelora.backend import backend_info
+from edgelora import Engine
+
+from edgelora.safety import gpu_adapters
+
+from edgelora.runtime import offload
+from edgelora.runtime.backend import backend_info
 from edgelora.errors import AdapterError, EdgeloraError
 
 VULKAN_LOG = [

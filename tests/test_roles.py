@@ -12,10 +12,10 @@ import pytest
 from edgelora import Engine
 from edgelora.config import Config, ConfigError, load_config
 from edgelora.errors import NotGGUFError
-from edgelora.registry import CompatibilityError, IntegrityError
-from edgelora.roles import RoleCatalog, RoleError, load_manifest
-from edgelora.session import Roles
-from edgelora.signing import SignatureError, keygen, sign
+from edgelora.roles.residency import CompatibilityError, IntegrityError
+from edgelora.roles.manifest import RoleCatalog, RoleError, load_manifest
+from edgelora.roles.session import Roles
+from edgelora.safety.signing import SignatureError, keygen, sign
 
 from .conftest import GREEDY, write_role
 
@@ -298,8 +298,8 @@ def test_role_history_setting_decides_which_earlier_turns_the_model_is_given(cle
 @pytest.mark.slow  # three real answers: about 20 s idle, minutes on a busy machine
 def test_bundled_json_role_answers_json_after_pirate_and_terse_turns(clean_engine):
     """The newcomer's case: after answers in other voices, /role json wrote unterminated JSON."""
-    from edgelora.chat import ChatSession
-    from edgelora.roles import bundled_dir
+    from edgelora.conversation.chat import ChatSession
+    from edgelora.roles.manifest import bundled_dir
 
     roles = Roles(clean_engine, Config(), catalog=RoleCatalog([bundled_dir()]))
     session = ChatSession(roles, None, max_tokens=120)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from edgelora.cli import main
-from edgelora.gguf_info import sha256_file
-from edgelora.roles import load_manifest
+from edgelora.frontends.cli.main import main
+from edgelora.files import sha256_file
+from edgelora.roles.manifest import load_manifest
 
 from .conftest import GREEDY
 
@@ -28,7 +28,7 @@ def jsonl(path, rows):
 
 def train_cli(*args):
     """The real command in a child process: (exit code, stderr, torch imported?)."""
-    code = ("import sys; from edgelora.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from edgelora.frontends.cli.main import main; rc = main(sys.argv[1:]); "
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "roles", "train", *map(str, args)], capture_output=True,
                        text=True, timeout=180)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from edgelora.config import Config
-from edgelora.roles import Role, RoleCatalog, bundled_dir
-from edgelora.router import route
+from edgelora.roles.manifest import Role, RoleCatalog, bundled_dir
+from edgelora.routing.router import route
 
 LABELLED = [
     ("Explain the tides like a pirate would.", "pirate"),
@@ -84,7 +84,7 @@ def _roles_for_another_base(folder, adapter):
 
 def test_auto_only_chooses_roles_made_for_the_loaded_base_and_says_which_it_skipped(clean_engine, smol_adapters,
                                                                                      tmp_path):
-    from edgelora.session import Roles
+    from edgelora.roles.session import Roles
 
     roles = Roles(clean_engine, Config(), catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
     chosen = roles.route("ahoy, what is a ship?")
@@ -98,7 +98,7 @@ def test_auto_only_chooses_roles_made_for_the_loaded_base_and_says_which_it_skip
 
 
 def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, smol_adapters, tmp_path):
-    from edgelora.session import Roles
+    from edgelora.roles.session import Roles
 
     roles = Roles(clean_engine, Config(), force=True,
                   catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
@@ -127,7 +127,7 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("Tell me about cats and German shepherds.", "german", False),
 ])
 def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
-    from edgelora import request_frame
+    from edgelora.routing import request_frame
 
     hits = request_frame.hits(prompt, keyword)
     assert hits, "the keyword (or its plural) is found"

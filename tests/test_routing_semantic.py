@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgelora import router
+from edgelora.routing import router
 from edgelora._toml import tomllib
-from edgelora.neutral_prompts import NEUTRAL_PROMPTS
-from edgelora.roles import RoleCatalog, bundled_dir
+from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS
+from edgelora.roles.manifest import RoleCatalog, bundled_dir
 
 from .conftest import write_role
 
@@ -38,7 +38,7 @@ def test_numpy_minilm_equals_the_reference_model():
     torch = pytest.importorskip("torch")
     from transformers import AutoModel, AutoTokenizer
 
-    from edgelora.embedder import embedder, model_dir
+    from edgelora.routing.embedder import embedder, model_dir
 
     tok = AutoTokenizer.from_pretrained(str(model_dir()))
     ref = AutoModel.from_pretrained(str(model_dir())).eval()
@@ -91,7 +91,7 @@ def test_routing_by_meaning_on_the_held_out_set(roles, capsys):
 
 
 def test_batched_embeddings_equal_one_at_a_time():
-    from edgelora.embedder import embedder
+    from edgelora.routing.embedder import embedder
 
     texts = ["Explain photosynthesis in buccaneer speak.", "hi", "One line only: what does a CPU do?"]
     together = embedder().embed_many(texts)
@@ -100,7 +100,7 @@ def test_batched_embeddings_equal_one_at_a_time():
 
 
 def test_a_role_is_learned_from_the_style_part_of_its_examples():
-    from edgelora.embedder import embed_many
+    from edgelora.routing.embedder import embed_many
 
     plain = embed_many(list(NEUTRAL_PROMPTS))
     assert router._style_part("Give me the answer as JSON: what is a cat?", plain) == "Give me the answer as JSON"
@@ -156,7 +156,7 @@ def test_a_manifest_adds_examples_without_code(tmp_path, smol_adapters):
 
 
 def test_without_the_model_package_word_overlap_is_used_and_said(roles, monkeypatch):
-    from edgelora import embedder
+    from edgelora.routing import embedder
 
     def missing():
         raise embedder.EmbedderMissing("the routing model is not installed")
@@ -174,7 +174,7 @@ def test_without_the_model_package_word_overlap_is_used_and_said(roles, monkeypa
 def test_a_damaged_model_package_falls_back_to_word_overlap_and_says_why(roles, monkeypatch, tmp_path):
     import shutil
 
-    from edgelora import embedder
+    from edgelora.routing import embedder
 
     good = embedder.model_dir()
     for name in ("config.json", "tokenizer.json"):

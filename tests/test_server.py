@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from edgelora.gguf_info import sha256_file
+from edgelora.files import sha256_file
 
 from . import gguf_factory as gf
 from .conftest import write_role

@@ -190,13 +190,3 @@ def test_evicting_the_active_role_says_it_stays_resident_and_why(server):
     r = server.post("/v1/roles/json/evict").json()
     assert r["freed"] == ["json"] and r["kept"] == [] and "note" not in r
     assert next(row for row in r["roles"] if row["name"] == "json")["resident"] is False
-
-
-def test_server_extras_and_server_requests_never_import_server():
-    import ast
-
-    root = Path(__file__).parent.parent / "edgelora"
-    for name in ("server_extras.py", "server_requests.py"):
-        tree = ast.parse((root / name).read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
-        assert "server" not in imported, f"{name} imports .server: an import cycle"

@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
-from edgelora import server_extras
-from edgelora.server import Service, build_app, loopback_hosts
-from edgelora.server_http import uvicorn_settings
-from edgelora.session import Roles
+from edgelora.frontends.server import extras
+from edgelora.frontends.server.app import Service, build_app, loopback_hosts
+from edgelora.frontends.server.http import uvicorn_settings
+from edgelora.roles.session import Roles
 
 ORIGIN = "http://127.0.0.1:8080"  # the server's own origin in the TestClient tests
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -263,7 +263,7 @@ def test_a_path_with_terminal_escapes_is_logged_quoted_never_raw(service, capsys
 
 
 def test_no_logged_field_writes_control_characters():
-    log = server_extras.RequestLog(None, stream=io.StringIO())
+    log = extras.RequestLog(None, stream=io.StringIO())
     scope = {"method": "POST", "path": "/v1/chat/completions"}
     log._write(scope, 200, {"edgelora_log": "role=\x1b]0;x\x07pirate\nfake line tokens=1+1"}, 0.0)
     line = log.stream.getvalue()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgelora.chat import ChatSession
+from edgelora.conversation.chat import ChatSession
 from edgelora.config import Config
-from edgelora.history import History
-from edgelora.roles import RoleCatalog
-from edgelora.session import Roles
-from edgelora.tui.app import EdgeloraApp
-from edgelora.tui.widgets import ChatMessage, PromptInput, RolesPanel
+from edgelora.conversation.history import History
+from edgelora.roles.manifest import RoleCatalog
+from edgelora.roles.session import Roles
+from edgelora.frontends.tui.app import EdgeloraApp
+from edgelora.frontends.tui.widgets import ChatMessage, PromptInput, RolesPanel
 
 from .conftest import write_role
 
@@ -206,7 +206,7 @@ async def test_input_is_multiline_with_history(make_app):
 async def test_roles_sharing_one_adapter_file_are_labelled_by_the_role_chosen(make_app, roles_dir, smol_adapters,
                                                                                tmp_path):
     """A copy of a's manifest installed as 'mya' loads the file first; a's answers still say 'a'."""
-    from edgelora.tui.widgets import StatusBar
+    from edgelora.frontends.tui.widgets import StatusBar
 
     write_role(roles_dir, "mya", smol_adapters["a"])
     app = make_app(max_tokens=2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from rich.console import Console
 from textual.widgets import Input, OptionList
 
-from edgelora.history import History
-from edgelora.tui.screens import HistoryScreen
-from edgelora.tui.widgets import ChatMessage, PromptInput
+from edgelora.conversation.history import History
+from edgelora.frontends.tui.screens import HistoryScreen
+from edgelora.frontends.tui.widgets import ChatMessage, PromptInput
 
 from .test_tui import SIZE, idle, make_app, replies, roles_dir, type_and_send  # noqa: F401 (fixtures)
 
@@ -122,7 +122,7 @@ async def test_auto_label_never_shows_the_previous_role_and_gives_the_reason(mak
 
 
 async def test_multiline_input_keeps_its_lines_and_ctx_follows_resume_and_new_chat(make_app, tmp_path):
-    from edgelora.tui.widgets import StatusBar
+    from edgelora.frontends.tui.widgets import StatusBar
 
     h = _history_with(tmp_path, "first line\nsecond line")
     app = make_app(history=h)
@@ -158,7 +158,7 @@ async def test_first_screen_welcomes_and_the_input_says_what_to_do(make_app):
 
 
 async def test_roles_panel_has_a_title_and_each_role_its_description(make_app):
-    from edgelora.tui.widgets import RolesPanel
+    from edgelora.frontends.tui.widgets import RolesPanel
 
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -233,7 +233,7 @@ async def test_at_80x24_status_bar_and_footer_fit(make_app):
     from textual.widgets import Footer
     from textual.widgets._footer import FooterKey
 
-    from edgelora.tui.widgets import StatusBar
+    from edgelora.frontends.tui.widgets import StatusBar
 
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:

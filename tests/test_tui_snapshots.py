@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from edgelora import Engine
-from edgelora.chat import ChatSession, Reply
+from edgelora.conversation.chat import ChatSession, Reply
 from edgelora.config import Config
-from edgelora.history import History
-from edgelora.roles import RoleCatalog
-from edgelora.session import Roles
-from edgelora.tui.app import EdgeloraApp
-from edgelora.tui.screens import CompareScreen
+from edgelora.conversation.history import History
+from edgelora.roles.manifest import RoleCatalog
+from edgelora.roles.session import Roles
+from edgelora.frontends.tui.app import EdgeloraApp
+from edgelora.frontends.tui.screens import CompareScreen
 
 from .conftest import write_role
 

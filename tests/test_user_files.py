@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgelora.cli import main
-from edgelora.gguf_info import sha256_file
-from edgelora.history import History
-from edgelora.roles import bundled_dir
+from edgelora.frontends.cli.main import main
+from edgelora.files import sha256_file
+from edgelora.conversation.history import History
+from edgelora.roles.manifest import bundled_dir
 
 from .conftest import write_role
 

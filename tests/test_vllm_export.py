@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
-from edgelora.cli import main  # noqa: E402
+from edgelora.frontends.cli.main import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "adapters" / "train"))
@@ -134,8 +134,8 @@ def test_vllm_serves_the_exported_roles_by_name(server, exported, smol_path, cap
 
     from edgelora import Engine
     from edgelora.config import Config
-    from edgelora.roles import RoleCatalog, bundled_dir
-    from edgelora.session import Roles
+    from edgelora.roles.manifest import RoleCatalog, bundled_dir
+    from edgelora.roles.session import Roles
 
     client, models = server
     assert {"base", "pirate", "terse", STACK} <= models

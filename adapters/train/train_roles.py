@@ -30,8 +30,8 @@ import roles_data  # noqa: E402
 
 from edgelora import Engine  # noqa: E402
 from edgelora.convert import convert_peft  # noqa: E402
-from edgelora.gguf_info import sha256_file  # noqa: E402
-from edgelora.models import default_model_path  # noqa: E402
+from edgelora.models.gguf_info import sha256_file  # noqa: E402
+from edgelora.models.catalog import default_model_path  # noqa: E402
 from edgelora.train.data import encode  # noqa: E402
 from edgelora.train.loop import add_lora, load_base, save_peft, train  # noqa: E402
 

@@ -39,18 +39,19 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from .. import signing
-from ..config import Config, load_config
-from ..convert.outputs import stale_temps  # the temps convert's cleanup matches
-from ..errors import EdgeloraError
-from ..gguf_info import read_gguf, sha256_file
-from ..models import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
-from ..registry import verify_adapter_file
-from ..roles import Role, RoleCatalog, RoleError, bundled_dir
-from ..session import default_folders
-from ..storage import install_role
-from . import wheels
-from .place import cpu_flags
+from edgelora.safety import signing
+from edgelora.config import Config, load_config
+from edgelora.convert.outputs import atomic_output, stale_temps  # the temps convert's cleanup matches
+from edgelora.errors import EdgeloraError
+from edgelora.models.gguf_info import read_gguf
+from edgelora.files import sha256_file
+from edgelora.models.catalog import DEFAULT_MODEL_DIST, catalog, default_model_path, resolve_model
+from edgelora.roles.residency import verify_adapter_file
+from edgelora.roles.manifest import Role, RoleCatalog, RoleError, bundled_dir
+from edgelora.roles.session import default_folders
+from edgelora.roles.store import install_role
+from edgelora.offline import wheels
+from edgelora.offline.place import cpu_flags
 
 FORMAT = 1
 MANIFEST = "SHA256SUMS"
@@ -150,9 +151,8 @@ def render_install_sh(python: str, version: str) -> str:
 def write_manifest(root: Path) -> tuple[int, int]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text("".join(lines))
-    os.replace(tmp, root / MANIFEST)
+    with atomic_output(root / MANIFEST) as tmp:
+        tmp.write_text("".join(lines))
     return len(files), sum(p.stat().st_size for p in files)
 
 

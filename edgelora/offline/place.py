@@ -7,18 +7,18 @@ everything went. install.sh has checked every file against SHA256SUMS before thi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from ..config import config_path, data_dir, load_config
-from ..errors import EdgeloraError
-from ..gguf_info import sha256_file
-from ..models import default_model_path, models_dir
-from ..roles import bundled_dir, load_manifest
-from ..session import user_roles_dir
-from ..storage import install_role
+from edgelora.convert.outputs import atomic_output
+from edgelora.config import config_path, data_dir, load_config
+from edgelora.errors import EdgeloraError
+from edgelora.files import sha256_file
+from edgelora.models.catalog import default_model_path, models_dir
+from edgelora.roles.manifest import bundled_dir, load_manifest
+from edgelora.roles.session import user_roles_dir
+from edgelora.roles.store import install_role
 
 
 # x86 instruction sets a llama.cpp built with GGML_NATIVE (llama-cpp-python's default) may use.
@@ -48,13 +48,11 @@ def place_model(src: Path, dest: Path, sha256: str) -> str:
     if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256:
         return "unchanged"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    if sha256_file(tmp) != sha256:
-        tmp.unlink()
-        raise EdgeloraError(f"{src}: the copy at {dest} does not match its sha256 in bundle.json")
     existed = dest.exists()
-    os.replace(tmp, dest)
+    with atomic_output(dest) as tmp:
+        shutil.copyfile(src, tmp)
+        if sha256_file(tmp) != sha256:
+            raise EdgeloraError(f"{src}: the copy at {dest} does not match its sha256 in bundle.json")
     return "replaced" if existed else "placed"
 
 
@@ -67,9 +65,8 @@ def set_default_model(path: Path) -> str:
     line = f"default_model = {json.dumps(str(path))}\n"
     old = cfg.read_text("utf-8") if cfg.is_file() else ""
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.with_name(f".{cfg.name}.tmp")
-    tmp.write_text(line + old, "utf-8")  # top-level keys go before any table
-    os.replace(tmp, cfg)
+    with atomic_output(cfg) as tmp:
+        tmp.write_text(line + old, "utf-8")  # top-level keys go before any table
     return f"default_model set in {cfg}"
 
 

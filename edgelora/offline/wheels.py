@@ -28,7 +28,7 @@ from packaging import tags
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from ..errors import EdgeloraError
+from edgelora.errors import EdgeloraError
 
 # Packages whose files edgelora reads (models) but whose metadata pulls in heavy stacks it never
 # imports (the `llm` CLI, sentence-transformers/torch): installed with --no-deps.

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-from .data import load_examples, split
-from .role import (Result, TrainError, TrainOptions, check_name, check_options, missing_packages, INSTALL_HINT,
+from edgelora.train.data import load_examples, split
+from edgelora.train.role import (Result, TrainError, TrainOptions, check_name, check_options, missing_packages, INSTALL_HINT,
                    train_role)
 
 
 def run_train(*, name: str, data: str, targets: str, model: str | None, **options) -> None:
-    from ..config import load_config
-    from ..engine import Engine
-    from ..roles import RoleCatalog
-    from ..session import default_folders, user_roles_dir
+    from edgelora.config import load_config
+    from edgelora.runtime.engine import Engine
+    from edgelora.roles.manifest import RoleCatalog
+    from edgelora.roles.session import default_folders, user_roles_dir
 
     config = load_config()
     opts = TrainOptions(name=name, data=data, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._toml import tomllib
-from ..errors import EdgeloraError
+from edgelora._toml import tomllib
+from edgelora.errors import EdgeloraError
 
 KEYS = {"prompt", "answer", "system"}
 MIN_TRAIN = 4  # pairs left for training after the held-out ones

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from . import ALPHA, RANK, TARGETS
+from edgelora.train import ALPHA, RANK, TARGETS
 
 
 def load_base(gguf_path: Path):

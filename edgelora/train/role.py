@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeloraError
-from ..roles import BASE_ROLE, NAME_RE, Role, RoleAdapter, RoleError, load_manifest
-from . import ALPHA, RANK, TARGETS
-from .data import Examples, Pair, encode, load_examples, shared_system, split
+from edgelora.errors import EdgeloraError
+from edgelora.roles.manifest import BASE_ROLE, NAME_RE, Role, RoleAdapter, RoleError, load_manifest
+from edgelora.train import ALPHA, RANK, TARGETS
+from edgelora.train.data import Examples, Pair, encode, load_examples, shared_system, split
 
 INSTALL_HINT = 'pip install "edgelora[train]"'
 # SmolLM2-135M on 2 idle cores: the bundled recipe's 120 steps of 8 pairs (~70 tokens each) took
@@ -97,7 +97,7 @@ def missing_packages() -> list[str]:
 def check_name(name: str, catalog, roles_dir: Path, force: bool) -> Path | None:
     """The manifest a --force run replaces, or None; refuses names that are not free, and files in
     the roles folder that are not that role's (a user's own NAME.toml, a stray NAME folder)."""
-    from ..storage import MAX_NAME_BYTES, place_taken
+    from edgelora.roles.store import MAX_NAME_BYTES, place_taken
 
     if not NAME_RE.match(name) or name in (BASE_ROLE, "auto"):
         raise TrainError(f"role name {name!r} is not allowed (letters, digits, '_.-'; not 'base' or 'auto')")
@@ -228,7 +228,7 @@ def train_role(opts: TrainOptions, engine, catalog, roles_dir: Path) -> Result |
 def _work_folder(name: str, roles_dir: Path) -> Path:
     """A hidden '.NAME.PID.RANDOM.tmp' folder in the roles folder (the catalog skips it); those of
     earlier runs killed outright (their process is gone) are removed first."""
-    from ..convert.outputs import stale_temps
+    from edgelora.convert.outputs import stale_temps
 
     roles_dir.mkdir(parents=True, exist_ok=True)
     for stale in stale_temps(roles_dir / name):
@@ -245,8 +245,8 @@ def _train_and_convert(opts: TrainOptions, p: Plan, base: Path, work: Path, ctrl
     import torch
     from tqdm import tqdm
 
-    from ..convert import convert_peft
-    from .loop import add_lora, load_base, save_peft, train
+    from edgelora.convert import convert_peft
+    from edgelora.train.loop import add_lora, load_base, save_peft, train
 
     torch.set_num_threads(opts.threads or os.cpu_count() or 2)
     torch.manual_seed(opts.seed)
@@ -314,8 +314,8 @@ def _short(text: str, width: int = 110) -> str:
 
 
 def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path) -> Path:
-    from ..gguf_info import sha256_file
-    from ..storage import manifest_text
+    from edgelora.files import sha256_file
+    from edgelora.roles.store import manifest_text
 
     prompts = list(dict.fromkeys(pair.prompt for pair in p.train))
     step = max(1, len(prompts) // ROUTING_EXAMPLES)  # spread over the file, not its first lines
@@ -341,7 +341,7 @@ def _write_manifest(opts: TrainOptions, p: Plan, engine, gguf: Path, work: Path)
 def _install(name: str, work: Path, roles_dir: Path, replaces: Path | None) -> Path:
     """Every check first, then the old role removed, then the adapter folder and the manifest renamed
     in (manifest last): the catalog sees the role only when whole. Ctrl+C waits until it is done."""
-    from ..storage import place_taken, remove_role
+    from edgelora.roles.store import place_taken, remove_role
 
     old = load_manifest(replaces) if replaces is not None else None
     taken = place_taken(name, roles_dir, replaces)  # again: files may have appeared while training

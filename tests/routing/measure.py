@@ -32,7 +32,7 @@ def labelled(name: str) -> list[tuple[str, str]]:
 
 
 def evaluate(roles, method: str, data) -> dict:
-    from edgelora import router
+    from edgelora.routing import router
 
     got = [(want, router.route(p, roles, method=method).role) for p, want in data]
     neutral = [g for w, g in got if w == "base"]
@@ -45,7 +45,7 @@ def evaluate(roles, method: str, data) -> dict:
 def user_roles(name: str):
     """(bundled + the file's roles, [(prompt, expect, kind)]) of a user-roles set."""
     from edgelora._toml import tomllib
-    from edgelora.roles import Role, RoleCatalog, bundled_dir
+    from edgelora.roles.manifest import Role, RoleCatalog, bundled_dir
 
     data = tomllib.loads((HERE / name).read_text())
     own = [Role(r["name"], HERE / name, description=r.get("description", ""), keywords=r.get("keywords", []),
@@ -55,7 +55,7 @@ def user_roles(name: str):
 
 
 def evaluate_user_roles(name: str, method: str = "meaning") -> dict:
-    from edgelora import router
+    from edgelora.routing import router
 
     roles, cases = user_roles(name)
     got = [(p, want, kind, router.route(p, roles, method=method)) for p, want, kind in cases]
@@ -74,14 +74,15 @@ def _rss_mb() -> float:
 
 
 def _package_mb() -> float:
-    from edgelora.embedder import model_dir
+    from edgelora.routing.embedder import model_dir
 
     return sum(f.stat().st_size for f in model_dir().parent.rglob("*") if f.is_file()) / 1e6
 
 
 def main() -> dict:
-    from edgelora import embedder, router
-    from edgelora.roles import RoleCatalog, bundled_dir
+    from edgelora.routing import embedder
+    from edgelora.routing import router
+    from edgelora.roles.manifest import RoleCatalog, bundled_dir
 
     roles = RoleCatalog([bundled_dir()]).roles()
     data = labelled("eval.toml")

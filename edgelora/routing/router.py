@@ -1,0 +1,418 @@
+"""Pick a role for a prompt, with a reason: an explicit mention, then the manifests' keyword and
+regex rules, then similarity *of meaning* to each role's example prompts and description, else the
+base.
+
+Meaning: sentence embeddings from a small local model (embedder.py: all-MiniLM-L6-v2 in numpy,
+loaded on first use, nothing downloaded). Without that package the older TF-IDF word overlap is
+used, and the reason says so. The threshold was fit on a labelled development set (`fit_threshold`,
+tests/routing/dev.toml), not chosen by hand; tests/routing/eval.toml measures it."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+
+from edgelora.roles.manifest import BASE_ROLE, Role
+from edgelora.routing import request_frame
+from edgelora.routing.embedder import EmbedderMissing
+
+_WORD = re.compile(r"[a-z0-9']+")
+_STOP = set("a an the is are was were be to of in on for and or it this that me my i you your do does what "
+            "how why please can could would tell about give with as at by from".split())
+
+
+@dataclass(frozen=True)
+class Route:
+    role: str
+    reason: str
+    score: float = 1.0
+
+
+def _terms(text: str) -> list[str]:
+    return [w.rstrip("s") if len(w) > 3 else w for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+SEMANTIC_THRESHOLD = 0.14  # fit_threshold() on tests/routing/dev.toml (a test re-fits and compares)
+TFIDF_THRESHOLD = 0.25
+
+
+def route(prompt: str, roles: list[Role], threshold: float | None = None, *, method: str = "meaning") -> Route:
+    """``threshold``: least similarity that picks a role (default: the fitted one for the method)."""
+    if method == "meaning":
+        rule = _rules(prompt, roles, keywords_of_roles_with_examples=False)
+        if rule is not None:
+            return rule
+        asked, mentioned = keyword_frames(prompt, roles)
+        try:
+            if asked:
+                return _asked_for(prompt, roles, asked)
+            if mentioned and MASK_MENTIONS:  # judge how it asks, not the subject it names
+                prompt = request_frame.mask(prompt, [kw for r in roles if r.name in mentioned for kw in role_keywords(r)])
+            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold,
+                               skip=mentioned if SKIP_MENTIONED else frozenset(),
+                               mentioned=mentioned if MENTION_IS_BASE else frozenset())
+        except EmbedderMissing as exc:
+            if asked:
+                role, hit = asked[0]
+                return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
+            fallback = f" (word overlap; {exc})"
+    else:
+        fallback = ""
+    rule = _rules(prompt, roles)
+    if rule is not None:
+        return rule
+    best = _most_similar(prompt, roles)
+    limit = TFIDF_THRESHOLD if threshold is None else threshold
+    if best and best[0] >= limit:
+        score, name, example = best
+        return Route(name, f"similar to example '{example}' ({score:.2f}){fallback}", score)
+    return Route(BASE_ROLE, f"no rule matched and no example is similar enough{fallback}", best[0] if best else 0.0)
+
+
+def keyword_frames(prompt: str, roles: list[Role]) -> tuple[list[tuple[Role, "request_frame.Hit"]], set[str]]:
+    """For roles with examples: those whose keyword the prompt asks for ("in Spanish", "write a haiku"),
+    each with its first framed hit, and the names of those whose keyword it only mentions ("Spanish
+    history"): a mentioned subject is no evidence for the role, so meaning may not pick it either."""
+    asked, mentioned = [], set()
+    for role in roles:
+        if not role.examples:
+            continue
+        found = [h for kw in role_keywords(role) for h in request_frame.hits(prompt, kw)]
+        framed = [h for h in found if h.framed]
+        if framed:
+            asked.append((role, framed[0]))
+        elif found:
+            mentioned.add(role.name)
+    return asked, mentioned
+
+
+def role_keywords(role: Role) -> list[str]:
+    return sorted({*role.keywords}, key=len, reverse=True)
+
+
+def _asked_for(prompt: str, roles: list[Role], asked) -> Route:
+    """One role asked for: it. Several ("in Spanish, as a table"): the one the prompt is most like."""
+    if len(asked) == 1:
+        role, hit = asked[0]
+        return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
+    scored = []
+    for role, hit in asked:
+        m = most_similar_meaning(prompt, roles, only=role.name)
+        scored.append((m.score if m else -1.0, role.name, hit))
+    score, name, hit = max(scored, key=lambda t: t[0])
+    others = ", ".join(n for _, n, _ in scored if n != name)
+    return Route(name, f"keyword '{hit.keyword}' asked for: {hit.framed} (also asked: {others}; "
+                       f"{name} is nearest by meaning, {score:.2f})", max(score, 0.0))
+
+
+def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str] = frozenset(),
+                mentioned: set[str] = frozenset()) -> Route:
+    best = most_similar_meaning(prompt, roles, skip=skip)
+    if best is None:
+        return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
+    piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
+    threshold = _threshold_for(best.role, roles, threshold)
+    if best.role in mentioned and best.score >= threshold:  # like the role because it names its subject
+        return Route(BASE_ROLE, f"nearest style is {best.role} for '{piece}', but the prompt only mentions its "
+                                f"subject and does not ask for its manner", best.score)
+    gated = MEANING_MANNER_GATE is not None and (not GATE_ONLY_FEW or _few_examples(best.role, roles))
+    manner = manner_score(prompt, roles, best.role)[0] if gated else 0.0
+    if best.score >= threshold and gated and manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+        return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
+                                f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
+    if best.score >= threshold:
+        return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
+                                f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
+    return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
+                            f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
+
+
+MEANING_MANNER_GATE = -0.05
+# A role with few examples (users write 3-5) has a noisier centroid: it must stand out more. Fitted on
+# the development user-role sets (tests/routing/dev_user_roles*.toml), as SEMANTIC_THRESHOLD on dev.toml.
+FEW_EXAMPLES = 5
+FEW_EXAMPLES_THRESHOLD = 0.24  # 0.22-0.26 tie on the dev sets: the middle
+
+
+GATE_ONLY_FEW = False  # on every role: best on the dev sets (few-example roles only: worse on both)
+
+
+def _few_examples(name: str, roles: list[Role]) -> bool:
+    role = next((r for r in roles if r.name == name), None)
+    return role is not None and len(role.examples) <= FEW_EXAMPLES
+
+
+def _threshold_for(name: str, roles: list[Role], threshold: float) -> float:
+    return max(threshold, FEW_EXAMPLES_THRESHOLD) if _few_examples(name, roles) else threshold
+MASK_MENTIONS = False
+SKIP_MENTIONED = False
+MENTION_IS_BASE = True
+KEYWORD_THRESHOLD = 0.0  # a keyword picks its role only when the prompt is nearer its examples than its subject
+
+
+def _keyword_asked_for(prompt: str, roles: list[Role], threshold: float = KEYWORD_THRESHOLD) -> Route | None:
+    """A keyword of a role with examples picks it only when the prompt asks for the role's manner:
+    some piece of the prompt is nearer to one of the role's examples than to any plain request or
+    plain question about the role's keywords ("tell me about Spanish history", "what is a regex?").
+    Of several such roles the one asked for most clearly wins."""
+    best = None
+    for role, kw in _keyword_hits(prompt, roles):
+        score, piece, example = manner_score(prompt, roles, role.name)
+        if score >= threshold and (best is None or score > best[0]):
+            best = (score, role.name, kw, piece, example)
+    if best is None:
+        return None
+    score, name, kw, piece, example = best
+    return Route(name, f"keyword '{kw}', asked for: '{piece}' is nearer to {name}'s example '{example}' than to "
+                       f"plain questions about it ({score:+.2f})", max(score, 0.0))
+
+
+def _keyword_hits(prompt: str, roles: list[Role]) -> list[tuple[Role, str]]:
+    hits = {}
+    for role in roles:
+        for kw in sorted(role.keywords, key=len, reverse=True):
+            if role.examples and role.name not in hits and _has_keyword(prompt, kw):
+                hits[role.name] = (role, kw)
+    return list(hits.values())
+
+
+def manner_score(prompt: str, roles: list[Role], name: str) -> tuple[float, str, str]:
+    """(score, piece, example): how much nearer the prompt's best piece is to one of role ``name``'s
+    examples than to the nearest plain request or plain question about the role's keywords."""
+    from edgelora.routing.embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps or name not in space.manner:
+        return -1.0, "", ""
+    q = embed_many(ps)
+    labels, pos, neg = space.manner[name]
+    near = q @ pos.T
+    score = near.max(1) - (q @ neg.T).max(1)
+    i = int(np.argmax(score))
+    return float(score[i]), ps[i], labels[int(np.argmax(near[i]))]
+
+
+def fit_keyword_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
+    """The keyword threshold that routes the most of ``labelled`` keyword-hit prompts right (ties: the higher)."""
+    cases = [(p, want) for p, want in labelled if _keyword_hits(p, roles)]
+    candidates = sorted({round(s, 2) for p, _ in cases for r, _ in _keyword_hits(p, roles)
+                         for s in [manner_score(p, roles, r.name)[0]]} | {1.0})
+
+    def right(t: float) -> int:
+        return sum(((_keyword_asked_for(p, roles, t) or Route(BASE_ROLE, "")).role == want) or
+                   (_keyword_asked_for(p, roles, t) is None and want != BASE_ROLE) for p, want in cases)
+
+    return max(candidates, key=lambda t: (right(t), t))
+
+
+def _has_keyword(prompt: str, kw: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", prompt.lower()) is not None
+
+
+_CLAUSE = re.compile(r"[:;,.!?]|\b(?:then|and then)\b")
+# a style request often rides inside a sentence: "Explain photosynthesis | in | buccaneer speak"
+_LINK = re.compile(r"\b(?:and|then|like|as if|as though|in|with|the way|using)\b", re.IGNORECASE)
+MAX_PIECES = 16
+
+
+def clauses(prompt: str) -> list[str]:
+    """The prompt and its clauses: an instruction ("One line only") and a topic ("what does a CPU
+    do?") often share one sentence, and the instruction is what picks a role."""
+    parts = [c.strip() for c in _CLAUSE.split(prompt) if c and c.strip()]
+    return list(dict.fromkeys([*parts, prompt.strip()]))
+
+
+def pieces(prompt: str) -> list[str]:
+    """What is compared with the roles: the clauses, and each clause cut at linking words (parts of
+    two words or more). A long prompt (a pasted document) keeps its first and last pieces, where
+    instructions are."""
+    out = clauses(prompt)
+    for clause in list(out):
+        parts = [p.strip() for p in _LINK.split(clause) if p and len(p.split()) >= 2]
+        if len(parts) > 1:
+            out += parts
+    out = [p for p in dict.fromkeys(out) if _WORD.search(p.lower())]  # "?" alone says nothing
+    return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
+
+
+@dataclass(frozen=True)
+class Match:
+    score: float        # similarity to the role minus similarity to plain requests
+    role: str
+    piece: str          # the part of the prompt that matched
+    example: str        # the role's closest example (for the reason)
+    similarity: float   # the piece's cosine to that example
+
+
+@dataclass
+class _RoleSpace:
+    """Role centroids in embedding space. Each role is the mean of its examples' *style* parts (for
+    "Give me the answer as JSON: what is a cat?" the clause least like any plain request, "Give me
+    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py);
+    `manner` holds, per role, its examples and the plain requests plus plain questions *about* its
+    keywords (neutral_prompts.about), for `manner_score`."""
+    shared: np.ndarray
+    base: np.ndarray
+    centroids: dict[str, np.ndarray]
+    examples: dict[str, tuple[list[str], np.ndarray]]
+    manner: dict[str, tuple[list[str], np.ndarray, np.ndarray]]  # examples, their vectors, plain + about-keyword vectors
+
+
+_SPACES: dict[tuple, _RoleSpace] = {}
+
+
+def _space(roles: list[Role]) -> _RoleSpace | None:
+    from edgelora.routing.embedder import embed_many
+    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS, about
+
+    key = tuple((r.name, tuple(r.examples), r.description, tuple(r.keywords)) for r in roles)
+    if key in _SPACES:
+        return _SPACES[key]
+    plain = embed_many(list(NEUTRAL_PROMPTS))
+    texts = {}
+    for r in roles:
+        if r.examples:
+            texts[r.name] = [_style_part(e, plain) for e in r.examples] + ([r.description] if r.description else [])
+    if not texts:
+        return None
+    vectors = {n: embed_many(ts) for n, ts in texts.items()}
+    shared = np.concatenate([plain, *vectors.values()]).mean(0)
+    base = _unit(plain.mean(0) - shared)
+    manner = {}
+    for r in roles:
+        if r.name in texts:
+            labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
+            subject = [plain, embed_many(about(r.keywords))] if r.keywords else [plain]  # no keywords: no subject named
+            manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
+    space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
+                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
+                       manner)
+    if len(_SPACES) > 8:
+        _SPACES.clear()
+    _SPACES[key] = space
+    return space
+
+
+def _style_part(example: str, plain: np.ndarray) -> str:
+    """The clause of an example whose closest plain request is farthest (the whole example if it has
+    one clause). Chosen over "farthest from the plain requests' mean" and over cutting at linking
+    words by accuracy on the development set."""
+    from edgelora.routing.embedder import embed_many
+
+    parts = [c for c in clauses(example) if c != example.strip()]
+    if not parts:
+        return example
+    closeness = (embed_many(parts) @ plain.T).max(1)
+    return parts[int(np.argmin(closeness))]
+
+
+def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None,
+                         skip: set[str] = frozenset()) -> Match | None:
+    """The (piece of the prompt, role) pair that stands out most from a plain request (``only``:
+    that role's best piece)."""
+    from edgelora.routing.embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps or (only is not None and only not in space.centroids):
+        return None
+    raw = embed_many(ps)
+    q = raw - space.shared
+    q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+    names = [only] if only is not None else [n for n in space.centroids if n not in skip]
+    if not names:
+        return None
+    over_plain = q @ np.array([space.centroids[n] for n in names]).T - (q @ space.base)[:, None]
+    i, j = np.unravel_index(int(np.argmax(over_plain)), over_plain.shape)
+    examples, vectors = space.examples[names[j]]
+    sims = vectors @ raw[i]
+    k = int(np.argmax(sims))
+    return Match(float(over_plain[i, j]), names[j], ps[i], examples[k], float(sims[k]))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v) + 1e-12)
+
+
+def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
+    """The threshold that routes the most of ``labelled`` (prompt, role) right; ties go to the
+    higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
+    scored = []
+    for prompt, want in labelled:
+        if _rules(prompt, roles, keywords_of_roles_with_examples=False) is None:
+            best = most_similar_meaning(prompt, roles)
+            if best is not None:
+                scored.append((best.score, best.role, want))
+    candidates = sorted({round(s, 2) for s, _, _ in scored} | {1.0})
+
+    def right(t: float) -> int:
+        return sum((name if s >= t else BASE_ROLE) == want for s, name, want in scored)
+
+    return max(candidates, key=lambda t: (right(t), t))
+
+
+def _rules(prompt: str, roles: list[Role], keywords_of_roles_with_examples: bool = True) -> Route | None:
+    """An explicit mention, then the manifests' regex and keyword rules. With
+    ``keywords_of_roles_with_examples`` off, a keyword decides only for a role without examples (a
+    role with examples is judged by meaning: whether its manner is asked for)."""
+    low = prompt.lower()
+    names = {r.name.lower(): r.name for r in roles}
+    mention = re.search(r"(?:^|\s)@([a-z0-9][a-z0-9_.-]*)", low) or re.search(r"\b(?:as|in) (?:the |a )?([a-z0-9_.-]+) role\b", low)
+    if mention and mention.group(1) in names:
+        return Route(names[mention.group(1)], f"explicit mention '{mention.group(0).strip()}'")
+    if mention and mention.group(1) == BASE_ROLE:
+        return Route(BASE_ROLE, f"explicit mention '{mention.group(0).strip()}'")
+
+    hits: list[tuple[int, str, str]] = []
+    for role in roles:
+        for kw in role.keywords if keywords_of_roles_with_examples or not role.examples else ():
+            if _has_keyword(prompt, kw):
+                hits.append((len(kw), role.name, f"keyword '{kw}'"))
+        for pattern in role.regex:
+            if _regex_hit(pattern, prompt, role):
+                hits.append((100, role.name, f"rule /{pattern}/"))
+    if hits:
+        _, name, reason = max(hits)  # a regex rule, then the longest keyword, wins
+        return Route(name, reason)
+    return None
+
+
+def _most_similar(prompt: str, roles: list[Role]) -> tuple[float, str, str] | None:
+    docs = [(role.name, ex, Counter(_terms(ex))) for role in roles for ex in role.examples]
+    if not docs:
+        return None
+    df = Counter(t for _, _, terms in docs for t in terms)
+    n = len(docs)
+
+    def vec(terms: Counter) -> dict[str, float]:
+        return {t: c * math.log((1 + n) / (1 + df.get(t, 0))) + 1 for t, c in terms.items()}
+
+    q = vec(Counter(_terms(prompt)))
+    qn = math.sqrt(sum(v * v for v in q.values())) or 1.0
+    best = None
+    for name, example, terms in docs:
+        d = vec(terms)
+        dn = math.sqrt(sum(v * v for v in d.values())) or 1.0
+        score = sum(q[t] * d.get(t, 0.0) for t in q) / (qn * dn)
+        if best is None or score > best[0]:
+            best = (score, name, example)
+    return best
+
+
+REGEX_BUDGET_S = 0.05  # a manifest's rule must not hang routing (e.g. '^(a+)+$' backtracking)
+
+
+def _regex_hit(pattern: str, prompt: str, role) -> bool:
+    try:
+        return regex.search(pattern, prompt, regex.IGNORECASE, timeout=REGEX_BUDGET_S) is not None
+    except TimeoutError:
+        from edgelora.roles.manifest import RoleError
+
+        raise RoleError(f"{role.path}: routing.regex {pattern!r} took over {REGEX_BUDGET_S * 1e3:.0f} ms on this "
+                        "prompt (catastrophic backtracking?); simplify it") from None
