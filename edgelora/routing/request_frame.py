@@ -30,11 +30,12 @@ SPEECH = set("answer answering reply respond explain tell say describe talk spea
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
              "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin".split())
 MANNER_NOUN = {"voice", "style", "words", "manner", "tone", "way", "language", "form", "spirit", "persona"}
-ROLE_PLAY = re.compile(r"\b(?:pretend|role-?play|act like|act as|imagine you|you're|you are)\b")
+ROLE_PLAY = re.compile(r"\b(?:pretend|role-?play|act like|act as|imagine you|you're|you are|you were (?:a|an))\b"
+                       r"|^(?:please )?be (?:a|an|like)\b")  # "as if you were a …", "Be a …"
 PREP = {"in", "into", "as", "like", "using", "with", "to", "for", "via", "en", "auf"}
 REQUEST_VERBS = (SPEECH | CREATE) - {"do", "end", "start", "begin", "close"}
 # words that may sit between a preposition or verb and the keyword: "in *a few* bullet points", "as *a short* poem"
-FILLER = set("a an the some few lots of plenty loads tons many several short simple plain proper valid nice quick "
+FILLER = set("a an the some few lots of plenty loads tons many several short simple plain proper valid nice quick back out "
              "little small good single my our your his her their this that one two three four five clear "
              "polite proper full real strict nothing but only pure".split())
 OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", "something", "answer", "response", "reply",
@@ -42,7 +43,8 @@ OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", 
 # after the keyword: still a request for the manner ("Yoda-style", "Emoji answer please", "sign off at the end")
 AFTER_OK = set("please pls only style speak form format voice mode version answer answers reply response terms "
                "language way output at the end too again now instead throughout all through whole thing max maximum most tops "
-               "or less".split())
+               "or less afterwards afterward later below underneath when you're you are done finished".split())
+WH = {"what", "how", "why", "who", "when", "where", "which"}
 LEAD = {"and", "then", "but", "please", "just", "so", "now", "ok", "okay", "also", "oh", "hey", "hi", "well"}
 QUESTION = {"how", "what", "why", "when", "where", "who", "whom", "whose", "which", "is", "are", "was", "were",
             "do", "does", "did", "should", "shall", "has", "have", "am"}
@@ -73,9 +75,11 @@ def keyword_pattern(keyword: str) -> re.Pattern:
     return re.compile(r"(?<![\w])" + r"[\s\-]+".join(words) + r"(?![\w])")
 
 
-def hits(prompt: str, keyword: str) -> list[Hit]:
+def hits(prompt: str, keyword: str, companions: frozenset[str] = frozenset()) -> list[Hit]:
+    """``companions``: the role's other one-word keywords, which may stand beside this one in a frame
+    of their own ("Ahoy matey, …")."""
     low = prompt.lower()
-    return [Hit(keyword, frame(low, m.start(), m.end())) for m in keyword_pattern(keyword).finditer(low)]
+    return [Hit(keyword, frame(low, m.start(), m.end(), companions)) for m in keyword_pattern(keyword).finditer(low)]
 
 
 def _clause_words(text: str, before: bool) -> list[str]:
@@ -83,18 +87,20 @@ def _clause_words(text: str, before: bool) -> list[str]:
     return _WORDS.findall(parts[-1] if before else parts[0])
 
 
-def frame(low: str, start: int, end: int) -> str | None:
+def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset()) -> str | None:
     """The request frame around ``low[start:end]`` (a keyword found in the lowercased prompt), or None."""
     kw = low[start:end]
     before, after = _clause_words(low[:start], True), _clause_words(low[end:], False)
     ends_clause = bool(re.match(r"\s*(?:[:;,.!?)]|\s[-–—]\s|$)", low[end:]))
     # the keyword is the request: "Briefly, …", "Bullet points: …", "… then sign off", "Yoda-style"
-    lead = [w for w in before if w not in LEAD]
-    if not lead and (not after or all(w in AFTER_OK for w in after)):
+    lead = [w for w in before if w not in LEAD and w not in companions]
+    if not set(lead) - {"the", "a", "an"} and (not after or all(w in AFTER_OK or w in companions for w in after)):
         return f"'{kw}' on its own"
-    if not lead and kw.endswith("ly") and after and after[0] in SPEECH:
-        return f"'{kw} {after[0]}'"  # an adverb opening the request: "Briefly explain …"
+    if kw.endswith("ly") and after and after[0] in SPEECH and _addressed(lead):
+        return f"'{kw} {after[0]}'"  # an adverb before the request verb: "Briefly explain …", "can you briefly describe"
     first_clause = not _BOUND.search(low[:start])
+    if not lead and first_clause and after and after[0] in WH:
+        return f"'{kw} {after[0]} …' at the start"  # "tl;dr what is physics?"
     if not lead and first_clause and after and after[0] in NOUN_REQUEST and not ends_clause:
         return f"'{kw} {after[0]} …' at the start"  # "Regex for dates", "Limerick about cats"
     if not before and re.search(r",\s*$", low[:start]):  # "a polite, formal reply": one list of adjectives
@@ -110,6 +116,10 @@ def frame(low: str, start: int, end: int) -> str | None:
         return f"'{words[-1]} {kw}'"  # "… and sign off", but not "cats and German shepherds"
     i = _skip_fillers(words)
     prev = words[i - 1] if i else ""
+    if prev == "would" and after and after[0] in SPEECH:
+        return f"'would {' '.join(words[i:])} {kw} {after[0]}'"  # "what would a pirate say about …"
+    if prev in {"speak", "talk"} and i == len(words):
+        return f"'{prev} {kw}'"  # the keyword as the language spoken: "Speak pirate to me"
     head = words[:i - 1]
     if prev in PREP and _is_request(head, low[:start]):
         return f"'{' '.join(words[i - 1:])} {kw}'"
@@ -119,6 +129,8 @@ def frame(low: str, start: int, end: int) -> str | None:
     verb = words[j] if j >= 0 else ""
     if verb in CREATE and _addressed(words[:j]):
         return f"'{' '.join(words[j:])} {kw}'"
+    if verb in {"get", "have"} and re.fullmatch(r"(?:\w+ )*?(?:can|could|may) (?:i|we)", " ".join(words[:j])):
+        return f"'{' '.join(words[j - 2:])} {kw}'"  # "can I get a JSON response"
     if kw.endswith("ly") and verb in SPEECH and i == len(words):  # an adverb: "tell me briefly"
         return f"'{verb} … {kw}'"
     if words and words[-1] == "would" and after and after[0] in SPEECH:

@@ -82,7 +82,8 @@ def keyword_frames(prompt: str, roles: list[Role]) -> tuple[list[tuple[Role, "re
     for role in roles:
         if not role.examples:
             continue
-        found = [h for kw in role_keywords(role) for h in request_frame.hits(prompt, kw)]
+        words = frozenset(kw.lower() for kw in role.keywords if kw.isalpha())
+        found = [h for kw in role_keywords(role) for h in request_frame.hits(prompt, kw, words - {kw.lower()})]
         framed = [h for h in found if h.framed]
         if framed:
             asked.append((role, framed[0]))
