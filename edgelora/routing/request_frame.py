@@ -25,7 +25,7 @@ from dataclasses import dataclass
 # verbs that ask the assistant to say something in some manner: they take a manner phrase, not the keyword as object
 SPEECH = set("answer answering reply respond explain tell say describe talk speak summarize summarise list put "
              "translate show format rewrite turn write give make respond sing narrate present teach phrase "
-             "word express break lay cover go walk introduce outline".split())
+             "word express break lay cover go walk introduce outline keep limit stick".split())
 # verbs whose object is the thing asked for ("write a limerick", "need a regex", "use emojis")
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
              "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin".split())
@@ -36,6 +36,7 @@ PREP = {"in", "into", "as", "like", "using", "with", "to", "for", "via", "en", "
 REQUEST_VERBS = (SPEECH | CREATE) - {"do", "end", "start", "begin", "close"}
 # words that may sit between a preposition or verb and the keyword: "in *a few* bullet points", "as *a short* poem"
 FILLER = set("a an the some few lots of plenty loads tons many several short simple plain proper valid nice quick back out "
+             "very really super extra "
              "little small good single my our your his her their this that one two three four five clear "
              "polite proper full real strict nothing but only pure".split())
 OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", "something", "answer", "response", "reply",
@@ -123,6 +124,8 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     head = words[:i - 1]
     if prev in PREP and _is_request(head, low[:start]):
         return f"'{' '.join(words[i - 1:])} {kw}'"
+    if kw.endswith("ly") and prev in SPEECH and all(w in FILLER for w in words[i:]):  # "answer (very) briefly"
+        return f"'{prev} … {kw}'"
     j = i - 1
     if j >= 0 and prev in OBJECT and not (prev in CREATE and _addressed(words[:j])):  # "make the response valid JSON", "give me a formal reply"
         j = _skip_fillers(words[:j]) - 1
@@ -131,7 +134,7 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
         return f"'{' '.join(words[j:])} {kw}'"
     if verb in {"get", "have"} and re.fullmatch(r"(?:\w+ )*?(?:can|could|may) (?:i|we)", " ".join(words[:j])):
         return f"'{' '.join(words[j - 2:])} {kw}'"  # "can I get a JSON response"
-    if kw.endswith("ly") and verb in SPEECH and i == len(words):  # an adverb: "tell me briefly"
+    if kw.endswith("ly") and verb in SPEECH and all(w in FILLER for w in words[i:]):  # an adverb: "tell me (very) briefly"
         return f"'{verb} … {kw}'"
     if words and words[-1] == "would" and after and after[0] in SPEECH:
         return f"'would {kw} {after[0]}'"

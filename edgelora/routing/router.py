@@ -290,6 +290,8 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
         if r.name in texts:
             labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
             subject = [plain, embed_many(about(r.keywords))] if r.keywords else [plain]  # no keywords: no subject named
+            if EXAMPLE_TOPICS and topic_questions(r.examples, r.keywords):
+                subject.append(embed_many(topic_questions(r.examples, r.keywords)))
             manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
     space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
                        {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
@@ -298,6 +300,24 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
         _SPACES.clear()
     _SPACES[key] = space
     return space
+
+
+EXAMPLE_TOPICS = True
+
+
+def topic_questions(examples: list[str], keywords: list[str] = ()) -> list[str]:
+    """Plain questions about the subjects of a role's examples ("Talk like a pirate about the sea":
+    "Tell me about the sea"), so a prompt on the same subject without the manner ("a haiku about the
+    ocean") is no evidence for the role. The subject: what follows "about", or a question clause."""
+    out = []
+    for e in examples:
+        low = e.lower()
+        m = re.search(r"\babout (.+?)[.?!]*$", low)
+        q = [c for c in clauses(low) if c != low.strip() and re.match(r"(?:what|how|why|who|where|when|which)\b", c)]
+        topic = re.split(r",|\band\b|\bthen\b", m.group(1) if m else (q[0] if q else ""))[0].strip()
+        if topic and not any(request_frame.hits(topic, kw) for kw in keywords):
+            out.append(topic[0].upper() + topic[1:] + "?" if q and not m else f"Tell me about {topic}.")
+    return out
 
 
 def _style_part(example: str, plain: np.ndarray) -> str:
