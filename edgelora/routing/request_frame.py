@@ -28,7 +28,7 @@ SPEECH = set("answer answering reply respond explain tell say describe talk spea
              "word express break lay cover go walk introduce outline keep limit stick".split())
 # verbs whose object is the thing asked for ("write a limerick", "need a regex", "use emojis")
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
-             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin".split())
+             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants".split())
 MANNER_NOUN = {"voice", "style", "words", "manner", "tone", "way", "language", "form", "spirit", "persona"}
 ROLE_PLAY = re.compile(r"\b(?:pretend|role-?play|act like|act as|imagine you|you're|you are|you were (?:a|an))\b"
                        r"|^(?:please )?be (?:a|an|like)\b")  # "as if you were a …", "Be a …"
@@ -111,8 +111,9 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
         return f"'… {' '.join(words[-2:])} {kw} {after[0]} …'"  # "in words a little kid would get"
     if ROLE_PLAY.search(" ".join(words)):
         return f"'{' '.join(words)} {kw}'"  # "act like you're aboard a pirate ship"
-    if len(words) >= 2 and words[-1] == "of" and words[-2] in MANNER_NOUN:
-        return f"'{' '.join(words[-4:])} {kw}'"  # "in the voice of Yoda"
+    of = max((k for k in range(max(1, len(words) - 4), len(words)) if words[k] == "of"), default=None)
+    if of is not None and words[of - 1] in MANNER_NOUN and (of == len(words) - 1 or words[of + 1] in {"a", "an", "the"}):
+        return f"'{' '.join(words[of - 3:])} {kw}'"  # "in the voice of Yoda", "in the voice of an old pirate"
     if words and words[-1] in {"and", "then"} and (ends_clause or all(w in AFTER_OK for w in after)):
         return f"'{words[-1]} {kw}'"  # "… and sign off", but not "cats and German shepherds"
     i = _skip_fillers(words)

@@ -289,7 +289,8 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
     for r in roles:
         if r.name in texts:
             labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
-            subject = [plain, embed_many(about(r.keywords))] if r.keywords else [plain]  # no keywords: no subject named
+            nouns = subject_keywords(r.keywords)
+            subject = [plain, embed_many(about(nouns))] if nouns else [plain]  # no keywords: no subject named
             if EXAMPLE_TOPICS and topic_questions(r.examples, r.keywords):
                 subject.append(embed_many(topic_questions(r.examples, r.keywords)))
             manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
@@ -303,6 +304,26 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
 
 
 EXAMPLE_TOPICS = True
+NOUN_KEYWORDS_ONLY = True
+_ANSWER_NOUNS = {"answer", "response", "reply", "sentence", "line", "word", "paragraph", "summary", "version", "output"}
+
+
+def subject_keywords(keywords: list[str]) -> list[str]:
+    """The keywords that can name a subject ("German", "regex", "pirate"), not those that can only name a
+    manner: an adverb ("briefly"), a phrase opening with a preposition ("in short") or a request verb
+    ("sign off"), a kind of answer ("short answer", "one sentence"), an abbreviation ("tl;dr"). Plain questions *about* a manner word ("What is briefly?")
+    read like requests for that manner, so they would veto the role itself."""
+    if not NOUN_KEYWORDS_ONLY:
+        return list(keywords)
+    from edgelora.routing import request_frame
+
+    def subject(kw: str) -> bool:
+        words = kw.lower().split()
+        return bool(words) and not (words[-1].endswith("ly") or words[0] in request_frame.PREP
+                                    or words[0] in request_frame.SPEECH | request_frame.CREATE
+                                    or words[-1].rstrip("s") in _ANSWER_NOUNS  # "short answer", "one sentence"
+                                    or re.search(r"[^\w\s\-'\u00c0-\u024f]", kw))
+    return [kw for kw in keywords if subject(kw)]
 
 
 def topic_questions(examples: list[str], keywords: list[str] = ()) -> list[str]:
