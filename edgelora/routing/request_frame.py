@@ -99,6 +99,10 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
         return f"'{kw}' on its own"
     if kw.endswith("ly") and after and after[0] in SPEECH and _addressed(lead):
         return f"'{kw} {after[0]}'"  # an adverb before the request verb: "Briefly explain …", "can you briefly describe"
+    voice = after[0].lstrip("-") if after else ""
+    if re.match(r"-?(?:voiced|styled?|speak|talk|flavou?red|themed|accent|impression|lingo|slang|voice|tone|mode)$", voice) \
+            and (_addressed(lead) or _is_request(lead, low[:start])):
+        return f"'{kw} {voice}'"  # a voice asked for: "do your best pirate impression", "a pirate-voiced answer"
     first_clause = not _BOUND.search(low[:start])
     if not lead and first_clause and after and after[0] in WH:
         return f"'{kw} {after[0]} …' at the start"  # "tl;dr what is physics?"
@@ -172,6 +176,8 @@ def _addressed(words: list[str]) -> bool:
         return True
     if core[0] in YOU and "you" in core:
         return True
+    if core[0] == "do" and core[1:2] and core[1] in {"your", "a", "an", "me", "us", "it"}:
+        return True  # "do your best …", "do me a …": an imperative, not a question
     return core[0] not in QUESTION and core[0] not in YOU and "to" not in core[-1:]
 
 
