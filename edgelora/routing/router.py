@@ -297,8 +297,6 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
             labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
             nouns = subject_keywords(r.keywords)
             subject = [plain, embed_many(about(nouns))] if nouns else [plain]  # no keywords: no subject named
-            if EXAMPLE_TOPICS and topic_questions(r.examples, r.keywords):
-                subject.append(embed_many(topic_questions(r.examples, r.keywords)))
             manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
     space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
                        {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
@@ -309,7 +307,6 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
     return space
 
 
-EXAMPLE_TOPICS = True
 NOUN_KEYWORDS_ONLY = True
 _ANSWER_NOUNS = {"answer", "response", "reply", "sentence", "line", "word", "paragraph", "summary", "version", "output"}
 
@@ -330,21 +327,6 @@ def subject_keywords(keywords: list[str]) -> list[str]:
                                     or words[-1].rstrip("s") in _ANSWER_NOUNS  # "short answer", "one sentence"
                                     or re.search(r"[^\w\s\-'\u00c0-\u024f]", kw))
     return [kw for kw in keywords if subject(kw)]
-
-
-def topic_questions(examples: list[str], keywords: list[str] = ()) -> list[str]:
-    """Plain questions about the subjects of a role's examples ("Talk like a pirate about the sea":
-    "Tell me about the sea"), so a prompt on the same subject without the manner ("a haiku about the
-    ocean") is no evidence for the role. The subject: what follows "about", or a question clause."""
-    out = []
-    for e in examples:
-        low = e.lower()
-        m = re.search(r"\babout (.+?)[.?!]*$", low)
-        q = [c for c in clauses(low) if c != low.strip() and re.match(r"(?:what|how|why|who|where|when|which)\b", c)]
-        topic = re.split(r",|\band\b|\bthen\b", m.group(1) if m else (q[0] if q else ""))[0].strip()
-        if topic and not any(request_frame.hits(topic, kw) for kw in keywords):
-            out.append(topic[0].upper() + topic[1:] + "?" if q and not m else f"Tell me about {topic}.")
-    return out
 
 
 def _style_part(example: str, plain: np.ndarray) -> str:
