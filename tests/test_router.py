@@ -142,7 +142,12 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("Can I get a JSON response about bees?", "json", True),
     ("My API needs JSON back: what is a cloud?", "json", True),
     ("What is a moon? Sign off afterwards.", "sign off", True),
+    ("Show me the SQL that finds the second highest salary", "sql", True),
+    ("Numbered steps please: how do I reset my router?", "steps", True),
+    ("Antwort bitte auf Deutsch: what is snow?", "deutsch", True),
+    ("Describe the ocean as Master Yoda would.", "yoda", True),
     ("What is pirate slang?", "pirate", False),
+    ("Tell me a joke about a toddler.", "toddler", False),
     ("How do I do a pirate accent?", "pirate", False),
     ("How would I parse JSON in Go?", "json", False),
 ])

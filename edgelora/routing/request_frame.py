@@ -28,7 +28,8 @@ SPEECH = set("answer answering reply respond explain tell say describe talk spea
              "word express break lay cover go walk introduce outline keep limit stick".split())
 # verbs whose object is the thing asked for ("write a limerick", "need a regex", "use emojis")
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
-             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants".split())
+             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants "
+             "show tell".split())
 MANNER_NOUN = {"voice", "style", "words", "manner", "tone", "way", "language", "form", "spirit", "persona"}
 ROLE_PLAY = re.compile(r"\b(?:pretend|role-?play|act like|act as|imagine you|you're|you are|you were (?:a|an))\b"
                        r"|^(?:please )?be (?:a|an|like)\b")  # "as if you were a …", "Be a …"
@@ -36,7 +37,7 @@ PREP = {"in", "into", "as", "like", "using", "with", "to", "for", "via", "en", "
 REQUEST_VERBS = (SPEECH | CREATE) - {"do", "end", "start", "begin", "close"}
 # words that may sit between a preposition or verb and the keyword: "in *a few* bullet points", "as *a short* poem"
 FILLER = set("a an the some few lots of plenty loads tons many several short simple plain proper valid nice quick back out "
-             "very really super extra "
+             "very really super extra master captain sir lord lady dr mr mrs ms professor "
              "little small good single my our your his her their this that one two three four five clear "
              "polite proper full real strict nothing but only pure".split())
 OBJECT = {"me", "us", "it", "this", "that", "them", "him", "her", "everything", "something", "answer", "response", "reply",
@@ -46,7 +47,7 @@ AFTER_OK = set("please pls only style speak form format voice mode version answe
                "language way output at the end too again now instead throughout all through whole thing max maximum most tops "
                "or less afterwards afterward later below underneath when you're you are done finished".split())
 WH = {"what", "how", "why", "who", "when", "where", "which"}
-LEAD = {"and", "then", "but", "please", "just", "so", "now", "ok", "okay", "also", "oh", "hey", "hi", "well"}
+LEAD = {"and", "then", "but", "please", "just", "so", "now", "ok", "okay", "also", "oh", "hey", "hi", "well", "bitte"}
 QUESTION = {"how", "what", "why", "when", "where", "who", "whom", "whose", "which", "is", "are", "was", "were",
             "do", "does", "did", "should", "shall", "has", "have", "am"}
 YOU = {"can", "could", "would", "will", "wo"}  # "can you …": a request, not a question about the subject
@@ -97,6 +98,9 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     lead = [w for w in before if w not in LEAD and w not in companions]
     if not set(lead) - {"the", "a", "an"} and (not after or all(w in AFTER_OK or w in companions for w in after)):
         return f"'{kw}' on its own"
+    if len(lead) == 1 and not _BOUND.search(low[:start]) and after and after[0] in {"please", "pls"} \
+            and all(w in AFTER_OK for w in after):
+        return f"'{lead[0]} {kw} {after[0]}'"  # "Numbered steps please: …"
     if kw.endswith("ly") and after and after[0] in SPEECH and _addressed(lead):
         return f"'{kw} {after[0]}'"  # an adverb before the request verb: "Briefly explain …", "can you briefly describe"
     voice = after[0].lstrip("-") if after else ""
@@ -143,8 +147,8 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
         return f"'{verb} … {kw}'"
     if words and words[-1] == "would" and after and after[0] in SPEECH:
         return f"'would {kw} {after[0]}'"
-    if after[:1] == ["would"] and words and words[-1] in {"way", "as", "like", "how"}:
-        return f"'{words[-1]} {kw} would'"
+    if after[:1] == ["would"] and prev in {"way", "as", "like", "how"}:
+        return f"'{prev} {kw} would'"  # "as (Master) Yoda would"
     if lead and lead[0] in {"what", "which"} and len(lead) <= 2 and lead[-1] in {"what", "which", "a", "an", "the"} \
             and after and after[0] not in {"is", "are", "was", "were", "does", "do", "did", "s", "means", "mean"}:
         return f"'{lead[0]} {kw} …'"  # asks for one: "what regex matches …"
