@@ -19,6 +19,7 @@ Not a frame: a question about the subject ("what is a regex?", "how do I make Fr
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class Hit:
     framed: str | None  # the frame that asks for it ("in Spanish"), None for a bare mention
 
 
+@functools.lru_cache(maxsize=1024)  # built per keyword on every prompt otherwise
 def keyword_pattern(keyword: str) -> re.Pattern:
     """The keyword as whole words, any spacing or hyphen between its words, singular or plural."""
     words = [re.escape(w) for w in re.split(r"[\s\-]+", keyword.lower().strip()) if w]
