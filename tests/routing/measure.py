@@ -8,7 +8,9 @@ memory and package size.
 User roles (`--user-roles FILE`, default the held-out heldout_user_roles.toml): a file of
 `[[roles]]` (description, keywords, examples, as a user writes them) and labelled `[[cases]]`
 (kinds asks/mentions/cross/neutral/bundled), routed with the bundled roles beside them: accuracy
-per kind, and "neutral->style" = the mentions and neutral cases routed to any role."""
+per kind, and "neutral->style" = the mentions and neutral cases routed to any role.
+
+`--dev`: the development sets only, with their misses, for tuning without a look at the held-out ones."""
 
 from __future__ import annotations
 
@@ -118,7 +120,35 @@ def _user_roles_file() -> str:
     return args[args.index("--user-roles") + 1] if "--user-roles" in args else "heldout_user_roles.toml"
 
 
-if __name__ == "__main__":
+DEV_SETS = ("dev.toml", "dev_bundled2.toml")
+DEV_USER_SETS = ("dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml")
+
+
+def development() -> None:
+    """`--dev`: the development sets only, with their misses (never eval.toml or the held-out user roles)."""
+    from edgelora.routing import router
+    from edgelora.roles.manifest import RoleCatalog, bundled_dir
+
+    roles = RoleCatalog([bundled_dir()]).roles()
+    for name in DEV_SETS:
+        data = labelled(name)
+        m = evaluate(roles, "meaning", data)
+        print(f"{name}: accuracy {m['accuracy']:.1%}, neutral->style {m['neutral_to_style']:.1%}")
+        for prompt, want in data:
+            got = router.route(prompt, roles)
+            if got.role != want:
+                print(f"  want {want}, got {got.role}: {prompt!r} ({got.reason})")
+    for name in DEV_USER_SETS:
+        u = evaluate_user_roles(name)
+        print(f"{name}: accuracy {u['accuracy']:.1%}, neutral->style {u['neutral_to_style']:.1%}, by kind {u['by_kind']}")
+        for miss in u["misses"]:
+            print("  " + miss)
+
+
+if __name__ == "__main__" and "--dev" in sys.argv:
+    sys.path.insert(0, str(HERE.parent.parent))
+    development()
+elif __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent.parent))
     r = main()
     if "--json" in sys.argv:
