@@ -104,3 +104,112 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
                   catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
     chosen = roles.route("ahoy, what is a ship?")
     assert chosen.role == "sea" and "skipped" not in chosen.reason
+
+
+@pytest.mark.parametrize("prompt, keyword, asked", [
+    ("Please answer in German: why is the sky blue?", "german", True),
+    ("Antworte auf Deutsch: was ist ein Loch?", "deutsch", True),
+    ("Could you tell me how a bicycle works, but in German?", "german", True),
+    ("Write me a funny five-line limerick about Mondays.", "limerick", True),
+    ("I need a regex to match phone numbers.", "regex", True),
+    ("Bullet points please: how to prepare for an interview", "bullet points", True),
+    ("Yoda-style, tell me about sleep.", "yoda", True),
+    ("Answer in the voice of Yoda: why do birds sing?", "yoda", True),
+    ("Explain to a toddler what a rainbow is.", "toddler", True),
+    ("Describe a forest and sign off at the end.", "sign off", True),
+    ("Draft a polite, formal reply declining the offer.", "formal", True),
+    ("Tell me about German unification in 1871.", "german", False),
+    ("How do I make French toast?", "french", False),
+    ("What does the 'g' flag do in a regex?", "regex", False),
+    ("What are good toys for a toddler?", "toddler", False),
+    ("Who was the voice actor for Yoda?", "yoda", False),
+    ("Are bullet points better than paragraphs in a CV?", "bullet points", False),
+    ("Tell me about cats and German shepherds.", "german", False),
+    ("Answer briefly: what is rust?", "briefly", True),
+    ("Can you briefly describe a river?", "briefly", True),
+    ("Tell me very briefly what an eclipse is.", "briefly", True),
+    ("Keep it to one sentence: what is a star?", "one sentence", True),
+    ("Just the short answer: what is a prime number?", "short answer", True),
+    ("tl;dr what is physics?", "tl;dr", True),
+    ("Be a pirate and tell me about rain.", "pirate", True),
+    ("Answer as if you were a pirate: what is tea?", "pirate", True),
+    ("What would a pirate say about the moon?", "pirate", True),
+    ("Speak pirate to me: what is a star?", "pirate", True),
+    ("Answer in the voice of an old pirate: what is thunder?", "pirate", True),
+    ("Do your best pirate impression and tell me about the weather.", "pirate", True),
+    ("I'd love a pirate-voiced explanation of gravity.", "pirate", True),
+    ("Send back JSON: what is a river?", "json", True),
+    ("Can I get a JSON response about bees?", "json", True),
+    ("My API needs JSON back: what is a cloud?", "json", True),
+    ("What is a moon? Sign off afterwards.", "sign off", True),
+    ("Show me the SQL that finds the second highest salary", "sql", True),
+    ("Numbered steps please: how do I reset my router?", "steps", True),
+    ("Antwort bitte auf Deutsch: what is snow?", "deutsch", True),
+    ("Describe the ocean as Master Yoda would.", "yoda", True),
+    ("What is pirate slang?", "pirate", False),
+    ("Tell me a joke about a toddler.", "toddler", False),
+    ("How do I do a pirate accent?", "pirate", False),
+    ("How would I parse JSON in Go?", "json", False),
+])
+def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
+    from edgelora.routing import request_frame
+
+    hits = request_frame.hits(prompt, keyword)
+    assert hits, "the keyword (or its plural) is found"
+    assert any(h.framed for h in hits) == asked, hits
+
+
+GERMAN = Role("german", bundled_dir() / "german.toml", description="answers in German", keywords=["german", "deutsch"],
+              examples=["Answer in German: how do plants grow?", "Bitte auf Deutsch: was ist ein Vulkan?",
+                        "Can you explain the water cycle in German?", "Reply in German please, what is a good breakfast?"])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Please answer in German: why is the sky blue?", "german"),
+    ("Tell me about German unification in 1871.", "base"),  # main: german (bare keyword rule)
+    ("Is a German shepherd a good family dog?", "base"),
+    ("In one sentence: is German hard to learn?", "terse"),  # a bundled manner about the user role's subject
+    ("Answer like a pirate: what is German beer like?", "pirate"),
+])
+def test_a_users_role_is_chosen_for_the_manner_asked_for_not_for_the_subject_named(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, GERMAN])
+    assert r.role == want, r.reason
+
+
+def test_ask_auto_prints_its_choice_and_reason_on_stderr_and_q_silences_it():
+    import subprocess
+    import sys
+
+    def ask(*extra):
+        return subprocess.run([sys.executable, "-m", "edgelora", "ask", "What is 12 times 7?", "--role", "auto",
+                               "--max-tokens", "2", "--temperature", "0", "--no-log", *extra],
+                              capture_output=True, text=True, timeout=180)
+
+    said = ask()
+    assert said.returncode == 0, said.stderr[-300:]
+    lines = [line for line in said.stderr.splitlines() if line.startswith("edgelora: auto -> ")]
+    assert len(lines) == 1 and lines[0].startswith("edgelora: auto -> base (") and lines[0].endswith(")"), said.stderr
+    assert "auto ->" not in said.stdout  # the answer stays clean for pipes
+    quiet = ask("-q")
+    assert quiet.returncode == 0 and "auto ->" not in quiet.stderr, quiet.stderr[-300:]
+
+
+def test_a_roles_other_keywords_may_stand_beside_the_one_asked_for(bundled_roles):
+    """'Ahoy matey, …': two of the pirate role's keywords make a request of their own."""
+    r = route("Ahoy matey, what time zone is London in?", bundled_roles)
+    assert r.role == "pirate" and "asked for" in r.reason, r.reason
+
+
+HAIKU = Role("haiku", bundled_dir() / "haiku.toml", description="answers as a haiku (5-7-5)", keywords=["haiku"],
+             examples=["Write a haiku about the morning.", "Answer in haiku form: what is time?",
+                       "Describe the city as a haiku.", "Give me a haiku explaining rain."])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Keep it short: what is a haiku?", "terse"),  # main: haiku (nearest by meaning: it names haiku)
+    ("What is a haiku?", "base"),
+    ("Explain gravity as a haiku.", "haiku"),
+])
+def test_another_roles_manner_asked_about_a_users_subject_picks_that_role(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, HAIKU])
+    assert r.role == want, r.reason
