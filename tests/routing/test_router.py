@@ -213,3 +213,57 @@ HAIKU = Role("haiku", bundled_dir() / "haiku.toml", description="answers as a ha
 def test_another_roles_manner_asked_about_a_users_subject_picks_that_role(bundled_roles, prompt, want):
     r = route(prompt, [*bundled_roles, HAIKU])
     assert r.role == want, r.reason
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("explain how tides work the way a pirate captain would", "pirate"),
+    ("recommend a weekend hike, then sign off like you would in a letter", "signoff"),
+    ("what are the colours of the rainbow? format: json array", "json"),
+    ("What is JSON used for?", "base"),  # the subject named, its manner not asked for
+])
+def test_a_mentioned_keywords_role_wins_when_the_prompt_is_clearly_like_its_examples(bundled_roles, prompt, want):
+    """The frame rules miss these requests ('… the way a pirate captain would', '… then sign off like …'); the
+    keyword alone is no evidence, but a prompt much nearer the role's examples than plain questions about its
+    subject is (MENTIONED_MANNER). Before: all three went to base; main: by the bare keyword."""
+    r = route(prompt, bundled_roles)
+    assert r.role == want, r.reason
+
+
+PROSCONS = Role("proscons", bundled_dir() / "proscons.toml", description="answers as a list of pros and cons",
+                keywords=["pros and cons", "pros", "cons"],
+                examples=["pros and cons of electric cars", "give me the pros and cons: should I learn piano?",
+                          "list the upsides and downsides of working from home",
+                          "what are the advantages and disadvantages of nuclear power?"])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("What is a cost-benefit analysis?", "base"),  # before: proscons (like its examples by meaning)
+    ("pros and cons pls: should I buy a house?", "proscons"),
+    ("Explain gravity as a haiku.", "haiku"),
+])
+def test_a_role_with_few_examples_needs_its_own_classifier_to_read_a_request_for_its_manner(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, PROSCONS, HAIKU])
+    assert r.role == want, r.reason
+
+
+def test_the_classifier_is_fitted_for_the_roles_with_few_examples_and_reads_the_request_not_the_subject(bundled_roles):
+    from edgelora.routing import router
+
+    roles = [*bundled_roles, GERMAN]
+    assert set(router._space(roles).asks) == {"german"}  # the bundled roles have 7-10 examples
+    asks = [router.asks_logit(p, roles, "german") for p in ("Answer in German: what is a volcano?",
+                                                            "Reply in German please: how do magnets work?")]
+    subject = [router.asks_logit(p, roles, "german") for p in ("Is German hard to learn?", "What is a volcano?")]
+    assert min(asks) > router.ASKS_LOGIT > max(subject), (asks, subject)
+
+
+def test_logistic_regression_separates_what_it_was_fitted_on():
+    import numpy as np
+
+    from edgelora.routing.router import _logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = (x[:, 0] - x[:, 2] > 0.3).astype(float)
+    w = _logistic(x, y, l2=0.01)
+    assert ((x @ w[:-1] + w[-1] > 0) == (y == 1)).mean() >= 0.95
