@@ -198,9 +198,3 @@ def _is_request(head: list[str], text_before: str) -> bool:
         return True
     return any(w in REQUEST_VERBS for w in _WORDS.findall(text_before))
 
-
-def mask(prompt: str, keywords: list[str], placeholder: str = "something") -> str:
-    """The prompt with these keywords replaced: what is left is how it asks, not what it names."""
-    for kw in sorted(keywords, key=len, reverse=True):
-        prompt = keyword_pattern(kw).sub(placeholder, prompt.lower())
-    return prompt
