@@ -9,8 +9,8 @@ about one role, so these rules hold for any user's keywords:
 - a request for a thing of that kind: "*write me a* limerick", "*I need a* regex", "*give a* formal
   reply", "*what* regex matches…", "*Regex for* dates" at the start of the prompt;
 - the keyword as a request of its own: "*Briefly*, …", "*Bullet points*: …", "*Yoda-style*, …",
-  "… *then sign off*", "*Ahoy*!";
-- a voice: "the way Yoda would", "how would Yoda explain…".
+  "… *then sign off*", "*Ahoy*!", or as its verb: "*Tweet it*: …", "*Diagram this*";
+- a voice or size: "the way Yoda would", "how would Yoda explain…", "a *tweet-sized* take".
 
 Not a frame: a question about the subject ("what is a regex?", "how do I make French toast?"),
 "about/of X", a keyword that modifies a noun in a plain question ("German shepherd"). Plurals and
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 # verbs that ask the assistant to say something in some manner: they take a manner phrase, not the keyword as object
 SPEECH = set("answer answering reply respond explain tell say describe talk speak summarize summarise list put "
              "translate show format rewrite turn write give make respond sing narrate present teach phrase "
-             "word express break lay cover go walk introduce outline keep limit stick".split())
+             "word express break lay cover go walk introduce outline keep limit stick convert draw visualize visualise "
+             "organize organise structure pitch".split())
 # verbs whose object is the thing asked for ("write a limerick", "need a regex", "use emojis")
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
              "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants "
@@ -106,9 +107,11 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     if kw.endswith("ly") and after and after[0] in SPEECH and _addressed(lead):
         return f"'{kw} {after[0]}'"  # an adverb before the request verb: "Briefly explain …", "can you briefly describe"
     voice = after[0].lstrip("-") if after else ""
-    if re.match(r"-?(?:voiced|styled?|speak|talk|flavou?red|themed|accent|impression|lingo|slang|voice|tone|mode)$", voice) \
+    if re.match(r"-?(?:voiced|styled?|speak|talk|flavou?red|themed|accent|impression|lingo|slang|voice|tone|mode|sized|length)$", voice) \
             and (_addressed(lead) or _is_request(lead, low[:start])):
         return f"'{kw} {voice}'"  # a voice asked for: "do your best pirate impression", "a pirate-voiced answer"
+    if not lead and after[:1] and after[0] in {"it", "this", "them"}:
+        return f"'{kw} {after[0]}'"  # the keyword as the request's verb: "Tweet it: …", "Diagram this"
     first_clause = not _BOUND.search(low[:start])
     if not lead and first_clause and after and after[0] in WH:
         return f"'{kw} {after[0]} …' at the start"  # "tl;dr what is physics?"
@@ -141,7 +144,7 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     if j >= 0 and prev in OBJECT and not (prev in CREATE and _addressed(words[:j])):  # "make the response valid JSON", "give me a formal reply"
         j = _skip_fillers(words[:j]) - 1
     verb = words[j] if j >= 0 else ""
-    if verb in CREATE and _addressed(words[:j]):
+    if verb in CREATE and _addressed(words[:j]) and not (verb == "do" and j == len(words) - 1):  # "Do flashcards work?"
         return f"'{' '.join(words[j:])} {kw}'"
     if verb in {"get", "have"} and re.fullmatch(r"(?:\w+ )*?(?:can|could|may) (?:i|we)", " ".join(words[:j])):
         return f"'{' '.join(words[j - 2:])} {kw}'"  # "can I get a JSON response"

@@ -7,13 +7,16 @@ the subject it MENTIONS ("answer in Spanish" vs "Spanish history"). The decision
    limerick", "Briefly, …"): that role (several: the nearest by meaning);
 3. else by meaning: the (piece of the prompt, role) pair that stands out most from plain requests
    (`most_similar_meaning`: role centroids in embedding space minus the plain-request direction) must
-   clear SEMANTIC_THRESHOLD (FEW_EXAMPLES_THRESHOLD for a role with <= FEW_EXAMPLES examples), and then:
+   clear SEMANTIC_THRESHOLD (FEW_EXAMPLES_THRESHOLD for a role with <= FEW_EXAMPLES examples), and then
+   pass the checks below; only a role with few examples whose own classifier (below) is sure of a request
+   for its manner (logit >= ASKS_SURE) is chosen at once, if it stands out at all (score >= 0):
    - if the prompt only *mentions* that role's keyword (unframed), the subject named is no evidence: base,
      unless the prompt is clearly nearer the role's examples than plain questions about its keywords
      (`manner_score` >= MENTIONED_MANNER), or another role whose manner is asked for clears the bar
      (MENTIONED_NEXT_MANNER);
    - the prompt must be nearer the role's examples than plain questions about its subject
-     (`manner_score` >= MEANING_MANNER_GATE);
+     (`manner_score` >= MEANING_MANNER_GATE), and clearly nearer (FAINT_MANNER) when it stands out
+     less than FEW_EXAMPLES_THRESHOLD (greetings and plain questions lie faintly near a style);
    - a role with few examples (users write 3-5) needs its own classifier's agreement too: a logistic
      regression on MiniLM embeddings fitted when the role set is first embedded (`_fit_asks`: positives
      = its examples, their style parts and those style parts joined to plain requests; negatives = plain
@@ -138,6 +141,10 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
         if other is not None and other.score >= _threshold_for(other.role, roles, threshold) \
                 and manner_score(prompt, roles, other.role)[0] >= MENTIONED_NEXT_MANNER:
             return _by_meaning(prompt, roles, threshold, skip=set(skip) | set(mentioned))
+    logit = asks_logit(prompt, roles, best.role) if _few_examples(best.role, roles) else None
+    if logit is not None and logit >= ASKS_SURE and best.score >= 0:  # its own classifier reads a clear request
+        return Route(best.role, f"'{piece}' reads as a request for {best.role}'s manner (its classifier: {logit:+.2f}; "
+                                f"{best.score:.2f} above plain requests)", best.score)
     threshold = _threshold_for(best.role, roles, threshold)
     if best.score < threshold:
         return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
@@ -149,11 +156,12 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
     if manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
                                 f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
-    if _few_examples(best.role, roles):
-        logit = asks_logit(prompt, roles, best.role)
-        if logit < ASKS_LOGIT:
-            return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) "
-                                    f"but its classifier reads no request for its manner ({logit:+.2f})", best.score)
+    if best.score < FEW_EXAMPLES_THRESHOLD and manner < FAINT_MANNER:  # faint on both counts: a plain request
+        return Route(BASE_ROLE, f"'{piece}' is only a little like {best.role}'s examples ({best.score:.2f} above plain "
+                                f"requests) and hardly nearer them than plain questions ({manner:+.2f})", best.score)
+    if logit is not None and logit < ASKS_LOGIT:
+        return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) "
+                                f"but its classifier reads no request for its manner ({logit:+.2f})", best.score)
     return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
                             f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
 
@@ -167,6 +175,10 @@ MENTIONED_NEXT_MANNER = 0.4  # 0.15-0.6 tie; below, plain prompts go to roles
 FEW_EXAMPLES = 5
 FEW_EXAMPLES_THRESHOLD = 0.24  # 0.22-0.26 tie on the dev sets: the middle
 ASKS_LOGIT = -0.5  # -1.0: fewer neutral prompts caught; 0.0: asks lost on the bundled dev sets
+ASKS_SURE = 2.5  # a logit that routes on its own (2.0-2.5 tie on the dev sets; 3.0 helps fewer asks)
+# A many-example role between SEMANTIC_THRESHOLD and FEW_EXAMPLES_THRESHOLD also needs this manner_score: greetings
+# and plain questions ("hey, how's your day?") lie faintly nearer a style than plain requests (0.08: one bundled ask lost)
+FAINT_MANNER = 0.07
 
 
 def _few_examples(name: str, roles: list[Role]) -> bool:

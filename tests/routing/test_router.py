@@ -150,6 +150,12 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("Tell me a joke about a toddler.", "toddler", False),
     ("How do I do a pirate accent?", "pirate", False),
     ("How would I parse JSON in Go?", "json", False),
+    ("Tweet it: why is the sea salty?", "tweet", True),  # the keyword as the request's verb
+    ("a tweet-sized take on the Roman empire", "tweet", True),
+    ("Convert my notes on Rome into flashcards", "flashcards", True),
+    ("Structure this as JSON: the planets", "json", True),
+    ("How do I delete a tweet?", "tweet", False),
+    ("Do flashcards help with learning?", "flashcards", False),  # "do" asks a question here
 ])
 def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
     from edgelora.routing import request_frame
@@ -267,3 +273,28 @@ def test_logistic_regression_separates_what_it_was_fitted_on():
     y = (x[:, 0] - x[:, 2] > 0.3).astype(float)
     w = _logistic(x, y, l2=0.01)
     assert ((x @ w[:-1] + w[-1] > 0) == (y == 1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("What is the tallest tree in the world?", "base"),  # before: terse (faintly like its short examples)
+    ("Yo ho ho! What is a black hole?", "pirate"),  # idioms the examples do not hold still route
+    ("In a nutshell, what is economics?", "terse"),
+])
+def test_a_plain_question_faintly_like_a_bundled_roles_examples_stays_on_base(bundled_roles, prompt, want):
+    """Below FEW_EXAMPLES_THRESHOLD a meaning route also needs manner_score >= FAINT_MANNER."""
+    r = route(prompt, bundled_roles)
+    assert r.role == want, r.reason
+
+
+def test_a_few_example_roles_sure_classifier_routes_a_request_the_manner_gate_would_miss():
+    """'turn photosynthesis into q/a study cards' is nearer plain questions about flashcards than the
+    role's examples (manner_score < 0), but its classifier is sure (>= ASKS_SURE). Before: base."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles, _ = measure.user_roles("dev_user_roles5.toml")
+    r = route("turn photosynthesis into q/a study cards", roles)
+    assert r.role == "flashcards" and "classifier" in r.reason, r.reason
