@@ -120,7 +120,7 @@ def _user_roles_file() -> str:
     return args[args.index("--user-roles") + 1] if "--user-roles" in args else "heldout_user_roles.toml"
 
 
-DEV_SETS = ("dev.toml", "dev_bundled2.toml", "dev_bundled3.toml")
+DEV_SETS = ("dev.toml", "dev_bundled2.toml", "dev_bundled3.toml", "dev_bundled4.toml")
 DEV_USER_SETS = ("dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml", "dev_user_roles4.toml",
                  "dev_user_roles5.toml")
 
