@@ -30,7 +30,7 @@ SPEECH = set("answer answering reply respond explain tell say describe talk spea
              "organize organise structure pitch".split())
 # verbs whose object is the thing asked for ("write a limerick", "need a regex", "use emojis")
 CREATE = set("write give make draft compose create produce output emit return send generate provide need want "
-             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants "
+             "use put add include build craft prepare type sketch do end finish close conclude sign wrap start begin needs wants spit "
              "show tell".split())
 MANNER_NOUN = {"voice", "style", "words", "manner", "tone", "way", "language", "form", "spirit", "persona"}
 ROLE_PLAY = re.compile(r"\b(?:pretend|role-?play|act like|act as|imagine you|you're|you are|you were (?:a|an))\b"
@@ -77,6 +77,8 @@ def keyword_pattern(keyword: str) -> re.Pattern:
         words[-1] = last[:-1] + "(?:s|es)?"
     elif last[-1:].isalnum():
         words[-1] = last + "(?:s|es)?"
+    if len(words) == 1 and len(last) <= 4 and last[-1:].isalpha():  # a drawn-out interjection: "arrr", "ahoyyy"
+        words[-1] = words[-1].replace(last, last + re.escape(last[-1]) + "*", 1)
     return re.compile(r"(?<![\w])" + r"[\s\-]+".join(words) + r"(?![\w])")
 
 
@@ -99,6 +101,8 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     ends_clause = bool(re.match(r"\s*(?:[:;,.!?)]|\s[-–—]\s|$)", low[end:]))
     # the keyword is the request: "Briefly, …", "Bullet points: …", "… then sign off", "Yoda-style"
     lead = [w for w in before if w not in LEAD and w not in companions]
+    if not lead and " " in kw and kw.split()[0] in REQUEST_VERBS | {"end", "close"}:
+        return f"'{kw}' opens its clause"  # a verb-phrase keyword as an imperative: "… and sign it from me"
     if not set(lead) - {"the", "a", "an"} and (not after or all(w in AFTER_OK or w in companions for w in after)):
         return f"'{kw}' on its own"
     if len(lead) == 1 and not _BOUND.search(low[:start]) and after and after[0] in {"please", "pls"} \

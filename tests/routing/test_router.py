@@ -298,3 +298,56 @@ def test_a_few_example_roles_sure_classifier_routes_a_request_the_manner_gate_wo
     roles, _ = measure.user_roles("dev_user_roles5.toml")
     r = route("turn photosynthesis into q/a study cards", roles)
     assert r.role == "flashcards" and "classifier" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("prompt, keyword, asked", [
+    ("how do I boil an egg? and sign it from me", "sign it", True),  # before: only mentioned (then base)
+    ("what's the best way to learn chess? sign it 'cheers'", "sign it", True),
+    ("sign off at the end like a letter: what is a nurse?", "sign off", True),
+    ("how do I sign it?", "sign it", False),  # a question about signing, not an imperative
+    ("how should I sign off a formal letter?", "sign off", False),
+    ("sign-off etiquette for emails", "sign off", False),  # the noun, not the verb phrase
+])
+def test_a_verb_phrase_keyword_that_opens_its_clause_is_a_request(prompt, keyword, asked):
+    from edgelora.routing import request_frame
+
+    hits = request_frame.hits(prompt, keyword)
+    assert hits and any(h.framed for h in hits) == asked, hits
+
+
+@pytest.mark.parametrize("prompt, keyword, found", [
+    ("arrr matey, recommend me a good book", "arr", True),
+    ("ahoyyy! what is a map?", "ahoy", True),
+    ("what is an array?", "arr", False),
+    ("what is an arrow?", "arr", False),
+])
+def test_a_drawn_out_interjection_counts_as_the_keyword(prompt, keyword, found):
+    from edgelora.routing import request_frame
+
+    assert bool(request_frame.hits(prompt, keyword)) == found
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("arrr matey, recommend me a good book", "pirate"),  # before: base (the mention veto); main: pirate
+    ("how do I boil an egg? and sign it from me", "signoff"),  # before: base; main: signoff
+    ("spit out a json blob describing a typical laptop's specs", "json"),  # before: base; main: json
+    ("who was the most famous pirate in history?", "base"),  # main: pirate (the bare keyword)
+])
+def test_bundled_asks_main_routed_by_keyword_still_route_and_plain_mentions_stay_on_base(bundled_roles, prompt, want):
+    r = route(prompt, bundled_roles)
+    assert r.role == want, r.reason
+
+
+def test_the_bundled_development_sets_lose_no_ask_that_main_got():
+    """Across dev.toml and dev_bundled2-4, the branch lost 8 bundled asks main routed right (by a bare keyword);
+    the frame rules for verb-phrase keywords, drawn-out interjections and 'spit out' win 4 back. The 4 left
+    (2 json asks the frame rules do not read, 2 terse asks FAINT_MANNER drops) are pinned here so no change loses more."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles = RoleCatalog([bundled_dir()]).roles()
+    right = {name: measure.evaluate(roles, "meaning", measure.labelled(name))["accuracy"] for name in measure.DEV_SETS}
+    assert right["dev_bundled3.toml"] >= 53 / 60 and right["dev_bundled4.toml"] >= 74 / 93, right
