@@ -15,8 +15,7 @@ the subject it MENTIONS ("answer in Spanish" vs "Spanish history"). The decision
      (`manner_score` >= MENTIONED_MANNER), or another role whose manner is asked for clears the bar
      (MENTIONED_NEXT_MANNER);
    - the prompt must be nearer the role's examples than plain questions about its subject
-     (`manner_score` >= MEANING_MANNER_GATE), and clearly nearer (FAINT_MANNER) when it stands out
-     less than FEW_EXAMPLES_THRESHOLD (greetings and plain questions lie faintly near a style);
+     (`manner_score` >= MEANING_MANNER_GATE);
    - a role with few examples (users write 3-5) needs its own classifier's agreement too: a logistic
      regression on MiniLM embeddings fitted when the role set is first embedded (`_fit_asks`: positives
      = its examples, their style parts and those style parts joined to plain requests; negatives = plain
@@ -156,9 +155,6 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
     if manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
                                 f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
-    if best.score < FEW_EXAMPLES_THRESHOLD and manner < FAINT_MANNER:  # faint on both counts: a plain request
-        return Route(BASE_ROLE, f"'{piece}' is only a little like {best.role}'s examples ({best.score:.2f} above plain "
-                                f"requests) and hardly nearer them than plain questions ({manner:+.2f})", best.score)
     if logit is not None and logit < ASKS_LOGIT:
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) "
                                 f"but its classifier reads no request for its manner ({logit:+.2f})", best.score)
@@ -176,9 +172,6 @@ FEW_EXAMPLES = 5
 FEW_EXAMPLES_THRESHOLD = 0.24  # 0.22-0.26 tie on the dev sets: the middle
 ASKS_LOGIT = -0.5  # -1.0: fewer neutral prompts caught; 0.0: asks lost on the bundled dev sets
 ASKS_SURE = 2.5  # a logit that routes on its own (2.0-2.5 tie on the dev sets; 3.0 helps fewer asks)
-# A many-example role between SEMANTIC_THRESHOLD and FEW_EXAMPLES_THRESHOLD also needs this manner_score: greetings
-# and plain questions ("hey, how's your day?") lie faintly nearer a style than plain requests (0.08: one bundled ask lost)
-FAINT_MANNER = 0.07
 
 
 def _few_examples(name: str, roles: list[Role]) -> bool:
