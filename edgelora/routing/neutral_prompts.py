@@ -39,3 +39,21 @@ NEUTRAL_PROMPTS = (
     "Help me write a cover letter for a teaching job.",
     "How do earthquakes happen?",
 )
+
+
+# Plain questions *about* a subject: a role's keywords name its subject as well as its manner
+# ("Spanish", "SQL"), and a prompt that only mentions the subject is not asking for the manner.
+ABOUT_TEMPLATES = (
+    "What is {}?",
+    "Tell me about the history of {}.",
+    "How do I get better at {}?",
+    "Why is {} so popular?",
+    "What are the basics of {}?",
+    "Is {} hard to learn?",
+    "Recommend a good book about {}.",
+    "What are common mistakes with {}?",
+)
+
+
+def about(keywords: list[str]) -> list[str]:
+    return [t.format(kw) for kw in keywords for t in ABOUT_TEMPLATES]

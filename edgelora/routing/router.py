@@ -1,11 +1,32 @@
-"""Pick a role for a prompt, with a reason: an explicit mention, then the manifests' keyword and
-regex rules, then similarity *of meaning* to each role's example prompts and description, else the
-base.
+"""Pick a role for a prompt, with a reason. `--role auto` routes by the manner a prompt ASKS for, not
+the subject it MENTIONS ("answer in Spanish" vs "Spanish history"). The decision, in order:
 
-Meaning: sentence embeddings from a small local model (embedder.py: all-MiniLM-L6-v2 in numpy,
-loaded on first use, nothing downloaded). Without that package the older TF-IDF word overlap is
-used, and the reason says so. The threshold was fit on a labelled development set (`fit_threshold`,
-tests/routing/dev.toml), not chosen by hand; tests/routing/eval.toml measures it."""
+1. an explicit mention (`@json`, "as the pirate role"), then the manifests' regex rules and the keywords
+   of roles *without* examples: the rule decides;
+2. a keyword of a role with examples that the request *frames* (request_frame.py: "in Spanish", "write a
+   limerick", "Briefly, …"): that role (several: the nearest by meaning);
+3. else by meaning: the (piece of the prompt, role) pair that stands out most from plain requests
+   (`most_similar_meaning`: role centroids in embedding space minus the plain-request direction) must
+   clear SEMANTIC_THRESHOLD (FEW_EXAMPLES_THRESHOLD for a role with <= FEW_EXAMPLES examples), and then
+   pass the checks below; only a role with few examples whose own classifier (below) is sure of a request
+   for its manner (logit >= ASKS_SURE) is chosen at once, if it stands out at all (score >= 0):
+   - if the prompt only *mentions* that role's keyword (unframed), the subject named is no evidence: base,
+     unless the prompt is clearly nearer the role's examples than plain questions about its keywords
+     (`manner_score` >= MENTIONED_MANNER), or another role whose manner is asked for clears the bar
+     (MENTIONED_NEXT_MANNER);
+   - the prompt must be nearer the role's examples than plain questions about its subject
+     (`manner_score` >= MEANING_MANNER_GATE);
+   - a role with few examples (users write 3-5) needs its own classifier's agreement too: a logistic
+     regression on MiniLM embeddings fitted when the role set is first embedded (`_fit_asks`: positives
+     = its examples, their style parts and those style parts joined to plain requests; negatives = plain
+     requests, plain questions about its keywords, the other roles' examples), logit >= ASKS_LOGIT;
+4. else base.
+
+Meaning: sentence embeddings from a small local model (embedder.py: all-MiniLM-L6-v2 in numpy, loaded
+on first use, nothing downloaded). Without that package the older TF-IDF word overlap is used (keyword
+rules for every role, then word overlap with the examples), and the reason says so. Every constant was
+fitted on the development sets (tests/routing/dev*.toml; `measure.py --dev`), never on the held-out
+ones (eval.toml, heldout_user_roles.toml)."""
 
 from __future__ import annotations
 
@@ -17,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
-from edgelora.routing.embedder import EmbedderMissing
 from edgelora.roles.manifest import BASE_ROLE, Role
+from edgelora.routing import request_frame
+from edgelora.routing.embedder import EmbedderMissing
 
 _WORD = re.compile(r"[a-z0-9']+")
 _STOP = set("a an the is are was were be to of in on for and or it this that me my i you your do does what "
@@ -42,16 +64,26 @@ TFIDF_THRESHOLD = 0.25
 
 def route(prompt: str, roles: list[Role], threshold: float | None = None, *, method: str = "meaning") -> Route:
     """``threshold``: least similarity that picks a role (default: the fitted one for the method)."""
-    rule = _rules(prompt, roles)
-    if rule is not None:
-        return rule
     if method == "meaning":
+        rule = _rules(prompt, roles, keywords_of_roles_with_examples=False)
+        if rule is not None:
+            return rule
+        asked, mentioned = keyword_frames(prompt, roles)
         try:
-            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold)
+            if asked:
+                return _asked_for(prompt, roles, asked)
+            return _by_meaning(prompt, roles, SEMANTIC_THRESHOLD if threshold is None else threshold,
+                               mentioned=mentioned)
         except EmbedderMissing as exc:
+            if asked:
+                role, hit = asked[0]
+                return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
             fallback = f" (word overlap; {exc})"
     else:
         fallback = ""
+    rule = _rules(prompt, roles)
+    if rule is not None:
+        return rule
     best = _most_similar(prompt, roles)
     limit = TFIDF_THRESHOLD if threshold is None else threshold
     if best and best[0] >= limit:
@@ -60,16 +92,116 @@ def route(prompt: str, roles: list[Role], threshold: float | None = None, *, met
     return Route(BASE_ROLE, f"no rule matched and no example is similar enough{fallback}", best[0] if best else 0.0)
 
 
-def _by_meaning(prompt: str, roles: list[Role], threshold: float) -> Route:
-    best = most_similar_meaning(prompt, roles)
+def keyword_frames(prompt: str, roles: list[Role]) -> tuple[list[tuple[Role, "request_frame.Hit"]], set[str]]:
+    """For roles with examples: those whose keyword the prompt asks for ("in Spanish", "write a haiku"),
+    each with its first framed hit, and the names of those whose keyword it only mentions ("Spanish
+    history"): a mentioned subject is no evidence for the role, so meaning may not pick it either."""
+    asked, mentioned = [], set()
+    for role in roles:
+        if not role.examples:
+            continue
+        words = frozenset(kw.lower() for kw in role.keywords if kw.isalpha())
+        found = [h for kw in role_keywords(role) for h in request_frame.hits(prompt, kw, words - {kw.lower()})]
+        framed = [h for h in found if h.framed]
+        if framed:
+            asked.append((role, framed[0]))
+        elif found:
+            mentioned.add(role.name)
+    return asked, mentioned
+
+
+def role_keywords(role: Role) -> list[str]:
+    return sorted({*role.keywords}, key=len, reverse=True)
+
+
+def _asked_for(prompt: str, roles: list[Role], asked) -> Route:
+    """One role asked for: it. Several ("in Spanish, as a table"): the one the prompt is most like."""
+    if len(asked) == 1:
+        role, hit = asked[0]
+        return Route(role.name, f"keyword '{hit.keyword}' asked for: {hit.framed}")
+    scored = []
+    for role, hit in asked:
+        m = most_similar_meaning(prompt, roles, only=role.name)
+        scored.append((m.score if m else -1.0, role.name, hit))
+    score, name, hit = max(scored, key=lambda t: t[0])
+    others = ", ".join(n for _, n, _ in scored if n != name)
+    return Route(name, f"keyword '{hit.keyword}' asked for: {hit.framed} (also asked: {others}; "
+                       f"{name} is nearest by meaning, {score:.2f})", max(score, 0.0))
+
+
+def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str] = frozenset(),
+                mentioned: set[str] = frozenset()) -> Route:
+    best = most_similar_meaning(prompt, roles, skip=skip)
     if best is None:
         return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
     piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
-    if best.score >= threshold:
-        return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
-                                f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
-    return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
-                            f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
+    if best.role in mentioned:  # the subject named is no evidence; another role's manner may be asked for
+        other = most_similar_meaning(prompt, roles, skip=set(skip) | set(mentioned))
+        if other is not None and other.score >= _threshold_for(other.role, roles, threshold) \
+                and manner_score(prompt, roles, other.role)[0] >= MENTIONED_NEXT_MANNER:
+            return _by_meaning(prompt, roles, threshold, skip=set(skip) | set(mentioned))
+    logit = asks_logit(prompt, roles, best.role) if _few_examples(best.role, roles) else None
+    if logit is not None and logit >= ASKS_SURE and best.score >= 0:  # its own classifier reads a clear request
+        return Route(best.role, f"'{piece}' reads as a request for {best.role}'s manner (its classifier: {logit:+.2f}; "
+                                f"{best.score:.2f} above plain requests)", best.score)
+    threshold = _threshold_for(best.role, roles, threshold)
+    if best.score < threshold:
+        return Route(BASE_ROLE, f"reads as a plain request: nearest style is {best.role} for '{piece}' "
+                                f"({best.score:.2f} < {threshold:.2f} above plain requests)", best.score)
+    manner = manner_score(prompt, roles, best.role)[0]
+    if best.role in mentioned and manner < MENTIONED_MANNER:  # like the role because it names its subject
+        return Route(BASE_ROLE, f"nearest style is {best.role} for '{piece}', but the prompt only mentions its "
+                                f"subject and does not ask for its manner ({manner:+.2f})", best.score)
+    if manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+        return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
+                                f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
+    if logit is not None and logit < ASKS_LOGIT:
+        return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) "
+                                f"but its classifier reads no request for its manner ({logit:+.2f})", best.score)
+    return Route(best.role, f"'{piece}' is similar to {best.role}'s example '{best.example}' "
+                            f"({best.similarity:.2f}; {best.score:.2f} above plain requests)", best.score)
+
+
+# Fitted on the development sets (tests/routing/dev*.toml), as SEMANTIC_THRESHOLD on dev.toml.
+MEANING_MANNER_GATE = -0.05  # manner_score a meaning route needs
+MENTIONED_MANNER = 0.15  # manner_score that outweighs "only mentions its subject" (0.1-0.2 tie; 0.05 adds false routes)
+MENTIONED_NEXT_MANNER = 0.4  # 0.15-0.6 tie; below, plain prompts go to roles
+# A role with few examples (users write 3-5) has a noisier centroid: it must stand out more, and its own
+# classifier must agree (on every role the classifier costs bundled asks on dev.toml).
+FEW_EXAMPLES = 5
+FEW_EXAMPLES_THRESHOLD = 0.24  # 0.22-0.26 tie on the dev sets: the middle
+ASKS_LOGIT = -0.5  # -1.0: fewer neutral prompts caught; 0.0: asks lost on the bundled dev sets
+ASKS_SURE = 2.5  # a logit that routes on its own (2.0-2.5 tie on the dev sets; 3.0 helps fewer asks)
+
+
+def _few_examples(name: str, roles: list[Role]) -> bool:
+    role = next((r for r in roles if r.name == name), None)
+    return role is not None and len(role.examples) <= FEW_EXAMPLES
+
+
+def _threshold_for(name: str, roles: list[Role], threshold: float) -> float:
+    return max(threshold, FEW_EXAMPLES_THRESHOLD) if _few_examples(name, roles) else threshold
+
+
+def manner_score(prompt: str, roles: list[Role], name: str) -> tuple[float, str, str]:
+    """(score, piece, example): how much nearer the prompt's best piece is to one of role ``name``'s
+    examples than to the nearest plain request or plain question about the role's keywords."""
+    from edgelora.routing.embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps or name not in space.manner:
+        return -1.0, "", ""
+    q = embed_many(ps)
+    labels, pos, neg = space.manner[name]
+    near = q @ pos.T
+    score = near.max(1) - (q @ neg.T).max(1)
+    i = int(np.argmax(score))
+    return float(score[i]), ps[i], labels[int(np.argmax(near[i]))]
+
+
+def _has_keyword(prompt: str, kw: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", prompt.lower()) is not None
 
 
 _CLAUSE = re.compile(r"[:;,.!?]|\b(?:then|and then)\b")
@@ -111,13 +243,15 @@ class Match:
 class _RoleSpace:
     """Role centroids in embedding space. Each role is the mean of its examples' *style* parts (for
     "Give me the answer as JSON: what is a cat?" the clause least like any plain request, "Give me
-    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py). The mean over
-    all of them is subtracted, so what every text shares does not count and what sets each apart
-    does."""
+    the answer as JSON") and its description; `base` is the mean of plain requests (neutral_prompts.py);
+    `manner` holds, per role, its examples and the plain requests plus plain questions *about* its
+    keywords (neutral_prompts.about), for `manner_score`."""
     shared: np.ndarray
     base: np.ndarray
     centroids: dict[str, np.ndarray]
     examples: dict[str, tuple[list[str], np.ndarray]]
+    manner: dict[str, tuple[list[str], np.ndarray, np.ndarray]]  # examples, their vectors, plain + about-keyword vectors
+    asks: dict[str, np.ndarray]  # per role with few examples: its classifier's weights (_fit_asks)
 
 
 _SPACES: dict[tuple, _RoleSpace] = {}
@@ -125,9 +259,9 @@ _SPACES: dict[tuple, _RoleSpace] = {}
 
 def _space(roles: list[Role]) -> _RoleSpace | None:
     from edgelora.routing.embedder import embed_many
-    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS
+    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS, about
 
-    key = tuple((r.name, tuple(r.examples), r.description) for r in roles)
+    key = tuple((r.name, tuple(r.examples), r.description, tuple(r.keywords)) for r in roles)
     if key in _SPACES:
         return _SPACES[key]
     plain = embed_many(list(NEUTRAL_PROMPTS))
@@ -139,13 +273,40 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
         return None
     vectors = {n: embed_many(ts) for n, ts in texts.items()}
     shared = np.concatenate([plain, *vectors.values()]).mean(0)
-    space = _RoleSpace(shared, _unit(plain.mean(0) - shared),
-                       {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
-                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts})
+    base = _unit(plain.mean(0) - shared)
+    manner = {}
+    for r in roles:
+        if r.name in texts:
+            labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
+            nouns = subject_keywords(r.keywords)
+            subject = [plain, embed_many(about(nouns))] if nouns else [plain]  # no keywords: no subject named
+            manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
+    space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
+                       {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
+                       manner, _fit_asks(roles, texts, plain))
     if len(_SPACES) > 8:
         _SPACES.clear()
     _SPACES[key] = space
     return space
+
+
+_ANSWER_NOUNS = {"answer", "response", "reply", "sentence", "line", "word", "paragraph", "summary", "version", "output"}
+
+
+def subject_keywords(keywords: list[str]) -> list[str]:
+    """The keywords that can name a subject ("German", "regex", "pirate"), not those that can only name a
+    manner: an adverb ("briefly"), a phrase opening with a preposition ("in short") or a request verb
+    ("sign off"), a kind of answer ("short answer", "one sentence"), an abbreviation ("tl;dr"). Plain questions *about* a manner word ("What is briefly?")
+    read like requests for that manner, so they would veto the role itself."""
+    from edgelora.routing import request_frame
+
+    def subject(kw: str) -> bool:
+        words = kw.lower().split()
+        return bool(words) and not (words[-1].endswith("ly") or words[0] in request_frame.PREP
+                                    or words[0] in request_frame.SPEECH | request_frame.CREATE
+                                    or words[-1].rstrip("s") in _ANSWER_NOUNS  # "short answer", "one sentence"
+                                    or re.search(r"[^\w\s\-'\u00c0-\u024f]", kw))
+    return [kw for kw in keywords if subject(kw)]
 
 
 def _style_part(example: str, plain: np.ndarray) -> str:
@@ -161,18 +322,22 @@ def _style_part(example: str, plain: np.ndarray) -> str:
     return parts[int(np.argmin(closeness))]
 
 
-def most_similar_meaning(prompt: str, roles: list[Role]) -> Match | None:
-    """The (piece of the prompt, role) pair that stands out most from a plain request."""
+def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None,
+                         skip: set[str] = frozenset()) -> Match | None:
+    """The (piece of the prompt, role) pair that stands out most from a plain request (``only``:
+    that role's best piece)."""
     from edgelora.routing.embedder import embed_many
 
     space = _space(roles)
     ps = pieces(prompt)
-    if space is None or not ps:
+    if space is None or not ps or (only is not None and only not in space.centroids):
         return None
     raw = embed_many(ps)
     q = raw - space.shared
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
-    names = list(space.centroids)
+    names = [only] if only is not None else [n for n in space.centroids if n not in skip]
+    if not names:
+        return None
     over_plain = q @ np.array([space.centroids[n] for n in names]).T - (q @ space.base)[:, None]
     i, j = np.unravel_index(int(np.argmax(over_plain)), over_plain.shape)
     examples, vectors = space.examples[names[j]]
@@ -190,7 +355,7 @@ def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
     higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
     scored = []
     for prompt, want in labelled:
-        if _rules(prompt, roles) is None:
+        if _rules(prompt, roles, keywords_of_roles_with_examples=False) is None:
             best = most_similar_meaning(prompt, roles)
             if best is not None:
                 scored.append((best.score, best.role, want))
@@ -202,8 +367,10 @@ def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
     return max(candidates, key=lambda t: (right(t), t))
 
 
-def _rules(prompt: str, roles: list[Role]) -> Route | None:
-    """An explicit mention, then the manifests' regex and keyword rules."""
+def _rules(prompt: str, roles: list[Role], keywords_of_roles_with_examples: bool = True) -> Route | None:
+    """An explicit mention, then the manifests' regex and keyword rules. With
+    ``keywords_of_roles_with_examples`` off, a keyword decides only for a role without examples (a
+    role with examples is judged by meaning: whether its manner is asked for)."""
     low = prompt.lower()
     names = {r.name.lower(): r.name for r in roles}
     mention = re.search(r"(?:^|\s)@([a-z0-9][a-z0-9_.-]*)", low) or re.search(r"\b(?:as|in) (?:the |a )?([a-z0-9_.-]+) role\b", low)
@@ -214,8 +381,8 @@ def _rules(prompt: str, roles: list[Role]) -> Route | None:
 
     hits: list[tuple[int, str, str]] = []
     for role in roles:
-        for kw in role.keywords:
-            if re.search(rf"(?<![a-z0-9]){re.escape(kw.lower())}(?![a-z0-9])", low):
+        for kw in role.keywords if keywords_of_roles_with_examples or not role.examples else ():
+            if _has_keyword(prompt, kw):
                 hits.append((len(kw), role.name, f"keyword '{kw}'"))
         for pattern in role.regex:
             if _regex_hit(pattern, prompt, role):
@@ -259,3 +426,62 @@ def _regex_hit(pattern: str, prompt: str, role) -> bool:
 
         raise RoleError(f"{role.path}: routing.regex {pattern!r} took over {REGEX_BUDGET_S * 1e3:.0f} ms on this "
                         "prompt (catastrophic backtracking?); simplify it") from None
+
+
+
+ASKS_L2 = 0.1  # the classifier's ridge penalty (0.03 and 0.1 on the dev sets: mixed; the larger)
+ASKS_JOINED = 4  # plain requests joined to each style part, as positives
+
+
+def _fit_asks(roles: list[Role], texts: dict[str, list[str]], plain: np.ndarray) -> dict[str, np.ndarray]:
+    """Per role with few examples: weights (embedding + bias) of a logistic regression "asks for this
+    role's manner" vs "does not". Joining a style part to plain requests ("Answer in Italian: What is
+    a volcano?") teaches that the request, not the topic, makes a positive; plain questions about the
+    role's keywords ("Is Italian hard to learn?") that naming the subject makes none."""
+    from edgelora.routing.embedder import embed_many
+    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS, about
+
+    with_examples = [r for r in roles if r.name in texts]
+    out = {}
+    for k, r in enumerate(with_examples):
+        if len(r.examples) > FEW_EXAMPLES:
+            continue
+        styles = list(dict.fromkeys(_style_part(e, plain) for e in r.examples))
+        requests = [NEUTRAL_PROMPTS[(7 * k + ASKS_JOINED * i + j) % len(NEUTRAL_PROMPTS)]
+                    for i in range(len(styles)) for j in range(ASKS_JOINED)]
+        joined = [f"{q} {s}" if j % 2 else f"{s}: {q}"  # the style part after, then before, the request
+                  for j, (s, q) in enumerate(zip((s for s in styles for _ in range(ASKS_JOINED)), requests))]
+        positives = list(dict.fromkeys([*r.examples, *styles, *joined]))
+        others = [e for o in with_examples if o.name != r.name for e in o.examples]
+        negatives = list(dict.fromkeys([*NEUTRAL_PROMPTS, *about(subject_keywords(r.keywords)), *others]))
+        y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+        out[r.name] = _logistic(embed_many(positives + negatives), y, ASKS_L2)
+    return out
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 30) -> np.ndarray:
+    """Weights and bias of an L2-regularised logistic regression, both classes weighted equally (Newton's method)."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    weight = np.where(y == 1, 0.5 / y.sum(), 0.5 / (1 - y).sum()) * len(y)
+    ridge = l2 * np.eye(xb.shape[1])
+    ridge[-1, -1] = 0.0  # the bias is not penalised
+    w = np.zeros(xb.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-xb @ w))
+        step = np.linalg.solve((xb * (weight * p * (1 - p))[:, None]).T @ xb + ridge, xb.T @ (weight * (p - y)) + ridge @ w)
+        w -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return w
+
+
+def asks_logit(prompt: str, roles: list[Role], name: str) -> float:
+    """The highest logit of role ``name``'s classifier over the prompt's pieces (+inf: the role has none)."""
+    from edgelora.routing.embedder import embed_many
+
+    space = _space(roles)
+    ps = pieces(prompt)
+    if space is None or not ps or name not in space.asks:
+        return math.inf
+    w = space.asks[name]
+    return float((embed_many(ps) @ w[:-1] + w[-1]).max())

@@ -104,3 +104,240 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
                   catalog=_roles_for_another_base(tmp_path / "roles", smol_adapters["a"]))
     chosen = roles.route("ahoy, what is a ship?")
     assert chosen.role == "sea" and "skipped" not in chosen.reason
+
+
+@pytest.mark.parametrize("prompt, keyword, asked", [
+    ("Please answer in German: why is the sky blue?", "german", True),
+    ("Antworte auf Deutsch: was ist ein Loch?", "deutsch", True),
+    ("Could you tell me how a bicycle works, but in German?", "german", True),
+    ("Write me a funny five-line limerick about Mondays.", "limerick", True),
+    ("I need a regex to match phone numbers.", "regex", True),
+    ("Bullet points please: how to prepare for an interview", "bullet points", True),
+    ("Yoda-style, tell me about sleep.", "yoda", True),
+    ("Answer in the voice of Yoda: why do birds sing?", "yoda", True),
+    ("Explain to a toddler what a rainbow is.", "toddler", True),
+    ("Describe a forest and sign off at the end.", "sign off", True),
+    ("Draft a polite, formal reply declining the offer.", "formal", True),
+    ("Tell me about German unification in 1871.", "german", False),
+    ("How do I make French toast?", "french", False),
+    ("What does the 'g' flag do in a regex?", "regex", False),
+    ("What are good toys for a toddler?", "toddler", False),
+    ("Who was the voice actor for Yoda?", "yoda", False),
+    ("Are bullet points better than paragraphs in a CV?", "bullet points", False),
+    ("Tell me about cats and German shepherds.", "german", False),
+    ("Answer briefly: what is rust?", "briefly", True),
+    ("Can you briefly describe a river?", "briefly", True),
+    ("Tell me very briefly what an eclipse is.", "briefly", True),
+    ("Keep it to one sentence: what is a star?", "one sentence", True),
+    ("Just the short answer: what is a prime number?", "short answer", True),
+    ("tl;dr what is physics?", "tl;dr", True),
+    ("Be a pirate and tell me about rain.", "pirate", True),
+    ("Answer as if you were a pirate: what is tea?", "pirate", True),
+    ("What would a pirate say about the moon?", "pirate", True),
+    ("Speak pirate to me: what is a star?", "pirate", True),
+    ("Answer in the voice of an old pirate: what is thunder?", "pirate", True),
+    ("Do your best pirate impression and tell me about the weather.", "pirate", True),
+    ("I'd love a pirate-voiced explanation of gravity.", "pirate", True),
+    ("Send back JSON: what is a river?", "json", True),
+    ("Can I get a JSON response about bees?", "json", True),
+    ("My API needs JSON back: what is a cloud?", "json", True),
+    ("What is a moon? Sign off afterwards.", "sign off", True),
+    ("Show me the SQL that finds the second highest salary", "sql", True),
+    ("Numbered steps please: how do I reset my router?", "steps", True),
+    ("Antwort bitte auf Deutsch: what is snow?", "deutsch", True),
+    ("Describe the ocean as Master Yoda would.", "yoda", True),
+    ("What is pirate slang?", "pirate", False),
+    ("Tell me a joke about a toddler.", "toddler", False),
+    ("How do I do a pirate accent?", "pirate", False),
+    ("How would I parse JSON in Go?", "json", False),
+    ("Tweet it: why is the sea salty?", "tweet", True),  # the keyword as the request's verb
+    ("a tweet-sized take on the Roman empire", "tweet", True),
+    ("Convert my notes on Rome into flashcards", "flashcards", True),
+    ("Structure this as JSON: the planets", "json", True),
+    ("How do I delete a tweet?", "tweet", False),
+    ("Do flashcards help with learning?", "flashcards", False),  # "do" asks a question here
+])
+def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
+    from edgelora.routing import request_frame
+
+    hits = request_frame.hits(prompt, keyword)
+    assert hits, "the keyword (or its plural) is found"
+    assert any(h.framed for h in hits) == asked, hits
+
+
+GERMAN = Role("german", bundled_dir() / "german.toml", description="answers in German", keywords=["german", "deutsch"],
+              examples=["Answer in German: how do plants grow?", "Bitte auf Deutsch: was ist ein Vulkan?",
+                        "Can you explain the water cycle in German?", "Reply in German please, what is a good breakfast?"])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Please answer in German: why is the sky blue?", "german"),
+    ("Tell me about German unification in 1871.", "base"),  # main: german (bare keyword rule)
+    ("Is a German shepherd a good family dog?", "base"),
+    ("In one sentence: is German hard to learn?", "terse"),  # a bundled manner about the user role's subject
+    ("Answer like a pirate: what is German beer like?", "pirate"),
+])
+def test_a_users_role_is_chosen_for_the_manner_asked_for_not_for_the_subject_named(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, GERMAN])
+    assert r.role == want, r.reason
+
+
+def test_ask_auto_prints_its_choice_and_reason_on_stderr_and_q_silences_it():
+    import subprocess
+    import sys
+
+    def ask(*extra):
+        return subprocess.run([sys.executable, "-m", "edgelora", "ask", "What is 12 times 7?", "--role", "auto",
+                               "--max-tokens", "2", "--temperature", "0", "--no-log", *extra],
+                              capture_output=True, text=True, timeout=180)
+
+    said = ask()
+    assert said.returncode == 0, said.stderr[-300:]
+    lines = [line for line in said.stderr.splitlines() if line.startswith("edgelora: auto -> ")]
+    assert len(lines) == 1 and lines[0].startswith("edgelora: auto -> base (") and lines[0].endswith(")"), said.stderr
+    assert "auto ->" not in said.stdout  # the answer stays clean for pipes
+    quiet = ask("-q")
+    assert quiet.returncode == 0 and "auto ->" not in quiet.stderr, quiet.stderr[-300:]
+
+
+def test_a_roles_other_keywords_may_stand_beside_the_one_asked_for(bundled_roles):
+    """'Ahoy matey, …': two of the pirate role's keywords make a request of their own."""
+    r = route("Ahoy matey, what time zone is London in?", bundled_roles)
+    assert r.role == "pirate" and "asked for" in r.reason, r.reason
+
+
+HAIKU = Role("haiku", bundled_dir() / "haiku.toml", description="answers as a haiku (5-7-5)", keywords=["haiku"],
+             examples=["Write a haiku about the morning.", "Answer in haiku form: what is time?",
+                       "Describe the city as a haiku.", "Give me a haiku explaining rain."])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("Keep it short: what is a haiku?", "terse"),  # main: haiku (nearest by meaning: it names haiku)
+    ("What is a haiku?", "base"),
+    ("Explain gravity as a haiku.", "haiku"),
+])
+def test_another_roles_manner_asked_about_a_users_subject_picks_that_role(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, HAIKU])
+    assert r.role == want, r.reason
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("explain how tides work the way a pirate captain would", "pirate"),
+    ("recommend a weekend hike, then sign off like you would in a letter", "signoff"),
+    ("what are the colours of the rainbow? format: json array", "json"),
+    ("What is JSON used for?", "base"),  # the subject named, its manner not asked for
+])
+def test_a_mentioned_keywords_role_wins_when_the_prompt_is_clearly_like_its_examples(bundled_roles, prompt, want):
+    """The frame rules miss these requests ('… the way a pirate captain would', '… then sign off like …'); the
+    keyword alone is no evidence, but a prompt much nearer the role's examples than plain questions about its
+    subject is (MENTIONED_MANNER). Before: all three went to base; main: by the bare keyword."""
+    r = route(prompt, bundled_roles)
+    assert r.role == want, r.reason
+
+
+PROSCONS = Role("proscons", bundled_dir() / "proscons.toml", description="answers as a list of pros and cons",
+                keywords=["pros and cons", "pros", "cons"],
+                examples=["pros and cons of electric cars", "give me the pros and cons: should I learn piano?",
+                          "list the upsides and downsides of working from home",
+                          "what are the advantages and disadvantages of nuclear power?"])
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("What is a cost-benefit analysis?", "base"),  # before: proscons (like its examples by meaning)
+    ("pros and cons pls: should I buy a house?", "proscons"),
+    ("Explain gravity as a haiku.", "haiku"),
+])
+def test_a_role_with_few_examples_needs_its_own_classifier_to_read_a_request_for_its_manner(bundled_roles, prompt, want):
+    r = route(prompt, [*bundled_roles, PROSCONS, HAIKU])
+    assert r.role == want, r.reason
+
+
+def test_the_classifier_is_fitted_for_the_roles_with_few_examples_and_reads_the_request_not_the_subject(bundled_roles):
+    from edgelora.routing import router
+
+    roles = [*bundled_roles, GERMAN]
+    assert set(router._space(roles).asks) == {"german"}  # the bundled roles have 7-10 examples
+    asks = [router.asks_logit(p, roles, "german") for p in ("Answer in German: what is a volcano?",
+                                                            "Reply in German please: how do magnets work?")]
+    subject = [router.asks_logit(p, roles, "german") for p in ("Is German hard to learn?", "What is a volcano?")]
+    assert min(asks) > router.ASKS_LOGIT > max(subject), (asks, subject)
+
+
+def test_logistic_regression_separates_what_it_was_fitted_on():
+    import numpy as np
+
+    from edgelora.routing.router import _logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = (x[:, 0] - x[:, 2] > 0.3).astype(float)
+    w = _logistic(x, y, l2=0.01)
+    assert ((x @ w[:-1] + w[-1] > 0) == (y == 1)).mean() >= 0.95
+
+
+def test_a_few_example_roles_sure_classifier_routes_a_request_the_manner_gate_would_miss():
+    """'turn photosynthesis into q/a study cards' is nearer plain questions about flashcards than the
+    role's examples (manner_score < 0), but its classifier is sure (>= ASKS_SURE). Before: base."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles, _ = measure.user_roles("dev_user_roles5.toml")
+    r = route("turn photosynthesis into q/a study cards", roles)
+    assert r.role == "flashcards" and "classifier" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("prompt, keyword, asked", [
+    ("how do I boil an egg? and sign it from me", "sign it", True),  # before: only mentioned (then base)
+    ("what's the best way to learn chess? sign it 'cheers'", "sign it", True),
+    ("sign off at the end like a letter: what is a nurse?", "sign off", True),
+    ("how do I sign it?", "sign it", False),  # a question about signing, not an imperative
+    ("how should I sign off a formal letter?", "sign off", False),
+    ("sign-off etiquette for emails", "sign off", False),  # the noun, not the verb phrase
+])
+def test_a_verb_phrase_keyword_that_opens_its_clause_is_a_request(prompt, keyword, asked):
+    from edgelora.routing import request_frame
+
+    hits = request_frame.hits(prompt, keyword)
+    assert hits and any(h.framed for h in hits) == asked, hits
+
+
+@pytest.mark.parametrize("prompt, keyword, found", [
+    ("arrr matey, recommend me a good book", "arr", True),
+    ("ahoyyy! what is a map?", "ahoy", True),
+    ("what is an array?", "arr", False),
+    ("what is an arrow?", "arr", False),
+])
+def test_a_drawn_out_interjection_counts_as_the_keyword(prompt, keyword, found):
+    from edgelora.routing import request_frame
+
+    assert bool(request_frame.hits(prompt, keyword)) == found
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("arrr matey, recommend me a good book", "pirate"),  # before: base (the mention veto); main: pirate
+    ("how do I boil an egg? and sign it from me", "signoff"),  # before: base; main: signoff
+    ("spit out a json blob describing a typical laptop's specs", "json"),  # before: base; main: json
+    ("who was the most famous pirate in history?", "base"),  # main: pirate (the bare keyword)
+])
+def test_bundled_asks_main_routed_by_keyword_still_route_and_plain_mentions_stay_on_base(bundled_roles, prompt, want):
+    r = route(prompt, bundled_roles)
+    assert r.role == want, r.reason
+
+
+def test_the_bundled_development_sets_lose_no_ask_that_main_got():
+    """Across dev.toml and dev_bundled2-4, the branch lost 8 bundled asks main routed right (by a bare keyword);
+    the frame rules for verb-phrase keywords, drawn-out interjections and 'spit out' win 4 back. What is left is
+    pinned here so no change loses more: dev_bundled3 51/60, dev_bundled4 76/93 (a rule that sent faint
+    meaning routes to base, FAINT_MANNER, was dropped: it cost a bundled held-out ask; with it 53/60, 74/93)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles = RoleCatalog([bundled_dir()]).roles()
+    right = {name: measure.evaluate(roles, "meaning", measure.labelled(name))["accuracy"] for name in measure.DEV_SETS}
+    assert right["dev_bundled3.toml"] >= 51 / 60 and right["dev_bundled4.toml"] >= 76 / 93, right

@@ -196,3 +196,67 @@ def test_the_model_loads_only_when_auto_is_used():
             "r.use('auto'); r.chat([{'role': 'user', 'content': 'hi'}], max_tokens=2); print(embedder.embedder.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "1"], out.stderr[-300:]
+
+
+def test_user_roles_route_by_the_manner_asked_for_not_the_subject_mentioned():
+    """The held-out user-roles set (tests/routing/heldout_user_roles.toml, written by someone else, never
+    tuned on): main's router got 66.0% with 65.2% of mentions/neutral prompts sent to a role. Today's router
+    (request frames, issue 27) got 89.6% / 6.1%, 88.9% / 6.1% after the round that won back part of the
+    bundled set, and 89.6% / 4.5% (cross 88.5%) with the few-example classifier; the issue's target (>= 90%,
+    <= 3%) is not met yet, so the margins guard the gain."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles("heldout_user_roles.toml")
+    assert result["accuracy"] >= 0.88, result["misses"]
+    assert result["neutral_to_style"] <= 0.08, result["misses"]
+    assert result["by_kind"]["bundled"] >= 0.9 and result["by_kind"]["cross"] >= 0.88
+
+
+@pytest.mark.parametrize("name", ["dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml"])
+def test_user_roles_on_the_development_sets(name):
+    """The sets the frame rules, FEW_EXAMPLES_THRESHOLD, MENTIONED_NEXT_MANNER and the few-example
+    classifier were developed on (measured 96.7% / 4.0%, 98.7% / 2.9%, 100% / 0.0%): a change that
+    breaks what they were built for shows here first."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles(name)
+    assert result["accuracy"] >= 0.95 and result["neutral_to_style"] <= 0.05, result["misses"]
+
+
+def test_bundled_roles_on_the_second_development_set():
+    """tests/routing/dev_bundled2.toml: new phrasings of the bundled roles, many naming a role's subject
+    without asking for its manner ("What is JSON used for?"). Main's router: 81.6%; the frame-aware one
+    94.3% (its 3 neutral misses are main's too)."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    roles = RoleCatalog([bundled_dir()]).roles()
+    result = measure.evaluate(roles, "meaning", measure.labelled("dev_bundled2.toml"))
+    assert result["accuracy"] >= 0.93, result["confusion"]
+
+
+def test_the_fresh_development_sets_stay_above_their_first_untuned_figures():
+    """dev_user_roles4.toml and dev_bundled3.toml were written by someone who had not seen the router.
+    Untuned, the router got 84.9% / 10.3% and 78.3% / 25.0% on them (main: 57.9% / 75.0% and 73.3% /
+    83.3%); after MENTIONED_MANNER and the few-example classifier 87.5% / 7.4% and 81.7% / 25.0%."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    users = measure.evaluate_user_roles("dev_user_roles4.toml")
+    assert users["accuracy"] >= 0.87 and users["neutral_to_style"] <= 0.08, users["misses"]
+    bundled = measure.evaluate(RoleCatalog([bundled_dir()]).roles(), "meaning", measure.labelled("dev_bundled3.toml"))
+    assert bundled["accuracy"] >= 0.8, bundled["confusion"]
+
+
+def test_the_fifth_user_roles_set_stays_above_its_untuned_figure():
+    """dev_user_roles5.toml (socratic, tweet, mermaid, sportscaster, flashcards: kinds no other set has) was
+    written before tuning on it: untuned 81.1% / 9.5%; after ASKS_SURE and the new frames
+    (request verbs, "Tweet it", "tweet-sized", "Do flashcards …?") 89.6% / 4.8%; 88.7% / 7.1% without
+    FAINT_MANNER (dropped: it cost an ask on the bundled held-out set)."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    users = measure.evaluate_user_roles("dev_user_roles5.toml")
+    assert users["accuracy"] >= 0.88 and users["neutral_to_style"] <= 0.08, users["misses"]
