@@ -213,6 +213,20 @@ def test_user_roles_route_by_the_manner_asked_for_not_the_subject_mentioned():
     assert result["by_kind"]["bundled"] >= 0.9 and result["by_kind"]["cross"] >= 0.88
 
 
+def test_a_second_held_out_user_roles_set_written_later_routes_by_the_manner_asked_for():
+    """tests/routing/heldout_user_roles_v2.toml: 7 user roles of other kinds (a language, an executive
+    audience, bash one-liners, a noir voice, checklists, Gen-Z slang, Excel formulas), 192 cases, written
+    by a helper from a brief without seeing the router, never tuned on. main's router before issue 27:
+    63.5% / 72.2%; now 89.1% / 7.6% (the issue's target, >= 90% / <= 3%, is not met: the margins
+    guard the gain)."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles("heldout_user_roles_v2.toml")
+    assert result["accuracy"] >= 0.87, result["misses"]
+    assert result["neutral_to_style"] <= 0.09, result["misses"]
+
+
 @pytest.mark.parametrize("name", ["dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml"])
 def test_user_roles_on_the_development_sets(name):
     """The sets the frame rules, FEW_EXAMPLES_THRESHOLD, MENTIONED_NEXT_MANNER and the few-example
