@@ -182,24 +182,6 @@ def test_a_users_role_is_chosen_for_the_manner_asked_for_not_for_the_subject_nam
     assert r.role == want, r.reason
 
 
-def test_ask_auto_prints_its_choice_and_reason_on_stderr_and_q_silences_it():
-    import subprocess
-    import sys
-
-    def ask(*extra):
-        return subprocess.run([sys.executable, "-m", "edgelora", "ask", "What is 12 times 7?", "--role", "auto",
-                               "--max-tokens", "2", "--temperature", "0", "--no-log", *extra],
-                              capture_output=True, text=True, timeout=180)
-
-    said = ask()
-    assert said.returncode == 0, said.stderr[-300:]
-    lines = [line for line in said.stderr.splitlines() if line.startswith("edgelora: auto -> ")]
-    assert len(lines) == 1 and lines[0].startswith("edgelora: auto -> base (") and lines[0].endswith(")"), said.stderr
-    assert "auto ->" not in said.stdout  # the answer stays clean for pipes
-    quiet = ask("-q")
-    assert quiet.returncode == 0 and "auto ->" not in quiet.stderr, quiet.stderr[-300:]
-
-
 def test_a_roles_other_keywords_may_stand_beside_the_one_asked_for(bundled_roles):
     """'Ahoy matey, …': two of the pirate role's keywords make a request of their own."""
     r = route("Ahoy matey, what time zone is London in?", bundled_roles)
