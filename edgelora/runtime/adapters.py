@@ -1,7 +1,8 @@
 """Resident adapters and the active set as llama.cpp gets it.
 
 An adapter is loaded once (``Adapter``: its pointer in llama.cpp and its checked metadata) and may be
-active or not; the active set, in attach order with scales, is pushed to the context whole."""
+active or not; the active set, in attach order with scales, travels with each request and the
+scheduler sets it on the context that decodes it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelora.errors import AdapterError, EdgeloraError, UnknownAdapterError
+from edgelora.errors import EdgeloraError, UnknownAdapterError
 from edgelora.models.gguf_info import GGUFInfo
-from edgelora.runtime.llama import LlamaHandle
 
 _SERIALS = itertools.count(1)
 MAX_SCALE = 4.0  # llama.cpp takes any float; past a few times the trained strength the output is garbage
@@ -53,12 +53,6 @@ def require(resident: dict[str, Adapter], name: str) -> Adapter:
 def set_key(resident: dict[str, Adapter], active: dict[str, float]) -> tuple:
     """What identifies the KV cells computed under this active set: names, adapter identities, scales."""
     return tuple((name, resident[name].serial, s) for name, s in active.items())
-
-
-def push(llama: LlamaHandle, resident: dict[str, Adapter], active: dict[str, float]) -> None:
-    """Make ``active`` the context's adapter set (KV invalidation is the KV cache's business, later)."""
-    if not llama.set_adapters([(resident[n].handle, s) for n, s in active.items()]):
-        raise AdapterError(f"llama.cpp could not set adapters {names(active)}")
 
 
 def report(resident: dict[str, Adapter], active: dict[str, float]) -> list[dict]:

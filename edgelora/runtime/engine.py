@@ -65,6 +65,7 @@ class Engine:
         threads_pinned_by: str = "threads argument",
         parallel: int | None = 1,
         flash_attn: bool | None = None,
+        lanes: int | None = None,
     ):
         """``n_threads`` None: adaptive, every core when idle and fewer under competing work (thread_policy.py); a number pins it. ``cpu_extra_buffers``: 'auto'
         (probe this host once, in a child process), 'on' or 'off'; None reads the config/environment.
@@ -77,7 +78,8 @@ class Engine:
         ``parallel``: sequences decoded together (each with ``n_ctx`` tokens of its own; scheduler.py):
         the server's concurrent requests, the TUI's compare; 1 for one conversation; None: by cores
         and free memory (``loading.default_parallel``). ``flash_attn``: None is on for CPU, off with
-        layers on a device (llama.py says why)."""
+        layers on a device (llama.py says why). ``lanes``: llama.cpp contexts on the model, one per
+        adapter set decoding at once (scheduler.py); None: up to 3 as memory allows (``loading.default_lanes``)."""
         native_log.set_verbose(verbose)
         self.model_path = resolve_model(model)
         self._base: GGUFInfo | None = loading.read_base(self.model_path)
@@ -107,7 +109,10 @@ class Engine:
                               n_seq=self.parallel, flash_attn=flash_attn)
         self.llama, self.offload, self.load_s = loaded.llama, loaded.offload, loaded.load_s
         # Every generation is a sequence of the scheduler; it files KV cells by the adapter set that computed them.
-        self.scheduler = Scheduler(self.llama, kv_cache_bytes=kv_cache_bytes, threads=threads)
+        if lanes is None:
+            lanes = loading.default_lanes(self.base, n_ctx, self.parallel, loading.available_memory())
+        self.lanes = lanes
+        self.scheduler = Scheduler(self.llama, kv_cache_bytes=kv_cache_bytes, threads=threads, lanes=lanes)
         self._gpu_adapters_checked = False
         self._template = ChatTemplate(self.llama, self.model_path)
 

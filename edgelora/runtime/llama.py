@@ -7,9 +7,11 @@ reuse, its sampler) stay llama-cpp-python's ``Llama``; what it has no public cal
 of one sequence, the adapter API, the abort callback, the extra buffer types at load, the chat
 template's environment) is done here, once.
 
-The context holds ``n_seq`` sequences (llama.cpp's seq_id 0..n_seq-1), each with its own ``n_ctx``
-cells; the scheduler (scheduler.py) decodes them together through ``TokenBatch``, ``decode`` and
-``Sampler``. The per-sequence KV calls take ``seq_id``.
+A ``Context`` holds ``n_seq`` sequences (llama.cpp's seq_id 0..n_seq-1), each with its own ``n_ctx``
+cells, and one active adapter set; the scheduler (scheduler.py) decodes them together through
+``TokenBatch``, ``Context.decode`` and ``Sampler``. The handle's first context is Llama's own
+(``main``); ``new_context`` makes more on the same weights (one per adapter set running at once:
+switching a context's set costs llama.cpp a re-reserve, switching contexts costs nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import llama_cpp._internals
 import llama_cpp.llama_chat_format
 import numpy as np
 
@@ -129,7 +132,7 @@ class LlamaHandle:
         with _params_lock, _defaults("llama_context_default_params", n_seq_max=n_seq, kv_unified=False), \
                 _defaults("llama_model_default_params", **model):
             self._llama = llama_cpp.Llama(**kwargs)
-        self._abort_cb = None
+        self.main = Context(self, self._llama._ctx)
 
     # -------------------------------------------------------------- facts
 
@@ -231,6 +234,65 @@ class LlamaHandle:
         llama_cpp.llama_adapter_lora_free(adapter)
 
     def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> bool:
+        """The adapter set of Llama's own context (``generate``/``eval``, the probes' path)."""
+        return self.main.set_adapters(adapters)
+
+    # -------------------------------------------------------------- contexts
+
+    def new_context(self) -> Context:
+        """Another llama.cpp context on this model, with the same parameters (n_seq sequences of n_ctx
+        cells, threads): its own KV cells, adapter set and compute buffers; the weights are shared.
+        Freed before the model (llama-cpp-python's LlamaContext registers itself with the model)."""
+        owner = llama_cpp._internals.LlamaContext(model=self._llama._model, params=self._llama.context_params,
+                                                  verbose=False)
+        return Context(self, owner)
+
+    # -------------------------------------------------------------- Llama's own path (probes, one-off runs)
+
+    def clear(self) -> None:
+        """Forget every cell and Llama's own token record (``generate``/``eval``, the probe children's path)."""
+        self._llama.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def set_seed(self, seed: int) -> None:
+        self._llama.set_seed(seed)
+
+    def generate(self, tokens: Sequence[int], **sampling) -> Iterator[int]:
+        """Tokens sampled after ``tokens``, reusing the longest cached prefix (Llama.generate)."""
+        return self._llama.generate(tokens, **sampling)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` after the cached ones."""
+        self._llama.eval(list(tokens))
+
+    def sample(self, temp: float = 0.0) -> int:
+        return self._llama.sample(temp=temp)
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last decoded position (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
+
+
+class Context:
+    """One llama.cpp context on the handle's model: ``n_seq`` sequences of KV cells (seq_id 0..n_seq-1),
+    one active adapter set, its own compute buffers and thread counts. The scheduler decodes through
+    these; the handle's first one (``handle.main``) is Llama's own."""
+
+    def __init__(self, handle: LlamaHandle, owner):
+        self.handle = handle
+        self._owner = owner  # llama-cpp-python's LlamaContext: frees the native context (before the model)
+        self._abort_cb = None
+
+    @property
+    def ctx(self):
+        """The native context, or None once freed (with the model, by close() or a finalizer)."""
+        return getattr(self._owner, "ctx", None)
+
+    def close(self) -> None:
+        self._owner.close()
+
+    def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> bool:
         """Replace the context's whole active set with ``(adapter, scale)`` pairs ([] detaches all).
         KV cells are untouched: what they hold was computed under the old set."""
         n = len(adapters)
@@ -242,11 +304,6 @@ class LlamaHandle:
         return llama_cpp.llama_set_adapters_lora(self.ctx, handles, n, scales) == 0
 
     # -------------------------------------------------------------- memory, per sequence
-
-    def clear(self) -> None:
-        """Forget every cell and Llama's own token record (``generate``/``eval``, the probe children's path)."""
-        self._llama.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def seq_rm(self, seq_id: int, p0: int = 0) -> bool:
         """Drop the sequence's cells from position ``p0`` on; False when llama.cpp cannot cut there
@@ -266,8 +323,8 @@ class LlamaHandle:
         return SeqState(tokens=np.asarray(tokens, dtype=np.intc), data=bytes(buf)[:n])
 
     def load_state(self, state: SeqState, seq_id: int) -> bool:
-        """Put a saved state into sequence ``seq_id`` (any sequence); False (and nothing kept) when
-        llama.cpp does not take it."""
+        """Put a saved state (from any context on this model) into sequence ``seq_id``; False (and
+        nothing kept) when llama.cpp does not take it."""
         buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
         if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq_id) != len(state.data):
             self.seq_rm(seq_id, -1)
@@ -276,28 +333,9 @@ class LlamaHandle:
 
     # -------------------------------------------------------------- evaluation
 
-    def set_seed(self, seed: int) -> None:
-        self._llama.set_seed(seed)
-
     def set_threads(self, n_gen: int, n_batch: int) -> None:
         """Threads for generation (one token) and for prompt batches, from the next decode on."""
         llama_cpp.llama_set_n_threads(self.ctx, n_gen, n_batch)
-
-    def generate(self, tokens: Sequence[int], **sampling) -> Iterator[int]:
-        """Tokens sampled after ``tokens``, reusing the longest cached prefix (Llama.generate)."""
-        return self._llama.generate(tokens, **sampling)
-
-    def eval(self, tokens: Sequence[int]) -> None:
-        """Decode ``tokens`` after the cached ones."""
-        self._llama.eval(list(tokens))
-
-    def sample(self, temp: float = 0.0) -> int:
-        return self._llama.sample(temp=temp)
-
-    def last_logits(self) -> np.ndarray:
-        """The logits of the last decoded position (a copy)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
 
     def decode(self, batch: TokenBatch) -> int:
         """llama_decode: 0 done, 1 no room in the KV cache, 2 stopped by the abort callback, < 0 error."""
@@ -310,11 +348,11 @@ class LlamaHandle:
     def logits_at(self, index: int) -> np.ndarray:
         """The logits the last decode kept at batch index ``index`` (a copy)."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.handle.n_vocab(),)).copy()
 
     def on_abort(self, should_abort: Callable[[object], bool]) -> None:
         """The function llama.cpp will ask, between graph nodes while ``watch_abort(True)``, whether to stop."""
-        self._abort_cb = llama_cpp.ggml_abort_callback(should_abort)  # kept alive with the handle
+        self._abort_cb = llama_cpp.ggml_abort_callback(should_abort)  # kept alive with the context
 
     def watch_abort(self, on: bool) -> None:
         """Let the abort callback stop decodes, or not (it costs a Python round trip per graph node)."""
@@ -358,13 +396,13 @@ class Sampler:
     """One sequence's llama.cpp sampler chain, as llama-cpp-python builds it: the repeat penalty, then
     greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded draw."""
 
-    def __init__(self, handle: LlamaHandle, *, temp, top_k, top_p, min_p, repeat_penalty, seed):
-        self.ctx = handle.ctx
+    def __init__(self, context: Context, *, temp, top_k, top_p, min_p, repeat_penalty, seed):
+        self.ctx = context.ctx
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731 (the chain owns it)
         if repeat_penalty != 1.0:
             # this binding's signature has n_vocab first, then last_n (as llama.h of this build)
-            add(llama_cpp.llama_sampler_init_penalties(handle.n_vocab(), PENALTY_LAST_N, repeat_penalty, 0.0, 0.0))
+            add(llama_cpp.llama_sampler_init_penalties(context.handle.n_vocab(), PENALTY_LAST_N, repeat_penalty, 0.0, 0.0))
         if temp == 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -55,6 +55,8 @@ MAX_PARALLEL = 64  # llama.cpp's own limit on sequences per context (LLAMA_MAX_S
 
 MAX_DEFAULT_PARALLEL = 8  # on a 2-core CPU 8 sequences give ~1.8x one; the curve is flat past that
 KV_SHARE_OF_MEMORY = 0.25  # the most of the memory available now the sequences' KV cells may take by default
+# Adapter sets decoded at once without switching (a context each; bench's mixed load is base/pirate/terse).
+MAX_LANES = 3
 
 
 def check_parallel(parallel: int) -> int:
@@ -86,6 +88,15 @@ def default_parallel(base: GGUFInfo, n_ctx: int, cores: int, available_bytes: in
     n = min(by_cores, by_memory)
     why = f"{cores} cores" if n == by_cores else f"KV {per_seq / 2**20:.0f} MiB a sequence, {available_bytes / 2**30:.1f} GiB free"
     return n, why
+
+
+def default_lanes(base: GGUFInfo, n_ctx: int, parallel: int, available_bytes: int | None) -> int:
+    """llama.cpp contexts the scheduler may make, one per adapter set running at once (scheduler.py):
+    up to MAX_LANES and never more than the sequences, while their KV cells (each context holds
+    ``parallel`` sequences) fit in the share of free memory ``default_parallel`` gives KV."""
+    per_lane = kv_bytes_per_token(base) * n_ctx * parallel
+    by_memory = MAX_LANES if available_bytes is None else max(1, int(available_bytes * KV_SHARE_OF_MEMORY // per_lane))
+    return min(MAX_LANES, parallel, by_memory)
 
 
 def available_memory() -> int | None:

@@ -1,13 +1,16 @@
-"""The scheduler: several sequences in one llama.cpp context, decoded together.
+"""The scheduler: several sequences on one model, decoded together.
 
 Every generation (ask, the TUI, the server, the Python API) is a ``SeqRequest`` submitted here; one
 request at a time is the case of one running sequence, not another code path.
 
-- **Adapter sets.** A request carries its own adapter set (handles, scales, and the key naming it).
-  llama.cpp applies adapters per context, not per token, so a decode step takes the running
-  sequences of ONE set, all of them in one batch, and sets take turns (round robin, ``STEPS_PER_SET``
-  steps each: a switch costs llama.cpp a re-reserve): a long answer never blocks a short one, and no
-  token is ever computed under another set.
+- **Adapter sets and lanes.** A request carries its own adapter set (handles, scales, and the key
+  naming it). llama.cpp applies adapters per context, not per token, so a decode step takes the
+  running sequences of ONE set in one context, all of them in one batch. Switching a context's set
+  costs llama.cpp a re-reserve (~7 ms beside a 13 ms decode here), switching between contexts
+  nothing: so each set running at once gets a *lane* of its own (a llama.cpp context on the same
+  weights, with its own KV cells; up to ``lanes``, made when first needed), and a set that finds
+  every lane taken shares one, taking turns of ``STEPS_PER_SET`` steps there. Groups take turns
+  round robin: a long answer never blocks a short one, and no token is computed under another set.
 - **Prompts** are evaluated in chunks inside the same steps as the other sequences' next tokens:
   ``chunk_busy`` tokens a step while other sequences are generating, a whole ``n_batch`` otherwise.
 - **KV.** A slot (a llama.cpp seq_id) remembers the tokens it evaluated and the set that computed
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 from edgelora.errors import AdapterError, EdgeloraError
 from edgelora.runtime.kv import KVStateCache
-from edgelora.runtime.llama import LlamaHandle, Sampler, TokenBatch
+from edgelora.runtime.llama import Context, LlamaHandle, Sampler, TokenBatch
 from edgelora.runtime.thread_policy import ThreadPolicy
 
 # Steps one adapter set runs in a row before the next set's turn (when several sets are running).
@@ -88,9 +91,11 @@ class Seq:
         return self.request.key
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
-    seq_id: int
+    seq_id: int  # llama.cpp's, in its lane's context
+    lane: Lane = None  # type: ignore[assignment]
+    id: int = 0  # across lanes (reports)
     key: tuple | None = None  # the adapter set that computed ``tokens``
     tokens: list[int] = None  # type: ignore[assignment]  # what the sequence's cells hold, position by position
     seq: Seq | None = None
@@ -108,11 +113,30 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+class Lane:
+    """One llama.cpp context and its slots (one per sequence it holds); one adapter set at a time."""
+
+    def __init__(self, index: int, context: Context, n_seq: int):
+        self.index = index
+        self.context = context
+        self.slots = [Slot(i, self, index * n_seq + i) for i in range(n_seq)]
+        self.applied: tuple | None = None  # the set the context has now (None: unknown)
+        self.threads_now: int | None = None
+
+    def keys(self) -> set[tuple]:
+        """The adapter sets of its running sequences."""
+        return {slot.seq.key for slot in self.slots if slot.seq is not None}
+
+    def free(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot.seq is None]
+
+
 class Scheduler:
     def __init__(self, llama: LlamaHandle, *, kv_cache_bytes: int, threads: ThreadPolicy | None = None,
-                 chunk_busy: int = CHUNK_BUSY):
+                 chunk_busy: int = CHUNK_BUSY, lanes: int = 1):
         self.llama = llama
-        self.slots = [Slot(i) for i in range(llama.n_seq)]
+        self.n_seq = llama.n_seq  # the most sequences running at once, over all lanes
+        self.max_lanes = max(1, lanes)
         self.queue: deque[Seq] = deque()
         self.saved = KVStateCache(kv_cache_bytes)  # states of sets whose slot was taken by another
         self.threads = threads
@@ -120,20 +144,29 @@ class Scheduler:
         self.chunk_busy = min(chunk_busy, self.n_batch)
         self.batch = TokenBatch(self.n_batch)
         self._lock = threading.RLock()
-        self._applied: tuple | None = None  # the set the context has now (None: unknown)
-        self._last_key: tuple | None = None  # round robin over sets
-        self._run = 0  # steps the last set has run in a row
+        self._last_group: tuple | None = None  # round robin over (lane, set) groups
+        self._run = 0  # steps the last group has run in a row
         self.steps_per_set = STEPS_PER_SET
-        self._threads_now: int | None = None
         self._in_batch: list[Seq] = []
         self.interrupted = False  # Ctrl+C arrived inside llama.cpp (the abort callback saw it)
         # Let cancel() and Ctrl+C stop a decode that evaluates a prompt. The server turns it off: it
         # stops answers between steps, and the callback takes the GIL at every graph node, which its
         # event loop's thread often holds (4 clients here, 6 runs each, noisy: median 67 tok/s with it, 71 without).
         self.watch_prompts = True
+        self.lanes: list[Lane] = []
+        self._add_lane(llama.main)
         self.last_slot: Slot = self.slots[0]
         self.steps = 0
-        llama.on_abort(self._should_abort)
+
+    def _add_lane(self, context: Context) -> Lane:
+        context.on_abort(self._should_abort)
+        lane = Lane(len(self.lanes), context, self.n_seq)
+        self.lanes.append(lane)
+        return lane
+
+    @property
+    def slots(self) -> list[Slot]:
+        return [slot for lane in self.lanes for slot in lane.slots]
 
     # ------------------------------------------------------------ requests
 
@@ -163,7 +196,7 @@ class Scheduler:
         seq.cancelled = True
 
     def cancel_all(self) -> None:
-        for seq in [*self.queue, *(s.seq for s in self.slots if s.seq is not None)]:
+        for seq in [*self.queue, *self.running]:
             seq.cancelled = True
 
     def release(self, seq: Seq) -> None:
@@ -182,10 +215,11 @@ class Scheduler:
         return any(h is handle for seq in seqs for h, _ in seq.request.adapters)
 
     def forget_adapters(self) -> None:
-        """Detach every adapter from the context (before one is freed); the next step sets its own."""
+        """Detach every adapter from every context (before one is freed); the next step sets its own."""
         with self._lock:
-            self.llama.set_adapters([])
-            self._applied = ()
+            for lane in self.lanes:
+                lane.context.set_adapters([])
+                lane.applied = ()
 
     def clear(self) -> None:
         """Forget every idle slot's cells and the saved states."""
@@ -197,49 +231,55 @@ class Scheduler:
 
     def report(self) -> list[dict]:
         """Each slot: whether it is answering, the tokens its cells hold, the adapter set that computed them."""
-        return [{"id": slot.seq_id, "is_processing": slot.seq is not None, "n_cached": len(slot.tokens),
+        return [{"id": slot.id, "lane": slot.lane.index, "is_processing": slot.seq is not None,
+                 "n_cached": len(slot.tokens),
                  "adapters": [{"name": name, "scale": scale} for name, _, scale in (slot.key or ())]}
                 for slot in list(self.slots)]
 
     # ------------------------------------------------------------ one step
 
     def step(self) -> bool:
-        """Admit what fits, then one decode for one adapter set's running sequences. False when idle."""
+        """Admit what fits, then one decode for one group (a lane's sequences of one adapter set). False when idle."""
         with self._lock:
             self._admit()
             for seq in self.running:
                 if seq.cancelled or seq.n_sampled >= seq.request.max_tokens:
                     self._finish(seq)
-            group = self._next_group()
+            lane, group = self._next_group()
             if not group:
                 return bool(self.queue)
-            self._apply(group[0].request)
+            self._apply(lane, group[0].request)
             entries = self._fill(group)
-            self._decode(group, entries)
+            self._decode(lane, entries)
             self.steps += 1
             return True
 
-    def _next_group(self) -> list[Seq]:
-        running = self.running
-        keys = list(dict.fromkeys(seq.key for seq in running))
-        if not keys:
-            return []
-        if self._last_key in keys and self._run < self.steps_per_set:
-            key = self._last_key
+    def _next_group(self) -> tuple[Lane | None, list[Seq]]:
+        groups: dict[tuple, list[Seq]] = {}
+        for slot in self.slots:
+            if slot.seq is not None:
+                groups.setdefault((slot.lane.index, slot.seq.key), []).append(slot.seq)
+        if not groups:
+            return None, []
+        names = list(groups)
+        # Turns of several steps only while some lane switches sets; switching lanes costs nothing.
+        turn = self.steps_per_set if any(len(lane.keys()) > 1 for lane in self.lanes) else 1
+        last = self._last_group
+        if last in groups and self._run < turn:
+            pick = last
         else:
-            at = keys.index(self._last_key) + 1 if self._last_key in keys else 0
-            key = keys[at % len(keys)]
-        self._run = self._run + 1 if key == self._last_key else 1
-        self._last_key = key
-        return [seq for seq in running if seq.key == key]
+            pick = names[(names.index(last) + 1) % len(names)] if last in groups else names[0]
+        self._run = self._run + 1 if pick == last else 1
+        self._last_group = pick
+        return self.lanes[pick[0]], groups[pick]
 
-    def _apply(self, request: SeqRequest) -> None:
-        if request.key == self._applied:
+    def _apply(self, lane: Lane, request: SeqRequest) -> None:
+        if request.key == lane.applied:
             return
-        if not self.llama.set_adapters(list(request.adapters)):
-            self._applied = None
+        if not lane.context.set_adapters(list(request.adapters)):
+            lane.applied = None
             raise AdapterError("llama.cpp could not set the adapters of a request")
-        self._applied = request.key
+        lane.applied = request.key
 
     def _fill(self, group: list[Seq]) -> list[tuple[Seq, list[int], int | None]]:
         """The batch for this step: each generating sequence's last token, then prompt chunks."""
@@ -265,20 +305,21 @@ class Scheduler:
             room -= n
         return entries
 
-    def _decode(self, group: list[Seq], entries) -> None:
+    def _decode(self, lane: Lane, entries) -> None:
         n = self.batch.n
         prompt = n > len(entries)  # some sequence evaluates more than one token
-        threads = self._set_threads("prompt" if prompt else "generation", n)
+        threads = self._set_threads(lane, "prompt" if prompt else "generation", n)
         self._in_batch = [seq for seq, _, _ in entries]
-        self.llama.watch_abort(prompt and self.watch_prompts)  # a Python round trip per graph node: prompts only
+        context = lane.context
+        context.watch_abort(prompt and self.watch_prompts)  # a Python round trip per graph node: prompts only
         t0 = time.perf_counter()
         try:
-            status = self.llama.decode(self.batch)
+            status = context.decode(self.batch)
         except BaseException:
             self._fail(entries, KeyboardInterrupt())
             raise
         finally:
-            self.llama.watch_abort(False)
+            context.watch_abort(False)
             self._in_batch = []
         if self.threads is not None:
             self.threads.observe("prompt" if prompt else "generation", threads, time.perf_counter() - t0, n)
@@ -304,13 +345,13 @@ class Scheduler:
             if self.llama.is_eog(token) or seq.n_sampled >= seq.request.max_tokens:
                 self._finish(seq)
 
-    def _set_threads(self, kind: str, n_tokens: int) -> int | None:
+    def _set_threads(self, lane: Lane, kind: str, n_tokens: int) -> int | None:
         if self.threads is None:
             return None
         n = self.threads.choose(kind, n_tokens)
-        if n != self._threads_now:
-            self.llama.set_threads(n, n)
-            self._threads_now = n
+        if n != lane.threads_now:
+            lane.context.set_threads(n, n)
+            lane.threads_now = n
         return n
 
     def _fail(self, entries, error: BaseException | None) -> None:
@@ -328,49 +369,69 @@ class Scheduler:
             self.interrupted = True
             return True
 
-    # ------------------------------------------------------------ slots
+    # ------------------------------------------------------------ lanes and slots
 
     def _admit(self) -> None:
-        while self.queue:
-            free = [s for s in self.slots if s.seq is None]
-            if not free:
-                return
+        while self.queue and len(self.running) < self.n_seq:
             seq = self.queue.popleft()
             if seq.cancelled:
                 seq.done = True
                 continue
-            self._place(seq, free)
+            self._place(seq, self._lane_for(seq.request))
 
-    def _place(self, seq: Seq, free: list[Slot]) -> None:
+    def _lane_for(self, request: SeqRequest) -> Lane:
+        """Where a request runs: beside sequences of its own set (one batch), else an idle lane (the
+        one holding most of its prompt under its set), else a new lane while ``lanes`` allows, else
+        the lane hosting the fewest sets (they take turns there)."""
+        key = request.key
+        joining = [lane for lane in self.lanes if key in lane.keys() and lane.free()]
+        if joining:
+            return joining[0]
+        idle = [lane for lane in self.lanes if not lane.keys()]
+        if idle:
+            def fit(lane: Lane) -> tuple[int, bool]:
+                cached = max((_common_prefix(s.tokens, request.tokens) for s in lane.slots if s.key == key), default=0)
+                return cached, lane.applied == key
+            return max(idle, key=fit)
+        if len(self.lanes) < self.max_lanes:
+            try:
+                return self._add_lane(self.llama.new_context())
+            except (ValueError, MemoryError):  # llama.cpp could not make another context: share one
+                self.max_lanes = len(self.lanes)
+        return min((lane for lane in self.lanes if lane.free()), key=lambda lane: len(lane.keys()))
+
+    def _place(self, seq: Seq, lane: Lane) -> None:
         request = seq.request
         tokens = request.tokens
+        free = lane.free()
         same = [s for s in free if s.key == request.key and s.tokens] if request.reuse_prefix else []
         slot = max(same, key=lambda s: _common_prefix(s.tokens, tokens), default=None)
+        context = lane.context
         if slot is None:  # an empty slot, else the one used longest ago: its cells go to the saved states
             slot = min(free, key=lambda s: (bool(s.tokens), s.used_at))
             if slot.tokens and slot.key is not None and self.saved.budget:
-                self.saved.put(slot.key, self.llama.save_state(slot.seq_id, slot.tokens))
+                self.saved.put(slot.key, context.save_state(slot.seq_id, slot.tokens))
             self._wipe(slot)
             state = self.saved.take(request.key) if request.reuse_prefix else None
-            if state is not None and self.llama.load_state(state, slot.seq_id):
+            if state is not None and context.load_state(state, slot.seq_id):
                 slot.tokens = [int(t) for t in state.tokens]
         keep = _common_prefix(slot.tokens, tokens)
         if keep == len(tokens):
             keep -= 1  # the last prompt token is evaluated again: its logits give the first answer token
-        if keep < len(slot.tokens) and not self.llama.seq_rm(slot.seq_id, keep):
+        if keep < len(slot.tokens) and not context.seq_rm(slot.seq_id, keep):
             keep = 0  # llama.cpp could not cut there (a sliding-window cache): it dropped them all
         del slot.tokens[keep:]
         slot.key, slot.seq, slot.used_at = request.key, seq, time.monotonic()
         seq.slot, seq.cached, seq.pending = slot, keep, list(tokens[keep:])
         s = request.sampling
-        seq.sampler = self.llama.sampler(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                                         repeat_penalty=s.repeat_penalty, seed=s.seed)
+        seq.sampler = context.sampler(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                      repeat_penalty=s.repeat_penalty, seed=s.seed)
         if s.repeat_penalty != 1.0:
             seq.sampler.accept(tokens)
         self.last_slot = slot
 
     def _wipe(self, slot: Slot) -> None:
-        self.llama.seq_rm(slot.seq_id, -1)
+        slot.lane.context.seq_rm(slot.seq_id, -1)
         slot.tokens = []
         slot.key = None
 
@@ -391,24 +452,26 @@ class Scheduler:
     # ------------------------------------------------------------ one-off evaluation
 
     def logits(self, tokens: list[int], adapters, key: tuple):
-        """Last-position logits of ``tokens`` under ``adapters``, evaluated from scratch in a free slot."""
+        """Last-position logits of ``tokens`` under ``adapters``, evaluated from scratch in a free slot
+        of the first lane."""
         chunk = self.n_batch
         with self._lock:
-            free = [s for s in self.slots if s.seq is None]
-            if not free:
+            lane = self.lanes[0]
+            free = lane.free()
+            if not free or len(self.running) >= self.n_seq:
                 raise EdgeloraError("every sequence is busy; try again when a generation ends")
             slot = min(free, key=lambda s: (bool(s.tokens), s.used_at))
             self._wipe(slot)
-            self._apply(SeqRequest(tokens, adapters, key, 1))
+            self._apply(lane, SeqRequest(tokens, adapters, key, 1))
             for start in range(0, len(tokens), chunk):
                 self.batch.clear()
                 part = tokens[start:start + chunk]
                 for i, token in enumerate(part):
                     self.batch.add(token, start + i, slot.seq_id, start + i == len(tokens) - 1)
-                status = self.llama.decode(self.batch)
+                status = lane.context.decode(self.batch)
                 if status != 0:
                     self._wipe(slot)
                     raise EdgeloraError(f"llama_decode failed (status {status})")
                 slot.tokens.extend(part)
             slot.key = key
-            return self.llama.logits_at(self.batch.n - 1)
+            return lane.context.logits_at(self.batch.n - 1)

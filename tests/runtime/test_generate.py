@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgelora.runtime.generate import partial_stop
+from edgelora.runtime.llama import Context
 
 from ..conftest import GREEDY
 
@@ -21,13 +22,13 @@ def test_only_an_end_that_could_start_a_stop_string_is_held(text, stop, held):
 def test_the_first_token_is_shown_without_waiting_for_more(clean_engine, monkeypatch):
     """A chat's stop string (the template's end marker) is 10 characters: the first piece used to wait
     for 10 characters of answer, several decodes when the machine is loaded."""
-    decodes, decode = [0], clean_engine.llama.decode
+    decodes, decode = [0], Context.decode
 
-    def counting(batch):
+    def counting(context, batch):
         decodes[0] += 1
-        return decode(batch)
+        return decode(context, batch)
 
-    monkeypatch.setattr(clean_engine.llama, "decode", counting)
+    monkeypatch.setattr(Context, "decode", counting)
     stream = clean_engine.stream_chat(MSGS, max_tokens=16, **GREEDY)
     first = next(stream)
     assert first and decodes[0] == 1

@@ -13,6 +13,7 @@ import pytest
 
 from edgelora import Engine
 from edgelora.errors import ContextLengthError
+from edgelora.runtime.llama import Context
 
 from ..conftest import GREEDY
 
@@ -89,30 +90,30 @@ def test_mixed_adapter_sets_decoded_together_answer_as_each_alone(eng):
 
 
 def test_every_decode_runs_under_the_adapter_set_of_every_sequence_in_it(eng, monkeypatch):
-    """Recorded at llama.cpp's door: the set the context has at each decode vs each token's sequence."""
-    llama, sched = eng.llama, eng.scheduler
-    applied, wrong, decodes = [None], [], [0]
-    set_adapters, decode = llama.set_adapters, llama.decode
+    """Recorded at llama.cpp's door: the set each context has at each decode vs each token's sequence."""
+    sched = eng.scheduler
+    applied, wrong, decodes = {}, [], [0]
+    set_adapters, decode = Context.set_adapters, Context.decode
 
     def name_of(handle):
         return next(n for n in ("a", "b") if eng.resident[n].handle is handle)
 
-    def recording_set(pairs):
-        applied[0] = tuple(sorted((name_of(h), s) for h, s in pairs))
-        return set_adapters(pairs)
+    def recording_set(context, pairs):
+        applied[context] = tuple(sorted((name_of(h), s) for h, s in pairs))
+        return set_adapters(context, pairs)
 
-    def recording_decode(batch):
+    def recording_decode(context, batch):
         decodes[0] += 1
-        by_seq = {slot.seq_id: slot.seq for slot in sched.slots if slot.seq is not None}
+        by_seq = {slot.seq_id: slot.seq for slot in sched.slots if slot.seq is not None and slot.lane.context is context}
         for i in range(batch.n):
             seq = by_seq[batch.batch.seq_id[i][0]]
             want = tuple(sorted((name, scale) for name, _, scale in seq.key))
-            if want != applied[0]:
-                wrong.append((want, applied[0]))
-        return decode(batch)
+            if want != applied.get(context):
+                wrong.append((want, applied.get(context)))
+        return decode(context, batch)
 
-    monkeypatch.setattr(llama, "set_adapters", recording_set)
-    monkeypatch.setattr(llama, "decode", recording_decode)
+    monkeypatch.setattr(Context, "set_adapters", recording_set)
+    monkeypatch.setattr(Context, "decode", recording_decode)
     sched.forget_adapters()
     _together(eng, [({"a": 1.0}, PROMPTS[0]), ({}, PROMPTS[1]), ({"a": 0.5, "b": 0.5}, PROMPTS[2]),
                     ({"b": 1.0}, PROMPTS[3])], 12)
@@ -191,13 +192,13 @@ def test_cancel_stops_every_running_answer(eng):
 
 def test_streams_started_together_evaluate_their_prompts_in_one_decode(eng, monkeypatch):
     """Stream.start() queues a request without evaluating it: the first read runs one decode for all."""
-    decodes, decode = [], eng.llama.decode
+    decodes, decode = [], Context.decode
 
-    def recording_decode(batch):
+    def recording_decode(context, batch):
         decodes.append({batch.batch.seq_id[i][0] for i in range(batch.n)})
-        return decode(batch)
+        return decode(context, batch)
 
-    monkeypatch.setattr(eng.llama, "decode", recording_decode)
+    monkeypatch.setattr(Context, "decode", recording_decode)
     eng.set_adapters({"a": 1.0})
     streams = [eng.stream_chat(_msgs(p), max_tokens=3, **GREEDY).start() for p in PROMPTS[:3]]
     assert not decodes  # queued, nothing evaluated yet
@@ -205,23 +206,62 @@ def test_streams_started_together_evaluate_their_prompts_in_one_decode(eng, monk
     assert all(texts) and len(decodes[0]) == 3, decodes
 
 
-def test_adapter_sets_take_turns_of_steps_per_set_steps(eng, monkeypatch):
-    """A switch costs llama.cpp a re-reserve: each set runs STEPS_PER_SET steps before the next one's turn."""
+def _record_runs(monkeypatch, sched) -> list[list]:
+    """Per run of decodes in a row under one (context, adapter set): [context, set, decodes in it]."""
+    runs, decode = [], Context.decode
+
+    def recording_decode(context, batch):
+        key = next(lane.applied for lane in sched.lanes if lane.context is context)
+        if runs and runs[-1][:2] == [context, key]:
+            runs[-1][2] += 1
+        else:
+            runs.append([context, key, 1])
+        return decode(context, batch)
+
+    monkeypatch.setattr(Context, "decode", recording_decode)
+    return runs
+
+
+def _switches(monkeypatch) -> list:
+    """Every set_adapters call that changes what a context has (each costs llama.cpp a re-reserve)."""
+    calls, set_adapters = [], Context.set_adapters
+
+    def recording_set(context, pairs):
+        calls.append(context)
+        return set_adapters(context, pairs)
+
+    monkeypatch.setattr(Context, "set_adapters", recording_set)
+    return calls
+
+
+def test_each_adapter_set_running_at_once_decodes_in_a_context_of_its_own(eng, monkeypatch):
+    """Three sets at once, three lanes: no context ever switches sets, so no decode pays a re-reserve,
+    and the sets take turns a step at a time."""
+    sched = eng.scheduler
+    assert sched.max_lanes >= 3
+    for set_ in ({"a": 1.0}, {"b": 1.0}, {}):  # each lane has had a set before: only new ones would switch
+        eng.set_adapters(set_)
+        eng.chat(_msgs(PROMPTS[0]), max_tokens=1, **GREEDY)
+    _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1]), ({}, PROMPTS[2])], 1)  # warm lanes
+    switches, runs = _switches(monkeypatch), _record_runs(monkeypatch, sched)
+    got = _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1]), ({}, PROMPTS[2]),
+                          ({"a": 1.0}, PROMPTS[3])], 16)
+    assert [[a["name"] for a in c.adapters] for _, c in got] == [["a"], ["b"], [], ["a"]]
+    assert len(sched.lanes) >= 3 and not switches, switches
+    assert len({id(context) for context, _, _ in runs}) == 3
+    assert max(n for _, _, n in runs[:-2]) == 1, runs  # turns of one step while nobody switches
+
+
+def test_adapter_sets_sharing_a_context_take_turns_of_steps_per_set_steps(smol_path, smol_adapters, monkeypatch):
+    """A switch costs llama.cpp a re-reserve: sets that share a context (no lane left) run STEPS_PER_SET
+    steps each before the next one's turn."""
     from edgelora.runtime.scheduler import STEPS_PER_SET
 
-    sched, runs = eng.scheduler, []
-    decode = eng.llama.decode
-
-    def recording_decode(batch):
-        key = sched._applied
-        if runs and runs[-1][0] == key:
-            runs[-1][1] += 1
-        else:
-            runs.append([key, 1])
-        return decode(batch)
-
-    monkeypatch.setattr(eng.llama, "decode", recording_decode)
-    _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1])], 24)
+    with Engine(smol_path, n_ctx=512, parallel=2, n_threads=2, lanes=1) as one:
+        one.load(smol_adapters["a"], name="a")
+        one.load(smol_adapters["b"], name="b")
+        runs = _record_runs(monkeypatch, one.scheduler)
+        _together(one, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1])], 24)
     both = runs[:-1]  # the last run may be one set alone, once the other answer ended
-    assert STEPS_PER_SET > 1 and len(both) >= 3
-    assert all(n == STEPS_PER_SET for _, n in both[1:]), runs  # the first run began with one answer's prompt alone
+    assert STEPS_PER_SET > 1 and len(both) >= 3 and len(one.scheduler.lanes) == 1
+    assert all(n == STEPS_PER_SET for _, _, n in both[1:]), runs  # the first run began with one answer's prompt alone

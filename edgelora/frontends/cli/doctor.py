@@ -127,9 +127,11 @@ def _parallel_report(path, info) -> dict:
     from edgelora.safety import cpu
 
     n_ctx = loading.check_ctx(info, path, None)
-    n, why = loading.default_parallel(info, n_ctx, cpu.default_threads(), loading.available_memory())
+    free = loading.available_memory()
+    n, why = loading.default_parallel(info, n_ctx, cpu.default_threads(), free)
     return {"sequences": n, "why": why, "ctx_each": n_ctx,
-            "kv_bytes": n * n_ctx * loading.kv_bytes_per_token(info)}
+            "kv_bytes": n * n_ctx * loading.kv_bytes_per_token(info),
+            "lanes": loading.default_lanes(info, n_ctx, n, free)}
 
 
 def _cpu_report(model_path, info) -> dict:

@@ -57,8 +57,8 @@ def serve(host, port, role_dirs, preload, api_key, cors_origins, max_queue, para
                     cors_origins=list(cors_origins) or None, request_log=not quiet)
     names = ", ".join(["base", "auto", *roles.catalog.names()])
     click.echo(f"edgelora serve: http://{host}:{port}/v1  model {eng.model_path.name}  roles: {names}", err=True)
-    click.echo(f"answers {eng.parallel} requests at once ({eng.parallel_why}), {eng.context_size} tokens of context each; "
-               f"{max_queue} more wait", err=True)
+    click.echo(f"answers {eng.parallel} requests at once ({eng.parallel_why}), {eng.context_size} tokens of context each, "
+               f"up to {eng.lanes} roles decoding side by side; {max_queue} more wait", err=True)
     click.echo(f"web page: http://{host}:{port}/" + (f"  unknown models answered by: {fallback_role}" if fallback_role else ""),
                err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning",

@@ -9,6 +9,7 @@ import asyncio
 from edgelora import Engine
 from edgelora.frontends.server.app import Service
 from edgelora.roles.session import Roles
+from edgelora.runtime.llama import Context
 
 PROMPTS = ["What is the moon?", "Name three fruits.", "Why is the sea salty?"]
 
@@ -17,14 +18,14 @@ def test_requests_that_arrive_together_have_their_prompts_evaluated_in_one_decod
     with Engine(smol_path, n_ctx=512, parallel=3, n_threads=2) as eng:
         service = Service(eng, Roles(eng))
         decodes = []  # per decode: {seq_id: tokens it evaluated}
-        decode = eng.llama.decode
+        decode = Context.decode
 
-        def recording_decode(batch):
+        def recording_decode(context, batch):
             seqs = [batch.batch.seq_id[i][0] for i in range(batch.n)]
             decodes.append({s: seqs.count(s) for s in set(seqs)})
-            return decode(batch)
+            return decode(context, batch)
 
-        monkeypatch.setattr(eng.llama, "decode", recording_decode)
+        monkeypatch.setattr(Context, "decode", recording_decode)
         jobs = [service.chat_job({"model": "base", "max_tokens": 4, "temperature": 0,
                                   "messages": [{"role": "user", "content": p}]}) for p in PROMPTS]
 
