@@ -239,13 +239,10 @@ def test_each_adapter_set_running_at_once_decodes_in_a_context_of_its_own(eng, m
     and the sets take turns a step at a time."""
     sched = eng.scheduler
     assert sched.max_lanes >= 3
-    for set_ in ({"a": 1.0}, {"b": 1.0}, {}):  # each lane has had a set before: only new ones would switch
-        eng.set_adapters(set_)
-        eng.chat(_msgs(PROMPTS[0]), max_tokens=1, **GREEDY)
-    _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1]), ({}, PROMPTS[2])], 1)  # warm lanes
+    jobs = [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1]), ({}, PROMPTS[2]), ({"a": 1.0}, PROMPTS[3])]
+    _together(eng, jobs, 16)  # the lanes exist and each has its set: a context's first set is a switch too
     switches, runs = _switches(monkeypatch), _record_runs(monkeypatch, sched)
-    got = _together(eng, [({"a": 1.0}, PROMPTS[0]), ({"b": 1.0}, PROMPTS[1]), ({}, PROMPTS[2]),
-                          ({"a": 1.0}, PROMPTS[3])], 16)
+    got = _together(eng, jobs, 16)
     assert [[a["name"] for a in c.adapters] for _, c in got] == [["a"], ["b"], [], ["a"]]
     assert len(sched.lanes) >= 3 and not switches, switches
     assert len({id(context) for context, _, _ in runs}) == 3
@@ -265,3 +262,26 @@ def test_adapter_sets_sharing_a_context_take_turns_of_steps_per_set_steps(smol_p
     both = runs[:-1]  # the last run may be one set alone, once the other answer ended
     assert STEPS_PER_SET > 1 and len(both) >= 3 and len(one.scheduler.lanes) == 1
     assert all(n == STEPS_PER_SET for _, _, n in both[1:]), runs  # the first run began with one answer's prompt alone
+
+
+def test_lanes_by_default_fit_their_kv_cells_in_a_quarter_of_free_memory(eng):
+    """Each lane holds ``parallel`` sequences' KV cells: at most 3, never more than the sequences, and as
+    many as fit in the share of free memory the sequences' KV may take."""
+    from edgelora.runtime import loading
+
+    per_lane = loading.kv_bytes_per_token(eng.base) * 512 * 4
+    assert loading.default_lanes(eng.base, 512, 4, None) == loading.MAX_LANES == 3
+    assert loading.default_lanes(eng.base, 512, 2, None) == 2
+    assert loading.default_lanes(eng.base, 512, 4, int(per_lane * 2 / loading.KV_SHARE_OF_MEMORY)) == 2
+    assert loading.default_lanes(eng.base, 512, 4, per_lane) == 1  # not even one fits: the context it has
+
+
+def test_a_request_of_a_set_that_finds_no_lane_of_its_own_shares_the_one_hosting_fewest_sets(eng):
+    """Four sets at once on three lanes: every sequence runs, none waits for a lane; two sets share one."""
+    sched = eng.scheduler
+    sets = [{"a": 1.0}, {"b": 1.0}, {}, {"a": 0.5, "b": 0.5}]
+    got = _together(eng, list(zip(sets, PROMPTS)), 8)
+    assert all(text for text, _ in got)
+    assert [[(a["name"], a["scale"]) for a in c.adapters] for _, c in got] == \
+        [[("a", 1.0)], [("b", 1.0)], [], [("a", 0.5), ("b", 0.5)]]
+    assert len(sched.lanes) == sched.max_lanes == 3
