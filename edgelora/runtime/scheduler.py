@@ -16,8 +16,8 @@ request at a time is the case of one running sequence, not another code path.
 - **KV.** A slot (a llama.cpp seq_id) remembers the tokens it evaluated and the set that computed
   them. A request takes the free slot whose cells share its longest prefix under the same set (a
   returning conversation is not re-evaluated); cells of another set are never reused: they are
-  saved under their set's key (within a byte budget, ``saved``) and cleared, and a state saved
-  under the request's set is put back.
+  saved under their set's key (within a byte budget, ``saved``) and cleared, and cells of the
+  request's set are put back: copied from another lane's idle slot, else a saved state.
 - **Driving.** Whoever waits for a token runs steps (``tokens``), in its own thread, under one lock:
   the one thread of ask or the TUI's worker, the server's worker. No thread of its own.
 """
@@ -412,7 +412,7 @@ class Scheduler:
             if slot.tokens and slot.key is not None and self.saved.budget:
                 self.saved.put(slot.key, context.save_state(slot.seq_id, slot.tokens))
             self._wipe(slot)
-            state = self.saved.take(request.key) if request.reuse_prefix else None
+            state = self._state_elsewhere(request) if request.reuse_prefix else None
             if state is not None and context.load_state(state, slot.seq_id):
                 slot.tokens = [int(t) for t in state.tokens]
         keep = _common_prefix(slot.tokens, tokens)
@@ -429,6 +429,16 @@ class Scheduler:
         if s.repeat_penalty != 1.0:
             seq.sampler.accept(tokens)
         self.last_slot = slot
+
+    def _state_elsewhere(self, request: SeqRequest):
+        """Cells of the request's set for its prompt outside its lane: an idle slot of another lane
+        holding a prefix of it (copied: a returning conversation whose lane is busy with another set
+        is not re-evaluated), else a state saved under its set."""
+        donors = [s for lane in self.lanes for s in lane.free() if s.key == request.key and s.tokens]
+        donor = max(donors, key=lambda s: _common_prefix(s.tokens, request.tokens), default=None)
+        if donor is not None and _common_prefix(donor.tokens, request.tokens) > 0:
+            return donor.lane.context.save_state(donor.seq_id, donor.tokens)
+        return self.saved.take(request.key)
 
     def _wipe(self, slot: Slot) -> None:
         slot.lane.context.seq_rm(slot.seq_id, -1)

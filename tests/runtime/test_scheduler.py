@@ -285,3 +285,26 @@ def test_a_request_of_a_set_that_finds_no_lane_of_its_own_shares_the_one_hosting
     assert [[(a["name"], a["scale"]) for a in c.adapters] for _, c in got] == \
         [[("a", 1.0)], [("b", 1.0)], [], [("a", 0.5), ("b", 0.5)]]
     assert len(sched.lanes) == sched.max_lanes == 3
+
+
+def test_a_returning_conversation_whose_cells_sit_in_a_busy_lane_is_not_evaluated_again(smol_path, smol_adapters):
+    """Its cells are in lane 0, which another set's answer now occupies: it runs in another lane, and
+    its cells are copied there rather than evaluated again, and it answers as evaluated anew."""
+    with Engine(smol_path, n_ctx=512, parallel=2, n_threads=2, lanes=2) as two:
+        two.load(smol_adapters["a"], name="a")
+        two.load(smol_adapters["b"], name="b")
+        two.set_adapters({"a": 1.0})
+        history = _msgs(PROMPTS[0] * 3)
+        first = two.chat(history, max_tokens=12, **GREEDY)
+        history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": PROMPTS[1]}]
+        two.set_adapters({"b": 1.0})
+        other = two.stream_chat(_msgs(PROMPTS[2]), max_tokens=40, **GREEDY)
+        next(other)  # b runs in lane 0, beside a's idle cells
+        two.set_adapters({"a": 1.0})
+        back = two.stream_chat(history, max_tokens=8, **GREEDY)
+        text = "".join(back)
+        "".join(other)
+        assert two.scheduler.lanes[1].slots[0].key is not None and len(two.scheduler.lanes) == 2  # it ran in lane 1
+        assert back.completion.cached_tokens >= first.prompt_tokens - 1, back.completion
+        two.reuse_prefix = False
+        assert text == two.chat(history, max_tokens=8, **GREEDY).text
