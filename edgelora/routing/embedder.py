@@ -223,6 +223,7 @@ def embed_many(texts: list[str]) -> np.ndarray:
     if missing:
         if len(_CACHE) + len(missing) > _CACHE_MAX:
             _CACHE.clear()
+            missing = list(dict.fromkeys(texts))  # the cleared ones asked for now too
         _CACHE.update(zip(missing, embedder().embed_many(missing)))
     return np.array([_CACHE[t] for t in texts]).reshape(len(texts), -1)
 
