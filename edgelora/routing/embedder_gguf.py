@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +107,6 @@ class GgufMiniLM:
         self.handle = LlamaHandle(path, n_ctx=BATCH_TOKENS // MAX_SEQS, n_seq=MAX_SEQS, n_batch=BATCH_TOKENS,
                                   n_threads=THREADS, flash_attn=False, embeddings=True)
         self.batch = TokenBatch(BATCH_TOKENS)
-        self.lock = threading.Lock()  # one context and batch: the server may route from several threads
         self.nbytes = path.stat().st_size  # memory-mapped
 
     def embed(self, text: str) -> np.ndarray:
@@ -123,8 +121,7 @@ class GgufMiniLM:
             while end < len(encoded) and end - start < MAX_SEQS and (end == start or size + len(encoded[end]) <= BATCH_TOKENS):
                 size += len(encoded[end])
                 end += 1
-            with self.lock:
-                out.append(self._forward(encoded[start:end]))
+            out.append(self._forward(encoded[start:end]))
             start = end
         if not out:
             return np.zeros((0, 384), dtype=np.float32)
@@ -136,4 +133,7 @@ class GgufMiniLM:
         for seq, ids in enumerate(encoded):
             for pos, token in enumerate(ids):
                 self.batch.add(token, pos, seq, True)  # every token is an output: mean pooling reads them all
-        return self.handle.embed(self.batch, len(encoded))
+        status = self.handle.decode(self.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode of the routing embedder returned {status}")
+        return self.handle.sequence_embeddings(len(encoded))

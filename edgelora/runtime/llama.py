@@ -117,7 +117,7 @@ class LlamaHandle:
         to the device, and 0 layers means CPU. ``n_seq`` sequences of ``n_ctx`` tokens each.
         ``flash_attn`` defaults to on for CPU (llama.cpp's CPU kernel; measured 1.2-1.4x faster decoding
         here, and it is what llama-server's 'auto' picks) and off with layers on a device (as before:
-        not every device backend has it). ``embeddings``: an embedding model (``embed``)."""
+        not every device backend has it). ``embeddings``: an embedding model (``sequence_embeddings``)."""
         kwargs = dict(model_path=str(model_path), n_gpu_layers=n_gpu_layers,
                       op_offload=n_gpu_layers != 0 if op_offload is None else op_offload,
                       n_ctx=n_ctx * n_seq, flash_attn=n_gpu_layers == 0 if flash_attn is None else flash_attn, n_batch=n_batch, seed=seed, use_mmap=True, verbose=verbose)
@@ -315,15 +315,11 @@ class LlamaHandle:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
 
-    def embed(self, batch: TokenBatch, n_seq: int) -> np.ndarray:
-        """An embedding model (``embeddings=True``): decode ``batch`` (sequences 0..n_seq-1, every token an
-        output) and return each sequence's pooled embedding, (n_seq, n_embd) copied."""
-        status = llama_cpp.llama_decode(self.ctx, batch.batch)
-        if status != 0:
-            raise RuntimeError(f"llama_decode returned {status} for an embedding batch")
+    def sequence_embeddings(self, n: int) -> np.ndarray:
+        """The pooled embeddings of sequences 0..n-1 after the last decode (an embedding model), (n, n_embd) copied."""
         width = self._llama.n_embd()
         return np.array([np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(self.ctx, i), shape=(width,))
-                         for i in range(n_seq)], dtype=np.float32)
+                         for i in range(n)], dtype=np.float32)
 
     def on_abort(self, should_abort: Callable[[object], bool]) -> None:
         """The function llama.cpp will ask, between graph nodes while ``watch_abort(True)``, whether to stop."""
