@@ -209,15 +209,7 @@ def _gelu(h: np.ndarray) -> None:
 
 @functools.cache
 def embedder() -> MiniLM:
-    """The model on llama.cpp (embedder_gguf.py: ~0.7x the time per prompt), else the numpy one here
-    (no writable cache folder, a llama.cpp build without BERT, ...)."""
     folder = model_dir()
-    try:
-        from edgelora.routing.embedder_gguf import GgufMiniLM
-
-        return GgufMiniLM(folder)
-    except Exception:  # noqa: BLE001 - the numpy pass computes the same vectors
-        pass
     try:
         return MiniLM(folder)
     except Exception as exc:  # a damaged install (truncated, wrong header): fall back, say why

@@ -110,21 +110,18 @@ class LlamaHandle:
 
     def __init__(self, model_path: str | Path, *, n_gpu_layers: int = 0, n_ctx: int = 512, n_threads: int | None = None,
                  n_batch: int = 512, seed: int = 0, verbose: bool = False, extra_buffers: bool | None = None,
-                 op_offload: bool | None = None, n_seq: int = 1, flash_attn: bool | None = None,
-                 embeddings: bool = False):
+                 op_offload: bool | None = None, n_seq: int = 1, flash_attn: bool | None = None):
         """``extra_buffers``: llama.cpp's CPU extra buffer types (repacking, AMX) on or off; None: its default.
         ``op_offload`` defaults to ``n_gpu_layers != 0``: a GPU build otherwise ships big CPU-side batches
         to the device, and 0 layers means CPU. ``n_seq`` sequences of ``n_ctx`` tokens each.
         ``flash_attn`` defaults to on for CPU (llama.cpp's CPU kernel; measured 1.2-1.4x faster decoding
         here, and it is what llama-server's 'auto' picks) and off with layers on a device (as before:
-        not every device backend has it). ``embeddings``: an embedding model (``sequence_embeddings``)."""
+        not every device backend has it)."""
         kwargs = dict(model_path=str(model_path), n_gpu_layers=n_gpu_layers,
                       op_offload=n_gpu_layers != 0 if op_offload is None else op_offload,
                       n_ctx=n_ctx * n_seq, flash_attn=n_gpu_layers == 0 if flash_attn is None else flash_attn, n_batch=n_batch, seed=seed, use_mmap=True, verbose=verbose)
         if n_threads is not None:
             kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
-        if embeddings:
-            kwargs.update(embedding=True)
         self.n_seq = n_seq
         # n_seq sequences, each its own KV stream (kv_unified off: llama-server's -np layout; measured
         # faster here at 8 sequences than one shared stream); the CPU extra buffer types (repack, AMX)
@@ -314,12 +311,6 @@ class LlamaHandle:
         """The logits the last decode kept at batch index ``index`` (a copy)."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab(),)).copy()
-
-    def sequence_embeddings(self, n: int) -> np.ndarray:
-        """The pooled embeddings of sequences 0..n-1 after the last decode (an embedding model), (n, n_embd) copied."""
-        width = self._llama.n_embd()
-        return np.array([np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(self.ctx, i), shape=(width,))
-                         for i in range(n)], dtype=np.float32)
 
     def on_abort(self, should_abort: Callable[[object], bool]) -> None:
         """The function llama.cpp will ask, between graph nodes while ``watch_abort(True)``, whether to stop."""
