@@ -101,8 +101,8 @@ class MiniLM:
 
     def _forward(self, encoded: list[list[int]]) -> np.ndarray:
         """The encoder on the stacked texts. Operations run in place, in the order of the textbook
-        formulas (the values are those of `x @ w + b`, `(x - mean) / sqrt(var + eps) * g + b`, ...),
-        to save numpy's temporary arrays, which cost as much as the matmuls on a short prompt."""
+        formulas (the values are those of `x @ w.T + b`, `(x - mean) / sqrt(var + eps) * g + b`, ...,
+        bit for bit), to save numpy's temporary arrays: ~10% of a short prompt's pass."""
         lengths = [len(e) for e in encoded]
         ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.intp, count=sum(lengths))
         positions = np.concatenate([np.arange(n) for n in lengths])
