@@ -259,7 +259,7 @@ _SPACES: dict[tuple, _RoleSpace] = {}
 
 def _space(roles: list[Role]) -> _RoleSpace | None:
     from edgelora.routing.embedder import embed_many
-    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS, about
+    from edgelora.routing.neutral_prompts import NEUTRAL_PROMPTS, SMALL_TALK, about
 
     key = tuple((r.name, tuple(r.examples), r.description, tuple(r.keywords)) for r in roles)
     if key in _SPACES:
@@ -279,7 +279,7 @@ def _space(roles: list[Role]) -> _RoleSpace | None:
         if r.name in texts:
             labels = [*r.examples, *(_style_part(e, plain) for e in r.examples)]
             nouns = subject_keywords(r.keywords)
-            subject = [plain, embed_many(about(nouns))] if nouns else [plain]  # no keywords: no subject named
+            subject = [plain, embed_many(list(SMALL_TALK))] + ([embed_many(about(nouns))] if nouns else [])
             manner[r.name] = (labels, embed_many(labels), np.concatenate(subject))
     space = _RoleSpace(shared, base, {n: _unit(v.mean(0) - shared) for n, v in vectors.items()},
                        {r.name: (list(r.examples), embed_many(list(r.examples))) for r in roles if r.name in texts},
