@@ -223,11 +223,19 @@ def pieces(prompt: str) -> list[str]:
     instructions are."""
     out = clauses(prompt)
     for clause in list(out):
+        if _is_question(clause):  # "What is the tallest building | in | the world?": a question's tail asks for no manner
+            continue
         parts = [p.strip() for p in _LINK.split(clause) if p and len(p.split()) >= 2]
         if len(parts) > 1:
             out += parts
     out = [p for p in dict.fromkeys(out) if _WORD.search(p.lower())]  # "?" alone says nothing
     return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
+
+
+def _is_question(clause: str) -> bool:
+    """A clause that opens as a question ("what is …", "how do …"); "can you …" is a request."""
+    words = _WORD.findall(clause.lower())
+    return bool(words) and words[0] in request_frame.QUESTION
 
 
 @dataclass(frozen=True)
