@@ -132,6 +132,8 @@ def _asked_for(prompt: str, roles: list[Role], asked) -> Route:
 def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str] = frozenset(),
                 mentioned: set[str] = frozenset()) -> Route:
     best = most_similar_meaning(prompt, roles, skip=skip)
+    if best is None and any(map(plain_question, pieces(prompt))):
+        return Route(BASE_ROLE, "reads as a plain question about its subject: it asks for no manner", 0.0)
     if best is None:
         return Route(BASE_ROLE, "no rule matched, and no words to compare or no role has examples", 0.0)
     piece = best.piece if len(best.piece) <= 80 else best.piece[:77] + "..."
@@ -223,7 +225,7 @@ def pieces(prompt: str) -> list[str]:
     instructions are."""
     out = clauses(prompt)
     for clause in list(out):
-        if _is_question(clause):  # "What is the tallest building | in | the world?": a question's tail asks for no manner
+        if plain_question(clause):  # "What is the tallest building | in | the world?": a question's tail asks for no manner
             continue
         parts = [p.strip() for p in _LINK.split(clause) if p and len(p.split()) >= 2]
         if len(parts) > 1:
@@ -232,10 +234,21 @@ def pieces(prompt: str) -> list[str]:
     return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
 
 
-def _is_question(clause: str) -> bool:
-    """A clause that opens as a question ("what is …", "how do …"); "can you …" is a request."""
-    words = _WORD.findall(clause.lower())
-    return bool(words) and words[0] in request_frame.QUESTION
+_WH_IS = {"what's", "how's", "who's", "where's", "when's", "why's"}
+_PUT_TO_YOU = re.compile(r"\b(?:would|could|can|will|wilt|wouldst)\b")  # "how would you explain …", "what would a pirate say …"
+
+
+def plain_question(piece: str) -> bool:
+    """A piece that opens as a question about the subject ("how do I end an email?", "why do people
+    say one-liners are hard?"): it asks for no manner, however like a role's examples its subject is.
+    Not one put to the assistant ("how would you explain …", "what would a pirate say …") nor an
+    imperative "do" ("do a live …")."""
+    words = _WORD.findall(piece.lower())
+    if not words or (words[0] not in request_frame.QUESTION and words[0] not in _WH_IS):
+        return False
+    if words[0] == "do" and words[1:2] and words[1] in {"a", "an", "the", "your", "me", "us", "it", "this", "that"}:
+        return False
+    return not _PUT_TO_YOU.search(" ".join(words[:4]))
 
 
 @dataclass(frozen=True)
@@ -338,6 +351,8 @@ def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None
 
     space = _space(roles)
     ps = pieces(prompt)
+    if only is None:  # a plain question carries no manner (on the dev sets no ask's best piece was one)
+        ps = [p for p in ps if not plain_question(p)]
     if space is None or not ps or (only is not None and only not in space.centroids):
         return None
     raw = embed_many(ps)
