@@ -344,14 +344,14 @@ def _style_part(example: str, plain: np.ndarray) -> str:
 
 
 def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None,
-                         skip: set[str] = frozenset()) -> Match | None:
+                         skip: set[str] = frozenset(), questions: bool = False) -> Match | None:
     """The (piece of the prompt, role) pair that stands out most from a plain request (``only``:
-    that role's best piece)."""
+    that role's best piece). Plain questions are left out unless ``questions`` (or ``only``)."""
     from edgelora.routing.embedder import embed_many
 
     space = _space(roles)
     ps = pieces(prompt)
-    if only is None:  # a plain question carries no manner (on the dev sets no ask's best piece was one)
+    if only is None and not questions:  # a plain question carries no manner (on the dev sets no ask's best piece was one)
         ps = [p for p in ps if not plain_question(p)]
     if space is None or not ps or (only is not None and only not in space.centroids):
         return None
@@ -375,11 +375,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def fit_threshold(labelled: list[tuple[str, str]], roles: list[Role]) -> float:
     """The threshold that routes the most of ``labelled`` (prompt, role) right; ties go to the
-    higher threshold (fewer false routes away from base). Rule hits are left to the rules."""
+    higher threshold (fewer false routes away from base). Rule hits are left to the rules; the score
+    is the raw one, on every piece, before the later checks (manner, classifier, plain questions)."""
     scored = []
     for prompt, want in labelled:
         if _rules(prompt, roles, keywords_of_roles_with_examples=False) is None:
-            best = most_similar_meaning(prompt, roles)
+            best = most_similar_meaning(prompt, roles, questions=True)
             if best is not None:
                 scored.append((best.score, best.role, want))
     candidates = sorted({round(s, 2) for s, _, _ in scored} | {1.0})
