@@ -234,7 +234,6 @@ def pieces(prompt: str) -> list[str]:
     return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
 
 
-_WH_IS = {"what's", "how's", "who's", "where's", "when's", "why's"}
 _PUT_TO_YOU = re.compile(r"\b(?:would|could|can|will|wilt|wouldst)\b")  # "how would you explain …", "what would a pirate say …"
 
 
@@ -244,7 +243,7 @@ def plain_question(piece: str) -> bool:
     Not one put to the assistant ("how would you explain …", "what would a pirate say …") nor an
     imperative "do" ("do a live …")."""
     words = _WORD.findall(piece.lower())
-    if not words or (words[0] not in request_frame.QUESTION and words[0] not in _WH_IS):
+    if not words or words[0] not in request_frame.QUESTION:
         return False
     if words[0] == "do" and words[1:2] and words[1] in {"a", "an", "the", "your", "me", "us", "it", "this", "that"}:
         return False
