@@ -156,7 +156,7 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
                                 f"subject and does not ask for its manner ({manner:+.2f})", best.score)
     if manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
-                                f"nearer to plain questions about its subject ({manner:+.2f})", best.score)
+                                f"nearer to plain requests or questions about its subject ({manner:+.2f})", best.score)
     if logit is not None and logit < ASKS_LOGIT:
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) "
                                 f"but its classifier reads no request for its manner ({logit:+.2f})", best.score)

@@ -156,6 +156,9 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("Structure this as JSON: the planets", "json", True),
     ("How do I delete a tweet?", "tweet", False),
     ("Do flashcards help with learning?", "flashcards", False),  # "do" asks a question here
+    ("How many people speak Portuguese in Brazil?", "portuguese", False),  # main: 'speak portuguese' framed
+    ("What's a fun idea for a pirate-themed birthday?", "pirate", False),  # main: "what's" did not open a question
+    ("what's the pirate slang for friend?", "pirate", False),
 ])
 def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
     from edgelora.routing import request_frame
@@ -307,6 +310,42 @@ def test_a_drawn_out_interjection_counts_as_the_keyword(prompt, keyword, found):
 def test_bundled_asks_main_routed_by_keyword_still_route_and_plain_mentions_stay_on_base(bundled_roles, prompt, want):
     r = route(prompt, bundled_roles)
     assert r.role == want, r.reason
+
+
+@pytest.mark.parametrize("prompt", [
+    "How do I politely end an email to my manager?",  # main: signoff
+    "Why do people say one-liners are hard to read?",  # main: terse
+    "What is the tallest mountain in the world?",  # main: terse (for 'the world?', cut at "in")
+    "Is it rude to answer a text with one word?",  # main: terse
+    "What is the plot of Moby Dick?",  # main: pirate
+    "How did ships navigate before GPS?",  # main: pirate
+])
+def test_a_plain_question_about_a_subject_stays_on_base_however_like_a_roles_examples(bundled_roles, prompt):
+    r = route(prompt, bundled_roles)
+    assert r.role == "base" and "plain question" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("piece, plain", [
+    ("how do I end an email to my boss", True),
+    ("what's a mortgage", True),
+    ("do flashcards work", True),
+    ("how would you explain death to a small child", False),  # put to the assistant
+    ("what would a pirate say about rain", False),
+    ("do a live commentary of a snail race", False),  # an imperative "do"
+    ("Keep it short", False),
+])
+def test_a_plain_question_is_told_from_a_request_put_to_the_assistant(piece, plain):
+    from edgelora.routing.router import plain_question
+
+    assert plain_question(piece) == plain
+
+
+@pytest.mark.parametrize("prompt", ["hey, how's your week going?", "thanks, that was useful!",
+                                    "hi there, could you help me out?"])
+def test_small_talk_asks_for_no_manner(bundled_roles, prompt):
+    """Main: terse, signoff, terse (the greeting alone stood out from plain requests)."""
+    r = route(prompt, bundled_roles)
+    assert r.role == "base", r.reason
 
 
 def test_the_bundled_development_sets_lose_no_ask_that_main_got():
