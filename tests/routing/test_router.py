@@ -215,7 +215,7 @@ def test_another_roles_manner_asked_about_a_users_subject_picks_that_role(bundle
 def test_a_mentioned_keywords_role_wins_when_the_prompt_is_clearly_like_its_examples(bundled_roles, prompt, want):
     """The frame rules miss these requests ('… the way a pirate captain would', '… then sign off like …'); the
     keyword alone is no evidence, but a prompt much nearer the role's examples than plain questions about its
-    subject is (MENTIONED_MANNER). Before: all three went to base; main: by the bare keyword."""
+    subject is (the manner gate). Before: all three went to base; main: by the bare keyword."""
     r = route(prompt, bundled_roles)
     assert r.role == want, r.reason
 
@@ -346,6 +346,23 @@ def test_small_talk_asks_for_no_manner(bundled_roles, prompt):
     """Main: terse, signoff, terse (the greeting alone stood out from plain requests)."""
     r = route(prompt, bundled_roles)
     assert r.role == "base", r.reason
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("my exam is friday, flashcards on the causes of world war one", "flashcards"),  # before: base (the mention bar)
+    ("are flashcards good for learning languages?", "base"),  # a plain question: still base
+])
+def test_a_prompt_that_names_a_roles_keyword_unframed_may_still_ask_for_its_manner(prompt, want):
+    """With plain questions left out, the stricter bar for a mentioned keyword (MENTIONED_MANNER) went."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles, _ = measure.user_roles("dev_user_roles5.toml")
+    r = route(prompt, roles)
+    assert r.role == want, r.reason
 
 
 def test_the_bundled_development_sets_lose_no_ask_that_main_got():
