@@ -235,7 +235,8 @@ def pieces(prompt: str) -> list[str]:
     return out if len(out) <= MAX_PIECES else out[: MAX_PIECES // 2] + out[-MAX_PIECES // 2:]
 
 
-_PUT_TO_YOU = re.compile(r"\b(?:would|could|can|will|wilt|wouldst)\b")  # "how would you explain …", "what would a pirate say …"
+# "how would you explain …", "what would a pirate say …", "how can you …"; not "how can I …"
+_PUT_TO_YOU = re.compile(r"\b(?:would|wouldst)\b|\b(?:could|can|will|wilt)\s+(?:you|u|ye|thou)\b")
 
 
 def plain_question(piece: str) -> bool:
@@ -249,6 +250,17 @@ def plain_question(piece: str) -> bool:
     if words[0] == "do" and words[1:2] and words[1] in {"a", "an", "the", "your", "me", "us", "it", "this", "that"}:
         return False
     return not _PUT_TO_YOU.search(" ".join(words[:4]))
+
+
+def _question_tails(prompt: str) -> set[str]:
+    """The later clauses of a sentence that is a plain question ("how do I get better at writing short,
+    | punchy emails?"): parts of the question, not requests of their own."""
+    tails = set()
+    for sentence in re.split(r"(?<=[.!?])\s+", prompt.strip()):
+        parts = [c.strip() for c in _CLAUSE.split(sentence) if c and c.strip()]
+        if len(parts) > 1 and sentence.endswith("?") and plain_question(parts[0]):
+            tails.update(parts[1:])
+    return tails
 
 
 @dataclass(frozen=True)
@@ -352,7 +364,8 @@ def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None
     space = _space(roles)
     ps = pieces(prompt)
     if only is None and not questions:  # a plain question carries no manner (on the dev sets no ask's best piece was one)
-        ps = [p for p in ps if not plain_question(p)]
+        tails = _question_tails(prompt)
+        ps = [p for p in ps if not plain_question(p) and p not in tails]
     if space is None or not ps or (only is not None and only not in space.centroids):
         return None
     raw = embed_many(ps)

@@ -319,6 +319,7 @@ def test_bundled_asks_main_routed_by_keyword_still_route_and_plain_mentions_stay
     "Is it rude to answer a text with one word?",  # main: terse
     "What is the plot of Moby Dick?",  # main: pirate
     "How did ships navigate before GPS?",  # main: pirate
+    "How can I learn to write short, punchy emails?",  # the question's later clause ("punchy emails") too
 ])
 def test_a_plain_question_about_a_subject_stays_on_base_however_like_a_roles_examples(bundled_roles, prompt):
     r = route(prompt, bundled_roles)
@@ -329,6 +330,8 @@ def test_a_plain_question_about_a_subject_stays_on_base_however_like_a_roles_exa
     ("how do I end an email to my boss", True),
     ("what's a mortgage", True),
     ("do flashcards work", True),
+    ("how can I learn to write short emails", True),
+    ("how can you say it like a sea captain", False),
     ("how would you explain death to a small child", False),  # put to the assistant
     ("what would a pirate say about rain", False),
     ("do a live commentary of a snail race", False),  # an imperative "do"
