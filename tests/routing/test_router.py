@@ -372,7 +372,8 @@ def test_the_bundled_development_sets_lose_no_ask_that_main_got():
     """Across dev.toml and dev_bundled2-4, the branch lost 8 bundled asks main routed right (by a bare keyword);
     the frame rules for verb-phrase keywords, drawn-out interjections and 'spit out' win 4 back. What is left is
     pinned here so no change loses more: dev_bundled3 51/60, dev_bundled4 76/93 (a rule that sent faint
-    meaning routes to base, FAINT_MANNER, was dropped: it cost a bundled held-out ask; with it 53/60, 74/93)."""
+    meaning routes to base, FAINT_MANNER, was dropped: it cost a bundled held-out ask; with it 53/60, 74/93).
+    Leaving plain questions out of routing by meaning (issue 27, route5) raised them to 54/60, 81/93."""
     import sys
     from pathlib import Path
 
@@ -381,4 +382,4 @@ def test_the_bundled_development_sets_lose_no_ask_that_main_got():
 
     roles = RoleCatalog([bundled_dir()]).roles()
     right = {name: measure.evaluate(roles, "meaning", measure.labelled(name))["accuracy"] for name in measure.DEV_SETS}
-    assert right["dev_bundled3.toml"] >= 51 / 60 and right["dev_bundled4.toml"] >= 76 / 93, right
+    assert right["dev_bundled3.toml"] >= 54 / 60 and right["dev_bundled4.toml"] >= 81 / 93, right
