@@ -237,19 +237,22 @@ def pieces(prompt: str) -> list[str]:
 
 # "how would you explain …", "what would a pirate say …", "how can you …"; not "how can I …"
 _PUT_TO_YOU = re.compile(r"\b(?:would|wouldst)\b|\b(?:could|can|will|wilt)\s+(?:you|u|ye|thou)\b")
+_ASKS_YOU = re.compile(r"\b(?:could|can|will|would)\s+(?:you|u)\b|\byou\s+(?:could|would)\b")  # "is there a way you could …", "… could you?"
 
 
 def plain_question(piece: str) -> bool:
     """A piece that opens as a question about the subject ("how do I end an email?", "why do people
     say one-liners are hard?"): it asks for no manner, however like a role's examples its subject is.
-    Not one put to the assistant ("how would you explain …", "what would a pirate say …") nor an
-    imperative "do" ("do a live …")."""
+    Not one put to the assistant ("how would you explain …", "what would a pirate say …", "is there
+    any chance you could …"), a suggestion ("how about …") nor an imperative "do" ("do a live …")."""
     words = _WORD.findall(piece.lower())
     if not words or words[0] not in request_frame.QUESTION:
         return False
     if words[0] == "do" and words[1:2] and words[1] in {"a", "an", "the", "your", "me", "us", "it", "this", "that"}:
         return False
-    return not _PUT_TO_YOU.search(" ".join(words[:4]))
+    if words[1:2] == ["about"]:  # "how about a haiku?", "what about in French?": a suggestion
+        return False
+    return not (_PUT_TO_YOU.search(" ".join(words[:4])) or _ASKS_YOU.search(" ".join(words)))
 
 
 def _question_tails(prompt: str) -> set[str]:

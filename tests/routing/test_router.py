@@ -332,6 +332,8 @@ def test_a_plain_question_about_a_subject_stays_on_base_however_like_a_roles_exa
     ("do flashcards work", True),
     ("how can I learn to write short emails", True),
     ("how can you say it like a sea captain", False),
+    ("is there any chance you could say it like a sea captain", False),
+    ("how about a version a sea captain would tell", False),
     ("how would you explain death to a small child", False),  # put to the assistant
     ("what would a pirate say about rain", False),
     ("do a live commentary of a snail race", False),  # an imperative "do"
