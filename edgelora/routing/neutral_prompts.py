@@ -41,6 +41,18 @@ NEUTRAL_PROMPTS = (
 )
 
 
+# Small talk: a greeting or thanks asks for no manner ("hey, how's your day?" is not a request to be
+# terse). Only the manner check compares with these; they stay out of the plain-request direction.
+SMALL_TALK = (
+    "Hi!",
+    "Hello there.",
+    "Good morning!",
+    "Hey, how are you?",
+    "Thanks, that helps.",
+    "Great, thank you!",
+)
+
+
 # Plain questions *about* a subject: a role's keywords name its subject as well as its manner
 # ("Spanish", "SQL"), and a prompt that only mentions the subject is not asking for the manner.
 ABOUT_TEMPLATES = (

@@ -51,7 +51,8 @@ AFTER_OK = set("please pls only style speak form format voice mode version answe
 WH = {"what", "how", "why", "who", "when", "where", "which"}
 LEAD = {"and", "then", "but", "please", "just", "so", "now", "ok", "okay", "also", "oh", "hey", "hi", "well", "bitte"}
 QUESTION = {"how", "what", "why", "when", "where", "who", "whom", "whose", "which", "is", "are", "was", "were",
-            "do", "does", "did", "should", "shall", "has", "have", "am"}
+            "do", "does", "did", "should", "shall", "has", "have", "am",
+            "what's", "how's", "who's", "where's", "when's", "why's"}
 YOU = {"can", "could", "would", "will", "wo"}  # "can you …": a request, not a question about the subject
 NOUN_REQUEST = {"about", "on", "of", "for", "to", "that", "which", "explaining", "describing", "showing"}
 NOT_ADJECTIVE = QUESTION | NOUN_REQUEST | PREP | {"who", "and", "or", "but", "is", "are"}
@@ -137,7 +138,7 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
     prev = words[i - 1] if i else ""
     if prev == "would" and after and after[0] in SPEECH:
         return f"'would {' '.join(words[i:])} {kw} {after[0]}'"  # "what would a pirate say about …"
-    if prev in {"speak", "talk"} and i == len(words):
+    if prev in {"speak", "talk"} and i == len(words) and _addressed(words[:i - 1]):
         return f"'{prev} {kw}'"  # the keyword as the language spoken: "Speak pirate to me"
     head = words[:i - 1]
     if prev in PREP and _is_request(head, low[:start]):

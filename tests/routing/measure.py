@@ -122,7 +122,7 @@ def _user_roles_file() -> str:
 
 DEV_SETS = ("dev.toml", "dev_bundled2.toml", "dev_bundled3.toml", "dev_bundled4.toml")
 DEV_USER_SETS = ("dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml", "dev_user_roles4.toml",
-                 "dev_user_roles5.toml")
+                 "dev_user_roles5.toml", "dev_user_roles6.toml")
 
 
 def development() -> None:

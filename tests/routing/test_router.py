@@ -156,6 +156,9 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("Structure this as JSON: the planets", "json", True),
     ("How do I delete a tweet?", "tweet", False),
     ("Do flashcards help with learning?", "flashcards", False),  # "do" asks a question here
+    ("How many people speak Portuguese in Brazil?", "portuguese", False),  # main: 'speak portuguese' framed
+    ("What's a fun idea for a pirate-themed birthday?", "pirate", False),  # main: "what's" did not open a question
+    ("what's the pirate slang for friend?", "pirate", False),
 ])
 def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
     from edgelora.routing import request_frame
@@ -212,7 +215,7 @@ def test_another_roles_manner_asked_about_a_users_subject_picks_that_role(bundle
 def test_a_mentioned_keywords_role_wins_when_the_prompt_is_clearly_like_its_examples(bundled_roles, prompt, want):
     """The frame rules miss these requests ('… the way a pirate captain would', '… then sign off like …'); the
     keyword alone is no evidence, but a prompt much nearer the role's examples than plain questions about its
-    subject is (MENTIONED_MANNER). Before: all three went to base; main: by the bare keyword."""
+    subject is (the manner gate). Before: all three went to base; main: by the bare keyword."""
     r = route(prompt, bundled_roles)
     assert r.role == want, r.reason
 
@@ -309,11 +312,70 @@ def test_bundled_asks_main_routed_by_keyword_still_route_and_plain_mentions_stay
     assert r.role == want, r.reason
 
 
+@pytest.mark.parametrize("prompt", [
+    "How do I politely end an email to my manager?",  # main: signoff
+    "Why do people say one-liners are hard to read?",  # main: terse
+    "What is the tallest mountain in the world?",  # main: terse (for 'the world?', cut at "in")
+    "Is it rude to answer a text with one word?",  # main: terse
+    "What is the plot of Moby Dick?",  # main: pirate
+    "How did ships navigate before GPS?",  # main: pirate
+    "How can I learn to write short, punchy emails?",  # the question's later clause ("punchy emails") too
+])
+def test_a_plain_question_about_a_subject_stays_on_base_however_like_a_roles_examples(bundled_roles, prompt):
+    r = route(prompt, bundled_roles)
+    assert r.role == "base" and "plain question" in r.reason, r.reason
+
+
+@pytest.mark.parametrize("piece, plain", [
+    ("how do I end an email to my boss", True),
+    ("what's a mortgage", True),
+    ("do flashcards work", True),
+    ("how can I learn to write short emails", True),
+    ("how can you say it like a sea captain", False),
+    ("is there any chance you could say it like a sea captain", False),
+    ("how about a version a sea captain would tell", False),
+    ("how would you explain death to a small child", False),  # put to the assistant
+    ("what would a pirate say about rain", False),
+    ("do a live commentary of a snail race", False),  # an imperative "do"
+    ("Keep it short", False),
+])
+def test_a_plain_question_is_told_from_a_request_put_to_the_assistant(piece, plain):
+    from edgelora.routing.router import plain_question
+
+    assert plain_question(piece) == plain
+
+
+@pytest.mark.parametrize("prompt", ["hey, how's your week going?", "thanks, that was useful!",
+                                    "hi there, could you help me out?"])
+def test_small_talk_asks_for_no_manner(bundled_roles, prompt):
+    """Main: terse, signoff, terse (the greeting alone stood out from plain requests)."""
+    r = route(prompt, bundled_roles)
+    assert r.role == "base", r.reason
+
+
+@pytest.mark.parametrize("prompt, want", [
+    ("my exam is friday, flashcards on the causes of world war one", "flashcards"),  # before: base (the mention bar)
+    ("are flashcards good for learning languages?", "base"),  # a plain question: still base
+])
+def test_a_prompt_that_names_a_roles_keyword_unframed_may_still_ask_for_its_manner(prompt, want):
+    """With plain questions left out, the stricter bar for a mentioned keyword (MENTIONED_MANNER) went."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    roles, _ = measure.user_roles("dev_user_roles5.toml")
+    r = route(prompt, roles)
+    assert r.role == want, r.reason
+
+
 def test_the_bundled_development_sets_lose_no_ask_that_main_got():
     """Across dev.toml and dev_bundled2-4, the branch lost 8 bundled asks main routed right (by a bare keyword);
     the frame rules for verb-phrase keywords, drawn-out interjections and 'spit out' win 4 back. What is left is
     pinned here so no change loses more: dev_bundled3 51/60, dev_bundled4 76/93 (a rule that sent faint
-    meaning routes to base, FAINT_MANNER, was dropped: it cost a bundled held-out ask; with it 53/60, 74/93)."""
+    meaning routes to base, FAINT_MANNER, was dropped: it cost a bundled held-out ask; with it 53/60, 74/93).
+    Leaving plain questions out of routing by meaning (issue 27, route5) raised them to 54/60, 81/93."""
     import sys
     from pathlib import Path
 
@@ -322,4 +384,4 @@ def test_the_bundled_development_sets_lose_no_ask_that_main_got():
 
     roles = RoleCatalog([bundled_dir()]).roles()
     right = {name: measure.evaluate(roles, "meaning", measure.labelled(name))["accuracy"] for name in measure.DEV_SETS}
-    assert right["dev_bundled3.toml"] >= 51 / 60 and right["dev_bundled4.toml"] >= 76 / 93, right
+    assert right["dev_bundled3.toml"] >= 54 / 60 and right["dev_bundled4.toml"] >= 81 / 93, right
