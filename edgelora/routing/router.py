@@ -113,7 +113,9 @@ def keyword_frames(prompt: str, roles: list[Role]) -> tuple[list[tuple[Role, "re
 
 
 def role_keywords(role: Role) -> list[str]:
-    return sorted({*role.keywords}, key=len, reverse=True)
+    """Longest first, so 'sign off' is tried before 'sign'; ties alphabetical, so the reason names
+    the same keyword in every run (a set's order changes with PYTHONHASHSEED)."""
+    return sorted({*role.keywords}, key=lambda kw: (-len(kw), kw))
 
 
 def _asked_for(prompt: str, roles: list[Role], asked) -> Route:

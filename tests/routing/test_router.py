@@ -3,6 +3,10 @@ Accuracy on labelled held-out prompts for the bundled roles (none of them is a m
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from edgelora.config import Config
@@ -63,6 +67,17 @@ def test_every_route_has_a_reason(bundled_roles):
     assert r.role == "pirate" and "explicit mention" in r.reason
     r = route("What is 12 times 7?", bundled_roles)
     assert r.role == "base" and r.reason
+
+
+def test_the_reason_names_the_same_keyword_whatever_the_hash_seed():
+    """'sign off' and 'sign-off' are both signoff keywords of one length: tried in a set's order, the
+    reason named either, depending on PYTHONHASHSEED (seen on 21 of 1024 dev/held-out prompts)."""
+    code = ("from edgelora.roles.manifest import RoleCatalog, bundled_dir; from edgelora.routing.router import route; "
+            "print(route('Explain how a heat pump works, and add a sign-off at the end.', "
+            "RoleCatalog([bundled_dir()]).roles()).reason)")
+    reasons = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(8)}
+    assert len(reasons) == 1 and "sign" in reasons.pop()
 
 
 def test_regex_rules_win_over_keywords():
