@@ -367,12 +367,15 @@ def most_similar_meaning(prompt: str, roles: list[Role], only: str | None = None
     from edgelora.routing.embedder import embed_many
 
     space = _space(roles)
-    ps = pieces(prompt)
+    every = ps = pieces(prompt)
     if only is None and not questions:  # a plain question carries no manner (on the dev sets no ask's best piece was one)
         tails = _question_tails(prompt)
         ps = [p for p in ps if not plain_question(p) and p not in tails]
     if space is None or not ps or (only is not None and only not in space.centroids):
         return None
+    # All the pieces in one pass: manner_score and asks_logit, which usually follow, read the plain
+    # questions too, and a second pass for them re-reads the weights (~10 ms for a 6-token question).
+    embed_many(every)
     raw = embed_many(ps)
     q = raw - space.shared
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12

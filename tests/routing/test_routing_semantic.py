@@ -300,3 +300,18 @@ def test_the_sixth_user_roles_set_written_before_routing_it_keeps_its_figures():
 
     users = measure.evaluate_user_roles("dev_user_roles6.toml")
     assert users["accuracy"] >= 0.83 and users["neutral_to_style"] <= 0.03, users["misses"]
+
+
+def test_a_prompts_pieces_go_through_the_model_in_one_pass(roles, monkeypatch):
+    """The plain-question piece ("why is the sky blue?") is not compared by meaning, but the manner
+    check after it reads it: embedded in a second pass it re-read the weights (~10 ms, the p95 of
+    routing: 33-36 ms -> 24-27 ms measured alternating)."""
+    from edgelora.routing import embedder
+
+    router.route("warm up: embed the roles' examples", roles)
+    passes = []
+    model = embedder.embedder()
+    forward = type(model)._forward
+    monkeypatch.setattr(type(model), "_forward", lambda self, encoded: passes.append(len(encoded)) or forward(self, encoded))
+    r = router.route("Could you answer like Blackbeard at sea: why is the sky so blue today?", roles)
+    assert r.reason and passes and len(passes) == 1, passes
