@@ -111,6 +111,8 @@ def frame(low: str, start: int, end: int, companions: frozenset[str] = frozenset
         return f"'{lead[0]} {kw} {after[0]}'"  # "Numbered steps please: …"
     if kw.endswith("ly") and after and after[0] in SPEECH and _addressed(lead):
         return f"'{kw} {after[0]}'"  # an adverb before the request verb: "Briefly explain …", "can you briefly describe"
+    if kw.endswith("ly") and before[-1:] == ["as"] and after[:1] == ["as"]:
+        return f"'as {kw} as …'"  # an adverb of manner compared: "as briefly as you can", "as simply as possible"
     voice = after[0].lstrip("-") if after else ""
     if re.match(r"-?(?:voiced|styled?|speak|talk|flavou?red|themed|accent|impression|lingo|slang|voice|tone|mode|sized|length)$", voice) \
             and (_addressed(lead) or _is_request(lead, low[:start])):

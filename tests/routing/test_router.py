@@ -174,6 +174,9 @@ def test_auto_with_force_may_choose_a_role_made_for_another_base(clean_engine, s
     ("How many people speak Portuguese in Brazil?", "portuguese", False),  # main: 'speak portuguese' framed
     ("What's a fun idea for a pirate-themed birthday?", "pirate", False),  # main: "what's" did not open a question
     ("what's the pirate slang for friend?", "pirate", False),
+    ("Recap the causes of the Great Depression as briefly as possible.", "briefly", True),  # an adverb compared
+    ("clarify how a loan works, as simply as you can", "simply", True),
+    ("Why did Rome fall so quickly?", "quickly", False),
 ])
 def test_a_keyword_counts_when_the_request_frames_it_not_when_it_names_the_subject(prompt, keyword, asked):
     from edgelora.routing import request_frame

@@ -242,6 +242,19 @@ def test_a_third_held_out_user_roles_set_written_last_routes_by_the_manner_asked
     assert result["by_kind"]["mentions"] >= 0.98 and result["by_kind"]["cross"] >= 0.89, result["misses"]
 
 
+def test_a_fourth_held_out_user_roles_set_meets_the_issues_target():
+    """tests/routing/heldout_user_roles_v4.toml: 8 user roles (Japanese, clinicians, JavaScript, a
+    knight's voice, a movie-trailer narrator, press releases, rhyming couplets, YAML), 214 cases, written
+    by a helper from a brief without the router, measured once by aggregates only (its misses never
+    read): 92.1% / 2.3% (the router before issue 27: 62.6% / 67.4%). The issue's target: >= 90%, <= 3%."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles("heldout_user_roles_v4.toml")
+    assert result["accuracy"] >= 0.90, f"{result['accuracy']:.3f}"
+    assert result["neutral_to_style"] <= 0.03, f"{result['neutral_to_style']:.3f}"
+
+
 @pytest.mark.parametrize("name", ["dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml"])
 def test_user_roles_on_the_development_sets(name):
     """The sets the frame rules, FEW_EXAMPLES_THRESHOLD, MENTIONED_NEXT_MANNER and the few-example
