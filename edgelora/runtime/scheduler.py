@@ -431,10 +431,12 @@ class Scheduler:
         self.last_slot = slot
 
     def _state_elsewhere(self, request: SeqRequest):
-        """Cells of the request's set for its prompt outside its lane: an idle slot of another lane
-        holding a prefix of it (copied: a returning conversation whose lane is busy with another set
-        is not re-evaluated), else a state saved under its set."""
-        donors = [s for lane in self.lanes for s in lane.free() if s.key == request.key and s.tokens]
+        """Cells of the request's set for its prompt in another slot, idle or running, of any lane
+        (copied: a returning conversation whose lane is busy with another set is not re-evaluated,
+        and requests of one role that arrive together evaluate their shared system prompt once), else
+        a state saved under its set. A running slot's cells are whole between steps: its tokens grow
+        only after a decode succeeded."""
+        donors = [s for s in self.slots if s.key == request.key and s.tokens]
         donor = max(donors, key=lambda s: _common_prefix(s.tokens, request.tokens), default=None)
         if donor is not None and _common_prefix(donor.tokens, request.tokens) > 0:
             return donor.lane.context.save_state(donor.seq_id, donor.tokens)

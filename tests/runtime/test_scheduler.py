@@ -308,3 +308,31 @@ def test_a_returning_conversation_whose_cells_sit_in_a_busy_lane_is_not_evaluate
         assert back.completion.cached_tokens >= first.prompt_tokens - 1, back.completion
         two.reuse_prefix = False
         assert text == two.chat(history, max_tokens=8, **GREEDY).text
+
+
+def test_a_request_beside_a_running_one_of_its_set_copies_their_shared_prefix(smol_path, smol_adapters):
+    """Two clients of one set: the second arrives while the first answers, in an empty slot. The system
+    prompt and template they share are copied from the running slot's cells, not evaluated again (four
+    requests arriving at once paid four prompts' time for it), and it answers as evaluated anew. A
+    request of another set arriving beside it copies nothing: cells are only ever shared within a set.
+    (Equality is checked on the base: with the random test adapters the prefix split alone, the same
+    for the long-standing reuse of an idle slot, moves logits by ~0.6 and greedy text can differ.)"""
+    system = {"role": "system", "content": "You are a patient tutor who explains things to curious people. " * 4}
+    with Engine(smol_path, n_ctx=512, parallel=2, n_threads=2, lanes=1) as one:
+        one.load(smol_adapters["a"], name="a")
+        running = one.stream_chat([system, *_msgs(PROMPTS[0])], max_tokens=30, **GREEDY)
+        next(running)  # the first request now holds its slot's cells and keeps answering
+        second = one.stream_chat([system, *_msgs(PROMPTS[1])], max_tokens=8, **GREEDY)
+        text = "".join(second)
+        "".join(running)
+        assert second.completion.cached_tokens >= 50, second.completion  # 57 of its 67 prompt tokens
+        one.reuse_prefix = False
+        assert text == one.chat([system, *_msgs(PROMPTS[1])], max_tokens=8, **GREEDY).text
+        one.reuse_prefix = True
+        running = one.stream_chat([system, *_msgs(PROMPTS[0])], max_tokens=30, **GREEDY)
+        next(running)
+        one.set_adapters({"a": 1.0})
+        other = one.stream_chat([system, *_msgs(PROMPTS[1])], max_tokens=4, **GREEDY)
+        "".join(other)
+        "".join(running)
+        assert other.completion.cached_tokens == 0, other.completion
