@@ -17,7 +17,8 @@ request at a time is the case of one running sequence, not another code path.
   them. A request takes the free slot whose cells share its longest prefix under the same set (a
   returning conversation is not re-evaluated); cells of another set are never reused: they are
   saved under their set's key (within a byte budget, ``saved``) and cleared, and cells of the
-  request's set are put back: copied from another lane's idle slot, else a saved state.
+  request's set are put back: copied from another slot of that set (idle or running, any
+  lane), else a saved state.
 - **Driving.** Whoever waits for a token runs steps (``tokens``), in its own thread, under one lock:
   the one thread of ask or the TUI's worker, the server's worker. No thread of its own.
 """
@@ -437,8 +438,9 @@ class Scheduler:
         a state saved under its set. A running slot's cells are whole between steps: its tokens grow
         only after a decode succeeded."""
         donors = [s for s in self.slots if s.key == request.key and s.tokens]
-        donor = max(donors, key=lambda s: _common_prefix(s.tokens, request.tokens), default=None)
-        if donor is not None and _common_prefix(donor.tokens, request.tokens) > 0:
+        shared, donor = max(((_common_prefix(s.tokens, request.tokens), s) for s in donors),
+                            key=lambda pair: pair[0], default=(0, None))
+        if shared > 0:
             return donor.lane.context.save_state(donor.seq_id, donor.tokens)
         return self.saved.take(request.key)
 
