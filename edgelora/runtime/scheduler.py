@@ -43,6 +43,9 @@ from edgelora.runtime.thread_policy import ThreadPolicy
 # 64 tokens, base/base/pirate/terse vs all pirate, one run: mixed/one-role 0.72 at 1, 0.78 at 2,
 # 0.98 at 4, 0.89 at 8. The price: another set's answer waits up to 4 steps per set ahead of it.
 STEPS_PER_SET = 4
+# A request waits one step for a running sequence of its set that is evaluating a prompt start they
+# share, when it shares at least this many tokens more than any slot holds now (see _behind_leader).
+LEADER_MIN_SHARED = 16
 CHUNK_BUSY = 128  # prompt tokens per step while others generate: a 128-token chunk costs them ~2 tokens' time
 
 
@@ -148,6 +151,7 @@ class Scheduler:
         self._last_group: tuple | None = None  # round robin over (lane, set) groups
         self._run = 0  # steps the last group has run in a row
         self.steps_per_set = STEPS_PER_SET
+        self.leader_min_shared = LEADER_MIN_SHARED
         self._in_batch: list[Seq] = []
         self.interrupted = False  # Ctrl+C arrived inside llama.cpp (the abort callback saw it)
         # Let cancel() and Ctrl+C stop a decode that evaluates a prompt. The server turns it off: it
@@ -373,12 +377,32 @@ class Scheduler:
     # ------------------------------------------------------------ lanes and slots
 
     def _admit(self) -> None:
+        behind: list[Seq] = []
         while self.queue and len(self.running) < self.n_seq:
             seq = self.queue.popleft()
             if seq.cancelled:
                 seq.done = True
                 continue
+            if self._behind_leader(seq.request):
+                behind.append(seq)
+                continue
             self._place(seq, self._lane_for(seq.request))
+        self.queue.extendleft(reversed(behind))
+
+    def _behind_leader(self, request: SeqRequest) -> bool:
+        """Should this request wait a step for a running sequence of its set that is about to evaluate
+        a prompt start they share (a system prompt), to copy those cells instead of evaluating them
+        again beside it? Requests of one role arriving at once: the first goes ahead alone and the
+        others copy its cells a step later (their first token at t(P) + t(P - shared) instead of
+        t(n * P) on a compute-bound CPU). The wait ends when the leader's cells hold the shared part,
+        or it stops running."""
+        if not request.reuse_prefix or self.leader_min_shared <= 0:
+            return False
+        key, tokens = request.key, request.tokens
+        have = max((_common_prefix(s.tokens, tokens) for s in self.slots if s.key == key), default=0)
+        coming = max((_common_prefix(s.tokens + s.seq.pending, tokens) for s in self.slots
+                      if s.seq is not None and s.key == key and s.seq.pending), default=0)
+        return coming - have >= self.leader_min_shared
 
     def _lane_for(self, request: SeqRequest) -> Lane:
         """Where a request runs: beside sequences of its own set (one batch), else an idle lane (the

@@ -336,3 +336,28 @@ def test_a_request_beside_a_running_one_of_its_set_copies_their_shared_prefix(sm
         "".join(other)
         "".join(running)
         assert other.completion.cached_tokens == 0, other.completion
+
+
+def test_requests_of_one_set_arriving_at_once_evaluate_their_shared_prompt_start_once(eng):
+    """Four clients of one role arrive in the same step, no slot holding anything of theirs: the first
+    goes ahead alone, the others wait one step and copy its cells for the system prompt and template
+    they share (they evaluated it four times over in one decode before: on a compute-bound CPU the last
+    first token came at ~4x one prompt's time). Each answers as evaluated alone. A request of another
+    set in the same wave neither waits for them nor copies their cells."""
+    system = {"role": "system", "content": "You are a patient tutor who explains things to curious people. " * 3}
+    eng.set_adapters({})
+    eng.scheduler.clear()
+    streams = [eng.stream_chat([system, *_msgs(p)], max_tokens=6, **GREEDY).start() for p in PROMPTS]
+    eng.set_adapters({"a": 1.0})
+    other = eng.stream_chat([system, *_msgs(PROMPTS[0])], max_tokens=6, **GREEDY).start()
+    texts = ["".join(s) for s in streams]
+    "".join(other)
+    cached = [s.completion.cached_tokens for s in streams]
+    assert cached[0] == 0 and min(cached[1:]) >= 40, cached  # the ~45-token system part, three times
+    assert other.completion.cached_tokens == 0, other.completion
+    eng.set_adapters({})
+    eng.reuse_prefix = False
+    try:
+        assert texts == [eng.chat([system, *_msgs(p)], max_tokens=6, **GREEDY).text for p in PROMPTS]
+    finally:
+        eng.reuse_prefix = True

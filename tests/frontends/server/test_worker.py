@@ -1,6 +1,8 @@
 """The server's worker (frontends/server/worker.py) over the real engine and scheduler: requests that
 arrive together are started together, so their prompts are evaluated in one decode, not one after
-another (the 4th client's first token would wait for three prompts)."""
+another (the 4th client's first token would wait for three prompts). Their system prompts differ: requests
+sharing a long prompt start are staggered on purpose, the first evaluating it for the others to copy
+(tests/runtime/test_scheduler.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from edgelora.roles.session import Roles
 from edgelora.runtime.llama import Context
 
 PROMPTS = ["What is the moon?", "Name three fruits.", "Why is the sea salty?"]
+SYSTEMS = ["Answer as a poet.", "Be brief.", "Explain it to a child."]
 
 
 def test_requests_that_arrive_together_have_their_prompts_evaluated_in_one_decode(smol_path, monkeypatch):
@@ -27,7 +30,8 @@ def test_requests_that_arrive_together_have_their_prompts_evaluated_in_one_decod
 
         monkeypatch.setattr(Context, "decode", recording_decode)
         jobs = [service.chat_job({"model": "base", "max_tokens": 4, "temperature": 0,
-                                  "messages": [{"role": "user", "content": p}]}) for p in PROMPTS]
+                                  "messages": [{"role": "system", "content": system}, {"role": "user", "content": p}]})
+                for system, p in zip(SYSTEMS, PROMPTS)]
 
         async def arrive_together():
             with eng.session():  # the worker's first job waits here while the other two arrive
