@@ -15,6 +15,10 @@ about one role, so these rules hold for any user's keywords:
 Not a frame: a question about the subject ("what is a regex?", "how do I make French toast?"),
 "about/of X", a keyword that modifies a noun in a plain question ("German shepherd"). Plurals and
 "one-liner"/"one liner" count as the keyword.
+
+A request that speaks of the assistant's own answer ("a serialized object containing *your answer*",
+"make *your reply* machine-readable") is shaping that answer: what it is like is the manner asked for,
+even in words near the subject of a role (a format role's words are its subject too).
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ NOT_ADJECTIVE = QUESTION | NOUN_REQUEST | PREP | {"who", "and", "or", "but", "is
 _BOUND = re.compile(r"[:;,.!?()\[\]\"“”]|\s[-–—]\s|\b(?:then)\b")
 _WORD = r"[a-z0-9'\u00c0-\u024f]+"
 _WORDS = re.compile(rf"{_WORD}(?:-{_WORD})*")  # "five-line" is one word
+
+
+_YOUR_ANSWER = re.compile(r"\byour (?:answer|reply|response|output)s?\b")
+
+
+def shapes_the_answer(piece: str) -> bool:
+    """Does this piece speak of the assistant's answer itself ("put your reply in a table")?"""
+    return _YOUR_ANSWER.search(piece.lower()) is not None
 
 
 @dataclass(frozen=True)

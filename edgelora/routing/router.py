@@ -158,7 +158,7 @@ def _by_meaning(prompt: str, roles: list[Role], threshold: float, skip: set[str]
     if manner < MEANING_MANNER_GATE and best.role in mentioned:  # like the role because it names its subject
         return Route(BASE_ROLE, f"nearest style is {best.role} for '{piece}', but the prompt only mentions its "
                                 f"subject and does not ask for its manner ({manner:+.2f})", best.score)
-    if manner < MEANING_MANNER_GATE:  # like the role's subject, not its manner
+    if manner < MEANING_MANNER_GATE and not request_frame.shapes_the_answer(best.piece):  # like its subject, not its manner
         return Route(BASE_ROLE, f"'{piece}' is like {best.role}'s examples ({best.score:.2f} above plain requests) but "
                                 f"nearer to plain requests or questions about its subject ({manner:+.2f})", best.score)
     if logit is not None and logit < ASKS_LOGIT:

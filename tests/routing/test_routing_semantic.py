@@ -148,6 +148,18 @@ def test_the_issue_s_prompts(roles, prompt, role):
         assert example in next(r for r in roles if r.name == role).examples and f"{chosen.score:.2f}" in chosen.reason
 
 
+@pytest.mark.parametrize("prompt, role", [
+    # near a format role's subject in its words, but it shapes the answer: the manner is asked for
+    ("Produce a serialized object containing your answer about volcanoes.", "json"),
+    # about an answer already given, or asking for one: no manner
+    ("What was your answer about gravity?", "base"),
+    ("Can you repeat your answer about volcanoes?", "base"),
+    ("Why was your reply about tides so long?", "base"),
+])
+def test_a_request_that_speaks_of_the_answer_itself_asks_for_its_manner(roles, prompt, role):
+    assert router.route(prompt, roles).role == role
+
+
 def test_a_manifest_adds_examples_without_code(tmp_path, smol_adapters):
     write_role(tmp_path, "poet", smol_adapters["a"],
                routing='examples = ["Write a haiku about the rain.", "Answer in rhyming verse: what is snow?"]')
