@@ -267,6 +267,19 @@ def test_a_fourth_held_out_user_roles_set_meets_the_issues_target():
     assert result["neutral_to_style"] <= 0.03, f"{result['neutral_to_style']:.3f}"
 
 
+def test_a_fifth_held_out_user_roles_set_meets_the_issues_target():
+    """tests/routing/heldout_user_roles_v5.toml: 6 user roles (German, a busy executive, bash one-liners,
+    a noir detective's voice, checklists, sonnets), 210 cases, written by a helper from a brief without
+    the router after the router's last change for issue 27, measured once by aggregates only (its
+    misses never read): 93.8% / 0.0% (the router before issue 27: 70.0% / 55.7%). Target: >= 90%, <= 3%."""
+    sys.path.insert(0, str(HERE))
+    import measure
+
+    result = measure.evaluate_user_roles("heldout_user_roles_v5.toml")
+    assert result["accuracy"] >= 0.90, f"{result['accuracy']:.3f}"
+    assert result["neutral_to_style"] <= 0.03, f"{result['neutral_to_style']:.3f}"
+
+
 @pytest.mark.parametrize("name", ["dev_user_roles.toml", "dev_user_roles2.toml", "dev_user_roles3.toml"])
 def test_user_roles_on_the_development_sets(name):
     """The sets the frame rules, FEW_EXAMPLES_THRESHOLD, MENTIONED_NEXT_MANNER and the few-example
