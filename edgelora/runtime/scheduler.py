@@ -16,9 +16,9 @@ request at a time is the case of one running sequence, not another code path.
 - **KV.** A slot (a llama.cpp seq_id) remembers the tokens it evaluated and the set that computed
   them. A request takes the free slot whose cells share its longest prefix under the same set (a
   returning conversation is not re-evaluated); cells of another set are never reused: they are
-  saved under their set's key (within a byte budget, ``saved``) and cleared, and cells of the
-  request's set are put back: copied from another slot of that set (idle or running, any
-  lane), else a saved state.
+  saved under their set's key (within a byte budget, ``saved``, several states per set) and
+  cleared, and cells of the request's set are put back: copied from another slot of that set (idle
+  or running, any lane) or a saved state of it, whichever holds more of its prompt.
 - **Driving.** Whoever waits for a token runs steps (``tokens``), in its own thread, under one lock:
   the one thread of ask or the TUI's worker, the server's worker. No thread of its own.
 """
@@ -29,11 +29,12 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from edgelora.errors import AdapterError, EdgeloraError
 from edgelora.runtime.kv import KVStateCache
+from edgelora.runtime.kv import common_prefix as _common_prefix
 from edgelora.runtime.llama import Context, LlamaHandle, Sampler, TokenBatch
 from edgelora.runtime.thread_policy import ThreadPolicy
 
@@ -46,6 +47,9 @@ STEPS_PER_SET = 4
 # A request waits one step for a running sequence of its set that is evaluating a prompt start they
 # share, when it shares at least this many tokens more than any slot holds now (see _behind_leader).
 LEADER_MIN_SHARED = 16
+# A slot whose cells a request of their set would cut by more than this many tokens held another
+# conversation: they are saved first. Fewer is a conversation going on (the re-rendered end of its answer).
+SAVE_CUT = 16
 CHUNK_BUSY = 128  # prompt tokens per step while others generate: a 128-token chunk costs them ~2 tokens' time
 
 
@@ -107,14 +111,6 @@ class Slot:
 
     def __post_init__(self):
         self.tokens = [] if self.tokens is None else self.tokens
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Lane:
@@ -399,7 +395,8 @@ class Scheduler:
         if not request.reuse_prefix or self.leader_min_shared <= 0:
             return False
         key, tokens = request.key, request.tokens
-        have = max((_common_prefix(s.tokens, tokens) for s in self.slots if s.key == key), default=0)
+        have = max([_common_prefix(s.tokens, tokens) for s in self.slots if s.key == key]
+                   + [self.saved.best(key, tokens)[0]])
         coming = max((_common_prefix(s.tokens + s.seq.pending, tokens) for s in self.slots
                       if s.seq is not None and s.key == key and s.seq.pending), default=0)
         return coming - have >= self.leader_min_shared
@@ -431,18 +428,20 @@ class Scheduler:
         free = lane.free()
         same = [s for s in free if s.key == request.key and s.tokens] if request.reuse_prefix else []
         slot = max(same, key=lambda s: _common_prefix(s.tokens, tokens), default=None)
+        have = _common_prefix(slot.tokens, tokens) if slot is not None else 0
+        state = self._state_elsewhere(request, more_than=have) if request.reuse_prefix else None
         context = lane.context
-        if slot is None:  # an empty slot, else the one used longest ago: its cells go to the saved states
+        if slot is None or state is not None:  # an empty slot, else the one used longest ago
             slot = min(free, key=lambda s: (bool(s.tokens), s.used_at))
-            if slot.tokens and slot.key is not None and self.saved.budget:
-                self.saved.put(slot.key, context.save_state(slot.seq_id, slot.tokens))
+            self._put_aside(slot)
             self._wipe(slot)
-            state = self._state_elsewhere(request) if request.reuse_prefix else None
             if state is not None and context.load_state(state, slot.seq_id):
                 slot.tokens = [int(t) for t in state.tokens]
         keep = _common_prefix(slot.tokens, tokens)
         if keep == len(tokens):
             keep -= 1  # the last prompt token is evaluated again: its logits give the first answer token
+        if state is None and len(slot.tokens) - keep > SAVE_CUT:  # another conversation of this set held the slot
+            self._put_aside(slot)
         if keep < len(slot.tokens) and not context.seq_rm(slot.seq_id, keep):
             keep = 0  # llama.cpp could not cut there (a sliding-window cache): it dropped them all
         del slot.tokens[keep:]
@@ -455,18 +454,27 @@ class Scheduler:
             seq.sampler.accept(tokens)
         self.last_slot = slot
 
-    def _state_elsewhere(self, request: SeqRequest):
-        """Cells of the request's set for its prompt in another slot, idle or running, of any lane
-        (copied: a returning conversation whose lane is busy with another set is not re-evaluated,
-        and requests of one role that arrive together evaluate their shared system prompt once), else
-        a state saved under its set. A running slot's cells are whole between steps: its tokens grow
-        only after a decode succeeded."""
+    def _state_elsewhere(self, request: SeqRequest, more_than: int = 0):
+        """Cells of the request's set holding more than ``more_than`` tokens of its prompt: copied from
+        another slot, idle or running, of any lane (a returning conversation whose lane is busy with
+        another set is not re-evaluated, and requests of one role that arrive together evaluate their
+        shared system prompt once), or a state saved under its set (a conversation whose slot other
+        clients took), whichever holds more. A running slot's cells are whole between steps: its
+        tokens grow only after a decode succeeded."""
         donors = [s for s in self.slots if s.key == request.key and s.tokens]
         shared, donor = max(((_common_prefix(s.tokens, request.tokens), s) for s in donors),
                             key=lambda pair: pair[0], default=(0, None))
-        if shared > 0:
+        saved_shared, saved = self.saved.best(request.key, request.tokens)
+        if saved_shared > max(shared, more_than):
+            return saved
+        if shared > more_than:
             return donor.lane.context.save_state(donor.seq_id, donor.tokens)
-        return self.saved.take(request.key)
+        return None
+
+    def _put_aside(self, slot: Slot) -> None:
+        """Save a slot's cells under their set before another request takes or cuts them."""
+        if slot.tokens and slot.key is not None and self.saved.budget:
+            self.saved.put(slot.key, slot.lane.context.save_state(slot.seq_id, slot.tokens))
 
     def _wipe(self, slot: Slot) -> None:
         slot.lane.context.seq_rm(slot.seq_id, -1)

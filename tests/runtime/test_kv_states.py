@@ -31,7 +31,7 @@ def test_switch_back_reuses_state_and_matches_fresh(smol_path, smol_adapters):
         plan = [{"a": 1.0}, {"b": 1.0}, {"a": 1.0}]
         history: list = []
         outs = _converse(eng, history, lambda i: eng.set_adapters(plan[i]))
-        assert len(eng.kv_states) == 1  # B's state is kept while A runs
+        assert [key[0][0] for key in eng.kv_states.keys()] == ["a", "b"]  # B's state is kept while A runs
 
     # turn 3 under A: the state saved after turn 1 is reused, so only the turns since are evaluated
     first_turn_tokens = outs[0].prompt_tokens + outs[0].completion_tokens
@@ -66,9 +66,9 @@ def test_state_cache_respects_its_budget_and_free(smol_path, smol_adapters):
         plan = [{"a": 1.0}, {"b": 1.0}, {"c": 1.0}]
         _converse(eng, [], lambda i: eng.set_adapters(plan[i]))
         assert 0 < eng.kv_states.nbytes <= 4 << 20
-        keys = list(eng.kv_states._states)
+        keys = eng.kv_states.keys()
         eng.free("b")
-        assert all(item[0] != "b" for key in eng.kv_states._states for item in key)
+        assert all(item[0] != "b" for key in eng.kv_states.keys() for item in key)
         assert len(eng.kv_states) <= len(keys)
 
 
@@ -87,3 +87,21 @@ def test_the_context_in_use_is_what_the_kv_cache_holds_and_a_switch_back_restore
         again = eng.complete("The sea is", max_tokens=1, **GREEDY)  # ...and are back under the first set
         assert again.cached_tokens == again.prompt_tokens - 1
     assert eng.context_used == 0 and eng.context_size == 0  # closed
+
+
+def test_a_conversation_returning_after_another_of_its_set_took_its_slot_is_not_re_evaluated(smol_path):
+    """More conversations of one role than slots (a server's clients taking turns): the slot's cells
+    are saved when another conversation of the same set takes them, and put back when the first
+    returns (only the one saved state per set was kept before, and a slot of the same set was cut
+    without saving). The answer is what a fresh evaluation gives."""
+    with Engine(smol_path, n_ctx=1024) as eng:  # one slot
+        x = [{"role": "user", "content": TURNS[0]}]
+        first = eng.chat(x, max_tokens=16, **GREEDY)
+        x += [{"role": "assistant", "content": first.text}, {"role": "user", "content": TURNS[1]}]
+        y = eng.chat([{"role": "user", "content": "Name three birds that cannot fly."}], max_tokens=16, **GREEDY)
+        assert y.cached_tokens < first.prompt_tokens - 5, y  # only the default system prompt is shared
+        back = eng.chat(x, max_tokens=16, **GREEDY)
+        assert back.cached_tokens >= first.prompt_tokens + first.completion_tokens - 2, back
+        assert len(eng.kv_states) >= 1
+        eng.reuse_prefix = False
+        assert eng.chat(x, max_tokens=16, **GREEDY).text == back.text
