@@ -70,6 +70,7 @@ class KVStateCache:
         """(tokens shared, state): the saved state of set ``key`` whose tokens start most like
         ``tokens`` ((0, None) when none shares any). It stays saved: it may serve again."""
         shared, pick = 0, None
+        tokens = np.asarray(tokens)
         for i, (k, saved) in self._states.items():
             if k == key:
                 n = common_prefix(saved.tokens, tokens)

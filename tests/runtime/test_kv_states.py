@@ -105,3 +105,28 @@ def test_a_conversation_returning_after_another_of_its_set_took_its_slot_is_not_
         assert len(eng.kv_states) >= 1
         eng.reuse_prefix = False
         assert eng.chat(x, max_tokens=16, **GREEDY).text == back.text
+
+
+def test_saved_states_per_set_longest_start_wins_a_longer_one_replaces_its_start_within_budget():
+    import numpy as np
+
+    from edgelora.runtime.kv import KVStateCache
+    from edgelora.runtime.llama import SeqState
+
+    def state(tokens, size=100):
+        return SeqState(np.array(tokens, dtype=np.int32), bytes(size))
+
+    a, b = (("a", 1, 1.0),), (("b", 2, 1.0),)
+    cache = KVStateCache(1000)
+    cache.put(a, state([1, 2, 3]))
+    cache.put(a, state([1, 2, 3, 4, 5]))  # the same conversation, longer: replaces it
+    cache.put(a, state([1, 2]))  # held in full already: adds nothing
+    cache.put(a, state([1, 9, 9]))  # another conversation of the set
+    cache.put(b, state([1, 2, 3, 4, 5, 6]))
+    assert cache.keys() == [a, a, b]
+    shared, got = cache.best(a, [1, 2, 3, 4, 7])
+    assert shared == 4 and list(got.tokens) == [1, 2, 3, 4, 5]  # never b's, though b's shares as much
+    assert cache.best(a, [5, 5]) == (0, None)
+    for i in range(10):  # within the budget, the least recently used go first
+        cache.put(b, state([100 + i]))
+    assert cache.nbytes <= 1000 and cache.best(a, [1, 2, 3]) == (0, None)
