@@ -1,7 +1,7 @@
 """`edgelora bench --only server`: the HTTP server under load, at 1, 4 and 8 concurrent clients.
 
 - throughput and latency: every client sends a few streamed requests back to back (greedy, 64 tokens,
-  ~49-token prompts), all on one role, or mixed (requests alternate base / pirate / terse); per row:
+  ~53-token prompts, each opened by its own request number), all on one role, or mixed (requests alternate base / pirate / terse); per row:
   aggregate completion tokens/s, p50/p95 request latency, p50/p95 time to first token;
 - with ``peer`` (a llama-server binary): the same workload against llama-server on the same GGUF, every
   role adapter loaded (``--lora``, off until a request's ``lora`` field scales it), side by side;
@@ -14,6 +14,7 @@ run it for that load; rounds alternate one-role / mixed and edgelora / peer so n
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -49,6 +50,17 @@ PROMPTS = (
     "Tell me about a small fishing village by the sea: the harbour, the boats and the weather.",
     "Write a short story about a parrot that reads old treasure maps and helps a crew find gold.",
 )
+
+
+_request_numbers = itertools.count(1)
+
+
+def request_prompt(i: int, j: int) -> str:
+    """Client i's j-th prompt, opened by a number no other request has: the bench repeats 4 prompts,
+    and a server keeping the KV cells of earlier conversations (edgelora's saved states; llama-server's
+    RAM cache, off here) would otherwise answer the repeats from cache. Each request then reuses at most
+    the role's system prompt and the template's start, like a new client's conversation."""
+    return f"Request {next(_request_numbers)}. {PROMPTS[(i + j) % len(PROMPTS)]}"
 
 
 class ServerStartError(EdgeloraError):
@@ -245,7 +257,7 @@ def run_load(srv, clients: int, pick: Callable[[int, int], str], per_client: int
     def client(i: int) -> list[dict | None]:
         out = []
         for j in range(per_client):
-            messages = [{"role": "user", "content": PROMPTS[(i + j) % len(PROMPTS)]}]
+            messages = [{"role": "user", "content": request_prompt(i, j)}]
             try:
                 out.append(stream_chat(srv.port, srv.body(pick(i, j), messages, max_tokens)))
             except OSError as exc:  # refused, reset, HTTP error: counted, the load goes on

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgelora.bench.server import (PROMPTS, ServerStartError, lora_field, lora_ids_by_path, peer_roles, percentile,
+from edgelora.bench.server import (PROMPTS, request_prompt, ServerStartError, lora_field, lora_ids_by_path, peer_roles, percentile,
                                    summarize)
 from edgelora.frontends.cli.main import main
 from edgelora.roles.manifest import bundled_dir
@@ -53,6 +53,16 @@ def test_a_load_summary_counts_tokens_over_wall_time_and_failures():
     assert s["latency_p50_s"] == 2.0 and s["latency_p95_s"] == pytest.approx(2.9)
     assert s["ttft_p50_s"] == pytest.approx(0.2)  # a request with no content has no first token
     assert s["prompt_tokens"] == 49.5
+
+
+def test_no_two_bench_requests_share_more_than_the_system_prompt_and_template():
+    """The 4 prompts repeat across clients and rounds; a server that keeps earlier conversations' cells
+    would answer a repeat from cache (edgelora's saved states did: TTFT 19 ms), so each request opens
+    with a number of its own."""
+    prompts = [request_prompt(i, j) for i in range(8) for j in range(3)] + [request_prompt(0, 0)]
+    assert len(set(prompts)) == len(prompts)
+    assert len({p.split(". ", 1)[0] for p in prompts}) == len(prompts)  # they differ from the start
+    assert {p.split(". ", 1)[1] for p in prompts} == set(PROMPTS)
 
 
 def test_peer_roles_are_the_adapter_files_and_system_prompts_the_server_resolves():
