@@ -68,7 +68,8 @@ class KVStateCache:
 
     def best(self, key: tuple, tokens: Sequence[int]) -> tuple[int, KVState | None]:
         """(tokens shared, state): the saved state of set ``key`` whose tokens start most like
-        ``tokens`` ((0, None) when none shares any). It stays saved: it may serve again."""
+        ``tokens`` ((0, None) when none shares any). A look, not a use: nothing moves, and the state
+        stays saved (it may serve again; a slot's longer state replaces it when that is put aside)."""
         shared, pick = 0, None
         tokens = np.asarray(tokens)
         for i, (k, saved) in self._states.items():
@@ -76,10 +77,7 @@ class KVStateCache:
                 n = common_prefix(saved.tokens, tokens)
                 if n > shared:
                     shared, pick = n, i
-        if pick is None:
-            return 0, None
-        self._states.move_to_end(pick)
-        return shared, self._states[pick][1]
+        return (shared, self._states[pick][1]) if pick is not None else (0, None)
 
     def drop_serial(self, serial: int) -> None:
         for i in [i for i, (k, _) in self._states.items() if any(item[1] == serial for item in k)]:
