@@ -361,3 +361,30 @@ def test_requests_of_one_set_arriving_at_once_evaluate_their_shared_prompt_start
         assert texts == [eng.chat([system, *_msgs(p)], max_tokens=6, **GREEDY).text for p in PROMPTS]
     finally:
         eng.reuse_prefix = True
+
+
+def test_greedy_reads_the_token_llama_cpp_greedy_sampler_picks_at_every_batch_index(eng, monkeypatch):
+    """Greedy without a penalty reads the highest logit straight from llama.cpp's buffer (runtime/llama.py
+    Sampler): for three streams decoded together (outputs at several batch indices, under an adapter),
+    every token equals what llama.cpp's own greedy sampler chain picks from the same logits."""
+    from edgelora.runtime.llama import Sampler
+
+    picks, sample = [], Sampler.sample
+
+    def both(self, index):
+        assert self.argmax_of is not None  # greedy, no penalty: the direct read
+        fast = sample(self, index)
+        direct, self.argmax_of = self.argmax_of, None
+        try:
+            chain = sample(self, index)
+        finally:
+            self.argmax_of = direct
+        picks.append((index, fast, chain))
+        return fast
+
+    monkeypatch.setattr(Sampler, "sample", both)
+    eng.set_adapters({"a": 1.0})
+    streams = [eng.stream_chat(_msgs(f"{p} Say it twice."), max_tokens=12, **GREEDY).start() for p in PROMPTS[:3]]
+    assert all("".join(s) for s in streams)
+    assert [(i, f) for i, f, c in picks if f != c] == []
+    assert len({i for i, _, _ in picks}) >= 3 and len({f for _, f, _ in picks}) > 5, picks  # several indices, tokens
