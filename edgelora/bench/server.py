@@ -2,7 +2,8 @@
 
 - throughput and latency: every client sends a few streamed requests back to back (greedy, 64 tokens,
   ~53-token prompts, each opened by its own request number), all on one role, or mixed (requests alternate base / pirate / terse); per row:
-  aggregate completion tokens/s, p50/p95 request latency, p50/p95 time to first token;
+  aggregate completion tokens/s, p50/p95 request latency, p50/p95 time to first token, p50/p95 time
+  between tokens after the first (independent of answer lengths, which differ between servers);
 - with ``peer`` (a llama-server binary): the same workload against llama-server on the same GGUF, every
   role adapter loaded (``--lora``, off until a request's ``lora`` field scales it), side by side;
 - a returning multi-turn client: time to first token of its next turn after other clients with other
@@ -105,7 +106,11 @@ def summarize(done: list[dict], failed: int, wall_s: float) -> dict:
     tokens = sum(d["completion_tokens"] for d in done)
     out = {"requests": len(done), "failed": failed, "completion_tokens": tokens,
            "completion_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0}
-    for name, values in (("latency", latencies), ("ttft", ttfts)):
+    # time between tokens after the first: unlike tok/s, it does not depend on how long the answers
+    # were (two servers' greedy answers differ in length with their rounding)
+    itls = [(d["latency_s"] - d["ttft_s"]) / (d["completion_tokens"] - 1) for d in done
+            if d["ttft_s"] is not None and d["completion_tokens"] > 1]
+    for name, values in (("latency", latencies), ("ttft", ttfts), ("itl", itls)):
         if values:
             out[f"{name}_p50_s"] = percentile(values, 50)
             out[f"{name}_p95_s"] = percentile(values, 95)
@@ -309,7 +314,7 @@ def _median_of(runs: list[dict]) -> dict:
 
 
 RATIO_LABELS = {"completion_tokens_per_s": "tok/s", "latency_p50_s": "latency p50", "latency_p95_s": "p95",
-                "ttft_p50_s": "TTFT p50", "ttft_p95_s": "p95"}
+                "ttft_p50_s": "TTFT p50", "ttft_p95_s": "p95", "itl_p50_s": "time between tokens p50"}
 RATIO_KEYS = tuple(RATIO_LABELS)
 
 
@@ -378,8 +383,9 @@ def _side_text(v: dict) -> str:
     if "latency_p50_s" not in v:
         return f"no answer{failed}"
     ttft = (f", TTFT p50 {v['ttft_p50_s'] * 1e3:.0f} / p95 {v['ttft_p95_s'] * 1e3:.0f} ms" if "ttft_p50_s" in v else "")
+    itl = f", between tokens p50 {v['itl_p50_s'] * 1e3:.1f} ms" if "itl_p50_s" in v else ""
     return (f"{v['completion_tokens_per_s']:.0f} tok/s, latency p50 {v['latency_p50_s'] * 1e3:.0f} / "
-            f"p95 {v['latency_p95_s'] * 1e3:.0f} ms{ttft}{failed}")
+            f"p95 {v['latency_p95_s'] * 1e3:.0f} ms{ttft}{itl}{failed}")
 
 
 def server_rows(r: dict) -> list[tuple[str, str]]:

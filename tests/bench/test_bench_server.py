@@ -53,6 +53,8 @@ def test_a_load_summary_counts_tokens_over_wall_time_and_failures():
     assert s["latency_p50_s"] == 2.0 and s["latency_p95_s"] == pytest.approx(2.9)
     assert s["ttft_p50_s"] == pytest.approx(0.2)  # a request with no content has no first token
     assert s["prompt_tokens"] == 49.5
+    # between tokens: (1.0 - 0.1) / 63 and (3.0 - 0.3) / 31; the request with no first token has none
+    assert s["itl_p50_s"] == pytest.approx((0.9 / 63 + 2.7 / 31) / 2)
 
 
 def test_no_two_bench_requests_share_more_than_the_system_prompt_and_template():
