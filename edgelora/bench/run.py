@@ -191,7 +191,7 @@ SECTIONS = ("core", "cpu", "server", "gpu")
 
 
 def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callable[[str], None] | None = None,
-              sections=None, peer_llama_server: Path | None = None) -> dict:
+              sections=None, peer_llama_server: Path | None = None, server_load: str = "0") -> dict:
     say = progress or (lambda _msg: None)
     sections = tuple(sections or SECTIONS)
     model_path = resolve_model(model)
@@ -199,7 +199,7 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
     for section in SECTIONS:
         if section in sections:
             watch = MachineWatch()  # load average before/after: a busy machine is said, not hidden
-            _run_section(section, result, model_path, n_tokens, repeat, say, peer_llama_server)
+            _run_section(section, result, model_path, n_tokens, repeat, say, peer_llama_server, server_load)
             result["machine"][section] = watch.finish()
             warning = not_idle_warning(section, result["machine"][section])
             if warning:
@@ -208,7 +208,7 @@ def run_bench(model=None, n_tokens: int = 64, repeat: int = 3, progress: Callabl
 
 
 def _run_section(section: str, result: dict, model_path: Path, n_tokens: int, repeat: int, say,
-                 peer_llama_server: Path | None = None) -> None:
+                 peer_llama_server: Path | None = None, server_load: str = "0") -> None:
     if section == "core":
         result.update(_bench_core(model_path, n_tokens, repeat, say))
     elif section == "cpu":
@@ -218,7 +218,7 @@ def _run_section(section: str, result: dict, model_path: Path, n_tokens: int, re
     elif section == "server":
         from edgelora.bench.server import bench_server
 
-        result["server"] = bench_server(model_path, repeat, say, peer=peer_llama_server)
+        result["server"] = bench_server(model_path, repeat, say, peer=peer_llama_server, load=server_load)
     elif section == "gpu":
         from edgelora.bench.gpu import bench_gpu
 

@@ -30,7 +30,7 @@ from typing import Callable
 from urllib import request as urlreq
 from urllib.error import HTTPError
 
-from edgelora.bench.contention import MachineWatch
+from edgelora.bench.contention import MachineWatch, competing
 from edgelora.errors import EdgeloraError
 
 CLIENT_COUNTS = (1, 4, 8)
@@ -192,7 +192,8 @@ class _Process:
 class EdgeloraServer(_Process):
     name = "edgelora serve"
 
-    def __init__(self, model: Path, *, parallel: int, threads: int, kv_cache_bytes: int | None = None):
+    def __init__(self, model: Path, *, parallel: int, threads: int | None, kv_cache_bytes: int | None = None):
+        """``threads`` None: its default thread policy (adaptive: fewer threads while other programs hold cores)."""
         env = dict(os.environ)
         self._cfg = None
         if kv_cache_bytes is not None:
@@ -201,7 +202,8 @@ class EdgeloraServer(_Process):
             cfg.write_text(f"kv_cache_bytes = {kv_cache_bytes}\n")
             env["EDGELORA_CONFIG"] = str(cfg)
         argv = [sys.executable, "-m", "edgelora", "serve", "-m", str(model), "--ctx", str(CTX_PER_SLOT),
-                "--threads", str(threads), "--max-queue", "64", "--quiet", "--parallel", str(parallel)]
+                "--max-queue", "64", "--quiet", "--parallel", str(parallel)]
+        argv += ["--threads", str(threads)] if threads else []
         super().__init__(argv, env)
 
     def body(self, role: str, messages: list[dict], max_tokens: int) -> dict:
@@ -328,33 +330,40 @@ def default_threads() -> int:
 
 def bench_server(model: Path, repeat: int, say: Callable[[str], None], peer: Path | None = None, *,
                  client_counts=CLIENT_COUNTS, per_client: int = PER_CLIENT, max_tokens: int = MAX_TOKENS,
-                 threads: int | None = None, returning_client: bool = True) -> dict:
-    threads = threads or default_threads()  # both servers pinned to the same count: like for like
+                 threads: int | None = None, returning_client: bool = True, load: str = "0") -> dict:
+    """``load``: what competes for the CPU during every row: "0", that many busy processes, or
+    "edgelora" (a second edgelora generating), as in the contention table. Idle, both servers are
+    pinned to the same thread count, like for like; under load each runs as a user starts it:
+    edgelora with its default thread policy, llama-server with ``-t`` = the cores (its default)."""
+    threads = threads or default_threads()
     roles = peer_roles(sorted({ONE_ROLE, *MIXED})) if peer else {}
+    ours_threads = threads if load == "0" else None
     out: dict = {"client_counts": list(client_counts), "requests_per_client": per_client, "max_tokens": max_tokens,
                  "ctx_per_slot": CTX_PER_SLOT, "threads": threads, "one_role": ONE_ROLE, "mixed_roles": list(MIXED),
-                 "peer": str(peer) if peer else None, "rows": []}
+                 "peer": str(peer) if peer else None, "load": load,
+                 "edgelora_threads": ours_threads or "default policy (adaptive)", "rows": []}
     for clients in client_counts:
         say(f"server: {clients} client(s), one role vs mixed roles" + (" vs llama-server" if peer else "") + "...")
         watch = MachineWatch()  # per client count: every row says what else the machine was doing
         sides = {}
         try:
-            sides["edgelora"] = EdgeloraServer(model, parallel=clients, threads=threads)
+            sides["edgelora"] = EdgeloraServer(model, parallel=clients, threads=ours_threads)
             if peer:
                 sides["llama_server"] = PeerServer(peer, model, roles, parallel=clients, threads=threads)
             for srv in sides.values():  # warm up: every client has asked every role, all adapters resident
                 run_load(srv, clients, _pick("mixed_roles"), len(MIXED), WARMUP_TOKENS)
             runs = {(w, s): [] for w in WORKLOADS for s in sides}
-            for _ in range(repeat):  # interleaved so noise hits every variant alike
-                for workload in WORKLOADS:
-                    for side, srv in sides.items():
-                        runs[workload, side].append(run_load(srv, clients, _pick(workload), per_client, max_tokens))
+            with competing(load, model):
+                for _ in range(repeat):  # interleaved so noise hits every variant alike
+                    for workload in WORKLOADS:
+                        for side, srv in sides.items():
+                            runs[workload, side].append(run_load(srv, clients, _pick(workload), per_client, max_tokens))
         finally:
             for srv in sides.values():
                 srv.close()
         machine = watch.finish()
         for workload in WORKLOADS:
-            row = {"clients": clients, "workload": workload, "machine": machine}
+            row = {"clients": clients, "workload": workload, "load": load, "machine": machine}
             for side in sides:
                 row[side] = _median_of(runs[workload, side])
             if peer:
@@ -388,6 +397,10 @@ def _side_text(v: dict) -> str:
             f"p95 {v['latency_p95_s'] * 1e3:.0f} ms{ttft}{itl}{failed}")
 
 
+def _load_text(load: str) -> str:
+    return "a second edgelora generating" if load == "edgelora" else f"{load} busy process(es)"
+
+
 def server_rows(r: dict) -> list[tuple[str, str]]:
     rows = []
     for row in r["rows"]:
@@ -395,6 +408,8 @@ def server_rows(r: dict) -> list[tuple[str, str]]:
         load = (f"[machine {'idle' if m['idle'] else 'busy'}, load {m['load_before']:.1f}"
                 + (f", others {m['others_cpu']:.2f} cores]" if "others_cpu" in m else "]"))
         label = f"server, {row['clients']} client(s), {row['workload'].replace('_', ' ')}"
+        if row.get("load", "0") != "0":
+            label += f", against {_load_text(row['load'])}"
         rows.append((f"{label}: edgelora", f"{_side_text(row['edgelora'])} {load}"))
         if "llama_server" in row:
             rows.append((f"{label}: llama-server", _side_text(row["llama_server"])))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgelora.bench.server import (PROMPTS, request_prompt, ServerStartError, lora_field, lora_ids_by_path, peer_roles, percentile,
+                                   stream_chat,
                                    summarize)
 from edgelora.frontends.cli.main import main
 from edgelora.roles.manifest import bundled_dir
@@ -99,3 +100,36 @@ def test_rounds_are_reported_as_medians_with_requests_and_failures_summed():
               {"requests": 3, "failed": 1, "completion_tokens_per_s": 30.0, "first_error": "HTTP Error 503"}]
     out = _median_of(rounds)
     assert out == {"requests": 7, "failed": 1, "completion_tokens_per_s": 20.0, "first_error": "HTTP Error 503"}
+
+
+def test_server_load_without_the_server_section_is_a_one_line_usage_error(capsys):
+    assert main(["bench", "--only", "core", "--server-load", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--server-load" in err and "--only server" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_under_load_the_bench_runs_our_server_with_its_default_thread_policy_which_gives_way(smol_path):
+    """`--server-load 1`: a busy process competes during the rows and edgelora serve runs as a user starts
+    it (no --threads): its adaptive policy leaves the busy core alone (pinned to 2 threads, every decode
+    would wait at llama.cpp's barriers for a thread the busy process holds)."""
+    from edgelora.bench.contention import competing
+    from edgelora.bench.server import EdgeloraServer, bench_server, server_rows
+    from edgelora.safety import cpu
+
+    r = bench_server(smol_path, 1, lambda _msg: None, client_counts=(1,), per_client=1, max_tokens=4,
+                     returning_client=False, load="1")
+    assert r["load"] == "1" and r["edgelora_threads"] == "default policy (adaptive)"
+    assert [row["load"] for row in r["rows"]] == ["1", "1"] and all(row["edgelora"]["failed"] == 0 for row in r["rows"])
+    assert "server, 1 client(s), one role, against 1 busy process(es): edgelora" in dict(server_rows(r))
+
+    srv = EdgeloraServer(smol_path, parallel=1, threads=None)  # what the bench starts under load
+    try:
+        with competing("1", smol_path):
+            stream_chat(srv.port, srv.body("pirate", [{"role": "user", "content": PROMPTS[0]}], 24))
+            threads = srv.get("/props")["edgelora"]["threads"]
+    finally:
+        srv.close()
+    cores = cpu.default_threads()
+    assert threads["policy"] == "adaptive" and threads["other_programs_cpu"] >= 0.6, threads
+    assert threads["generation"] <= cores - 1, threads  # the busy process keeps its core

@@ -24,7 +24,10 @@ from edgelora.frontends.cli.options import _model_option
                    "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
 @click.option("--peer-llama-server", "peer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A llama-server binary: the server section runs the same workload against it, side by side (README 'Benchmark').")
-def bench(as_json, model, tokens, repeat, sections, quick, peer):
+@click.option("--server-load", type=click.Choice(["0", "1", "2", "4", "edgelora"]), default="0", show_default=True,
+              help="The server section under load: that many busy processes, or a second edgelora generating, during "
+                   "every row; edgelora then runs with its default thread policy, llama-server with -t = the cores.")
+def bench(as_json, model, tokens, repeat, sections, quick, peer, server_load):
     """Measure switching, attach, generation speed and time to first token (progress on stderr)."""
     from edgelora.bench.run import print_table, run_bench
 
@@ -36,7 +39,10 @@ def bench(as_json, model, tokens, repeat, sections, quick, peer):
             raise click.BadParameter("it compares the server section: add --only server", param_hint="--peer-llama-server")
         if not os.access(peer, os.X_OK):
             raise click.BadParameter(f"{peer} is not executable", param_hint="--peer-llama-server")
+    if server_load != "0" and sections and "server" not in sections:
+        raise click.BadParameter("it loads the server section: add --only server", param_hint="--server-load")
     t0 = time.perf_counter()
     result = run_bench(model=model, n_tokens=tokens, repeat=repeat, sections=sections or None, peer_llama_server=peer,
+                       server_load=server_load,
                        progress=lambda msg: click.echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}", err=True))
     click.echo(json.dumps(result, indent=2) if as_json else print_table(result))

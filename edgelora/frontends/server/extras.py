@@ -253,7 +253,8 @@ def extra_routes(service) -> list[Route]:
             "modalities": {"vision": False, "audio": False},
             "build_info": f"edgelora {_version()}",
             "edgelora": {"roles": [BASE_ROLE, AUTO, *service.roles.catalog.names()],
-                         "fallback_role": getattr(service, "fallback_role", None)},
+                         "fallback_role": getattr(service, "fallback_role", None),
+                         "threads": engine.threads.report() if engine.threads is not None else None},
         })
 
     async def slots(request: Request):
