@@ -405,7 +405,10 @@ def server_rows(r: dict) -> list[tuple[str, str]]:
     rows = []
     for row in r["rows"]:
         m = row["machine"]
-        load = (f"[machine {'idle' if m['idle'] else 'busy'}, load {m['load_before']:.1f}"
+        state = "idle" if m["idle"] else "busy"
+        if row.get("load", "0") != "0":
+            state = f"otherwise {state}"  # others_cpu leaves out the bench's own competing processes
+        load = (f"[machine {state}, load {m['load_before']:.1f}"
                 + (f", others {m['others_cpu']:.2f} cores]" if "others_cpu" in m else "]"))
         label = f"server, {row['clients']} client(s), {row['workload'].replace('_', ' ')}"
         if row.get("load", "0") != "0":
