@@ -405,13 +405,12 @@ def server_rows(r: dict) -> list[tuple[str, str]]:
     rows = []
     for row in r["rows"]:
         m = row["machine"]
-        state = "idle" if m["idle"] else "busy"
-        if row.get("load", "0") != "0":
-            state = f"otherwise {state}"  # others_cpu leaves out the bench's own competing processes
+        loaded = row.get("load", "0") != "0"
+        state = ("otherwise " if loaded else "") + ("idle" if m["idle"] else "busy")  # others_cpu leaves out the bench's own load
         load = (f"[machine {state}, load {m['load_before']:.1f}"
                 + (f", others {m['others_cpu']:.2f} cores]" if "others_cpu" in m else "]"))
         label = f"server, {row['clients']} client(s), {row['workload'].replace('_', ' ')}"
-        if row.get("load", "0") != "0":
+        if loaded:
             label += f", against {_load_text(row['load'])}"
         rows.append((f"{label}: edgelora", f"{_side_text(row['edgelora'])} {load}"))
         if "llama_server" in row:

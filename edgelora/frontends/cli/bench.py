@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from edgelora.bench.contention import LOADS
 from edgelora.frontends.cli.options import _model_option
 
 
@@ -24,7 +25,7 @@ from edgelora.frontends.cli.options import _model_option
                    "gpu: every layer on the GPU device vs the CPU (logits, speed), skipped without a device.")
 @click.option("--peer-llama-server", "peer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A llama-server binary: the server section runs the same workload against it, side by side (README 'Benchmark').")
-@click.option("--server-load", type=click.Choice(["0", "1", "2", "4", "edgelora"]), default="0", show_default=True,
+@click.option("--server-load", type=click.Choice(LOADS), default="0", show_default=True,
               help="The server section under load: that many busy processes, or a second edgelora generating, during "
                    "every row; edgelora then runs with its default thread policy, llama-server with -t = the cores.")
 def bench(as_json, model, tokens, repeat, sections, quick, peer, server_load):
