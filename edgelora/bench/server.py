@@ -4,6 +4,9 @@
   ~53-token prompts, each opened by its own request number), all on one role, or mixed (requests alternate base / pirate / terse); per row:
   aggregate completion tokens/s, p50/p95 request latency, p50/p95 time to first token, p50/p95 time
   between tokens after the first (independent of answer lengths, which differ between servers);
+  time to first token is also split: the *burst* (every client's first request, all sent at the same
+  moment: the last waits for every prompt before it, about clients x one prompt's compute) and the
+  *steady* rest (each sent as that client's previous answer ended, while the others were being served);
 - with ``peer`` (a llama-server binary): the same workload against llama-server on the same GGUF, every
   role adapter loaded (``--lora``, off until a request's ``lora`` field scales it), side by side;
 - a returning multi-turn client: time to first token of its next turn after other clients with other
@@ -34,7 +37,7 @@ from edgelora.bench.contention import MachineWatch, competing
 from edgelora.errors import EdgeloraError
 
 CLIENT_COUNTS = (1, 4, 8)
-PER_CLIENT = 3  # requests each client sends back to back, whatever the client count
+PER_CLIENT = 4  # requests each client sends back to back, whatever the client count (1 burst, 3 steady)
 MAX_TOKENS = 64
 CTX_PER_SLOT = 512  # a ~49-token prompt + 64 tokens, and the returning client's ~250-token history
 ONE_ROLE = "pirate"
@@ -102,15 +105,18 @@ def lora_field(ids: dict[Path, int], adapters: list[tuple[Path, float]]) -> list
 def summarize(done: list[dict], failed: int, wall_s: float) -> dict:
     """One load's figures from its finished requests (``stream_chat`` results)."""
     latencies = [d["latency_s"] for d in done]
-    ttfts = [d["ttft_s"] for d in done if d["ttft_s"] is not None]
+    timed = [d for d in done if d["ttft_s"] is not None]  # a request with no content has no first token
+    ttfts = [d["ttft_s"] for d in timed]
     tokens = sum(d["completion_tokens"] for d in done)
     out = {"requests": len(done), "failed": failed, "completion_tokens": tokens,
            "completion_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0}
     # time between tokens after the first: unlike tok/s, it does not depend on how long the answers
     # were (two servers' greedy answers differ in length with their rounding)
-    itls = [(d["latency_s"] - d["ttft_s"]) / (d["completion_tokens"] - 1) for d in done
-            if d["ttft_s"] is not None and d["completion_tokens"] > 1]
-    for name, values in (("latency", latencies), ("ttft", ttfts), ("itl", itls)):
+    itls = [(d["latency_s"] - d["ttft_s"]) / (d["completion_tokens"] - 1) for d in timed if d["completion_tokens"] > 1]
+    burst = [d["ttft_s"] for d in timed if d.get("burst")]
+    steady = [d["ttft_s"] for d in timed if d.get("burst") is False]  # unmarked results are neither
+    for name, values in (("latency", latencies), ("ttft", ttfts), ("itl", itls), ("ttft_burst", burst),
+                         ("ttft_steady", steady)):
         if values:
             out[f"{name}_p50_s"] = percentile(values, 50)
             out[f"{name}_p95_s"] = percentile(values, 95)
@@ -265,8 +271,8 @@ def run_load(srv, clients: int, pick: Callable[[int, int], str], per_client: int
         out = []
         for j in range(per_client):
             messages = [{"role": "user", "content": request_prompt(i, j)}]
-            try:
-                out.append(stream_chat(srv.port, srv.body(pick(i, j), messages, max_tokens)))
+            try:  # a client's first request leaves with every other client's first: the burst
+                out.append({**stream_chat(srv.port, srv.body(pick(i, j), messages, max_tokens)), "burst": j == 0})
             except OSError as exc:  # refused, reset, HTTP error: counted, the load goes on
                 out.append({"error": _error_text(exc)})
         return out
@@ -316,7 +322,8 @@ def _median_of(runs: list[dict]) -> dict:
 
 
 RATIO_LABELS = {"completion_tokens_per_s": "tok/s", "latency_p50_s": "latency p50", "latency_p95_s": "p95",
-                "ttft_p50_s": "TTFT p50", "ttft_p95_s": "p95", "itl_p50_s": "time between tokens p50"}
+                "ttft_p50_s": "TTFT p50", "ttft_p95_s": "p95", "ttft_burst_p95_s": "TTFT burst p95",
+                "ttft_steady_p95_s": "steady p95", "itl_p50_s": "time between tokens p50"}
 RATIO_KEYS = tuple(RATIO_LABELS)
 
 
@@ -392,6 +399,8 @@ def _side_text(v: dict) -> str:
     if "latency_p50_s" not in v:
         return f"no answer{failed}"
     ttft = (f", TTFT p50 {v['ttft_p50_s'] * 1e3:.0f} / p95 {v['ttft_p95_s'] * 1e3:.0f} ms" if "ttft_p50_s" in v else "")
+    split = [f"{name} p95 {v[f'ttft_{name}_p95_s'] * 1e3:.0f}" for name in ("burst", "steady") if f"ttft_{name}_p95_s" in v]
+    ttft += f" ({', '.join(split)})" if split else ""
     itl = f", between tokens p50 {v['itl_p50_s'] * 1e3:.1f} ms" if "itl_p50_s" in v else ""
     return (f"{v['completion_tokens_per_s']:.0f} tok/s, latency p50 {v['latency_p50_s'] * 1e3:.0f} / "
             f"p95 {v['latency_p95_s'] * 1e3:.0f} ms{ttft}{itl}{failed}")

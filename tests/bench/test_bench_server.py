@@ -58,6 +58,18 @@ def test_a_load_summary_counts_tokens_over_wall_time_and_failures():
     assert s["itl_p50_s"] == pytest.approx((0.9 / 63 + 2.7 / 31) / 2)
 
 
+def test_time_to_first_token_is_split_into_the_burst_and_the_steady_requests():
+    """Every client's first request leaves at the same moment (the last of them waits for all their
+    prompts); the rest leave as that client's answer ends. Their p95s are reported apart."""
+    done = [{"latency_s": 1.0, "ttft_s": t, "completion_tokens": 8, "prompt_tokens": 49, "burst": burst}
+            for t, burst in ((0.40, True), (0.44, True), (0.15, False), (0.17, False), (0.25, False))]
+    s = summarize(done, failed=0, wall_s=2.0)
+    assert s["ttft_burst_p50_s"] == pytest.approx(0.42) and s["ttft_burst_p95_s"] == pytest.approx(0.438)
+    assert s["ttft_steady_p50_s"] == pytest.approx(0.17) and s["ttft_steady_p95_s"] == pytest.approx(0.242)
+    assert s["ttft_p95_s"] == pytest.approx(0.432)  # over every request, as before
+    assert "ttft_burst_p50_s" not in summarize([{**d, "burst": False} for d in done], 0, 2.0)
+
+
 def test_no_two_bench_requests_share_more_than_the_system_prompt_and_template():
     """The 4 prompts repeat across clients and rounds; a server that keeps earlier conversations' cells
     would answer a repeat from cache (edgelora's saved states did: TTFT 19 ms), so each request opens

@@ -33,12 +33,15 @@ def test_both_servers_answer_every_request_of_the_same_workload(smol_path):
         for side in ("edgelora", "llama_server"):
             assert row[side]["requests"] == 4 and row[side]["failed"] == 0, (side, row[side])
             assert row[side]["completion_tokens_per_s"] > 0 and row[side]["ttft_p50_s"] > 0
+            # each client's first request is the burst, its second a steady one
+            assert row[side]["ttft_burst_p95_s"] > 0 and row[side]["ttft_steady_p95_s"] > 0
         # the same prompts on both sides: the chat template renders them alike
         assert row["edgelora"]["prompt_tokens"] == row["llama_server"]["prompt_tokens"]
         assert row["edgelora_vs_llama_server"]["completion_tokens_per_s"] > 0
         assert "idle" in row["machine"]
     table = dict(server_rows(r))
     assert "server, 2 client(s), mixed roles: edgelora / llama-server" in table
+    assert "burst p95" in table["server, 2 client(s), one role: edgelora"]
 
 
 @pytest.mark.slow
